@@ -1,0 +1,167 @@
+"""Map an LLMService spec to the stock vLLM OpenAI server: its argv and environment.
+
+`engine_command` is a pure function of the spec (tested without vLLM); `EngineProcess` is the
+thin layer that starts the process, waits until it serves, and drains it on shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from tokenfleet.spec import LLMServiceSpec
+
+SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCommand:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def engine_command(
+    spec: LLMServiceSpec,
+    model_path: str,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    python: str = sys.executable,
+) -> EngineCommand:
+    """The vLLM server command line for one replica of `spec` serving `model_path`."""
+    model, engine = spec.model, spec.engine
+    argv = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_path,
+        "--served-model-name",
+        model.name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(model.max_model_len),
+        "--dtype",
+        model.dtype,
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--gpu-memory-utilization",
+        str(engine.gpu_memory_utilization),
+        "--shutdown-timeout",
+        str(engine.shutdown_timeout_s),
+        "--disable-uvicorn-access-log",
+    ]
+    if model.source.startswith("hf://") and "@" in model.source:
+        argv += ["--revision", model.source.split("@", 1)[1]]
+    if engine.device == "gpu":
+        argv += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    policy = spec.scheduler.policy
+    if policy == "priority":
+        argv += ["--scheduling-policy", "priority"]
+    elif policy == "sla":
+        # The SLA scheduler orders by its own keys but relies on vLLM's priority-mode victim choice.
+        argv += ["--scheduling-policy", "priority", "--scheduler-cls", SLA_SCHEDULER_CLS]
+    argv += list(engine.extra_args)
+
+    env = {
+        # -P semantics: never put the working directory on sys.path, so no folder of ours can
+        # shadow a module (the repo has top-level folders named `operator` and `kernels`).
+        "PYTHONSAFEPATH": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1" if not model.source.startswith("hf://") else "0",
+    }
+    if engine.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(engine.kv_cache_gib)
+    if engine.kernels:
+        env["TOKENFLEET_KERNELS"] = ",".join(engine.kernels)
+    if policy == "sla":
+        env["TOKENFLEET_SCHEDULER_SPEC"] = spec.scheduler.model_dump_json(by_alias=True)
+    return EngineCommand(argv=argv, env=env)
+
+
+def _gib_str(gib: float) -> str:
+    # VLLM_CPU_KVCACHE_SPACE is an integer number of GiB.
+    return str(max(1, round(gib)))
+
+
+@dataclass
+class EngineProcess:
+    """One vLLM server process: start, wait until ready, drain on stop."""
+
+    command: EngineCommand
+    port: int
+    log_path: Path | None = None
+    cwd: Path | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _log: IO[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, extra_env: Mapping[str, str] | None = None) -> None:
+        env = {**os.environ, **self.command.env, **(extra_env or {})}
+        stdout: int | IO[bytes] | None = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("ab")
+            stdout = self._log
+        self.process = subprocess.Popen(
+            self.command.argv,
+            env=env,
+            cwd=self.cwd,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
+            start_new_session=True,
+        )
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout_s: float = 300.0) -> float:
+        """Block until /v1/models answers; return seconds waited. Raise if the process died."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                code = self.process.returncode if self.process else None
+                raise RuntimeError(f"vLLM exited with code {code} before it was ready{self._log_hint()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2.0).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM not ready after {timeout_s:.0f}s{self._log_hint()}")
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (vLLM drains for --shutdown-timeout), then SIGKILL the group if it overstays."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s if timeout_s is not None else 60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def _log_hint(self) -> str:
+        return f"; see {self.log_path}" if self.log_path else ""

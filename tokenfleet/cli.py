@@ -1,0 +1,109 @@
+"""`tokenfleet` — the one console script.
+
+Each subcommand is a small function; heavy imports (vLLM, torch, locust) happen inside the
+command that needs them, so `tokenfleet validate` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tokenfleet.spec import LLMService, SpecError, default_service, json_schema, load_service
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _load(path: str | None) -> LLMService:
+    return load_service(path) if path else default_service()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    ok = True
+    for path in args.file:
+        try:
+            service = load_service(path)
+        except SpecError as exc:
+            ok = False
+            print(f"{path}: invalid ({len(exc.errors)} error(s))", file=sys.stderr)
+            for field_path, reason in exc.errors:
+                print(f"  {field_path}: {reason}", file=sys.stderr)
+        except OSError as exc:
+            ok = False
+            print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"{path}: valid LLMService {service.metadata.namespace}/{service.metadata.name}")
+    return 0 if ok else 1
+
+
+def cmd_spec_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from tokenfleet.models import build_tiny_random, builtin_path
+
+    out = Path(args.output) if args.output else builtin_path(args.name)
+    if args.name == "tiny-random":
+        build_tiny_random(out)
+        print(f"built tiny-random at {out}")
+        return 0
+    from tokenfleet.modelbuild import build_tiny_code
+
+    build_tiny_code(out, quick=args.quick, force=args.force)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenfleet.engine.serve import serve
+
+    return serve(_load(args.file), port=args.port, host=args.host)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfleet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="validate LLMService files; print every error with its field")
+    validate.add_argument("-f", "--file", action="append", required=True, help="service YAML (repeatable)")
+    validate.set_defaults(handler=cmd_validate)
+
+    spec = sub.add_parser("spec", help="the LLMService spec")
+    spec_sub = spec.add_subparsers(dest="spec_command", required=True)
+    spec_sub.add_parser("schema", help="print the JSON schema").set_defaults(handler=cmd_spec_schema)
+
+    model = sub.add_parser("model", help="builtin models")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    build = model_sub.add_parser("build", help="train (tiny-code) or create (tiny-random) a builtin model")
+    build.add_argument("--name", choices=["tiny-code", "tiny-random"], default="tiny-code")
+    build.add_argument("--output", help="directory (default: the cache)")
+    build.add_argument("--quick", action="store_true", help="a few steps only, for tests")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(handler=cmd_model_build)
+
+    serve = sub.add_parser("serve", help="serve one replica of a service with vLLM's OpenAI server")
+    serve.add_argument("-f", "--file", help="service YAML (default: the builtin default service)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
