@@ -62,6 +62,7 @@ def engine_command(
         "--shutdown-timeout",
         str(engine.shutdown_timeout_s),
         "--disable-uvicorn-access-log",
+        f"-O{engine.optimization_level}",
     ]
     if model.source.startswith("hf://") and "@" in model.source:
         argv += ["--revision", model.source.split("@", 1)[1]]

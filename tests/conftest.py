@@ -1,0 +1,74 @@
+"""Shared fixtures. A real vLLM server (CPU build, tiny-random model) starts once per session."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tokenfleet.engine.launch import EngineProcess, engine_command
+from tokenfleet.models import ensure_builtin
+from tokenfleet.spec import LLMService, parse_service
+
+ENGINE_START_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tiny_service(name: str = "tiny", **spec_overrides: object) -> LLMService:
+    """A small CPU service on the random-weight builtin model: fast to start, cheap to run."""
+    spec: dict[str, object] = {
+        "model": {"name": name, "source": "builtin://tiny-random", "maxModelLen": 512},
+        "engine": {"maxNumSeqs": 8, "kvCacheGib": 1, "shutdownTimeoutS": 5},
+    }
+    spec.update(spec_overrides)
+    return parse_service(
+        {
+            "apiVersion": "tokenfleet.dev/v1alpha1",
+            "kind": "LLMService",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
+
+
+StartEngine = Callable[..., EngineProcess]
+
+
+@pytest.fixture(scope="session")
+def start_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartEngine]:
+    """Factory: start a real vLLM server for a service; every one started is stopped at the end."""
+    started: list[EngineProcess] = []
+    logs = tmp_path_factory.mktemp("engine-logs")
+
+    def start(service: LLMService | None = None, port: int | None = None) -> EngineProcess:
+        service = service or tiny_service()
+        model_path = ensure_builtin(service.spec.model.source.removeprefix("builtin://"))
+        port = port or free_port()
+        command = engine_command(service.spec, str(model_path), port=port)
+        engine = EngineProcess(command, port=port, log_path=logs / f"engine-{port}.log", cwd=logs)
+        engine.start()
+        started.append(engine)
+        engine.wait_ready(ENGINE_START_TIMEOUT_S)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.stop(timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def engine(start_engine: StartEngine) -> EngineProcess:
+    """The one shared vLLM server (model name `tiny`). Tests must not stop it."""
+    return start_engine(tiny_service())
+
+
+@pytest.fixture(scope="session")
+def engine_url(engine: EngineProcess) -> str:
+    return engine.url
