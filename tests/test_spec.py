@@ -145,3 +145,18 @@ def test_cli_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["spec", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["title"] == "LLMService"
+
+
+def test_spec_reference_doc_is_up_to_date() -> None:
+    from tokenfleet.specdoc import render
+
+    committed = (Path(__file__).parent.parent / "docs" / "spec-reference.md").read_text()
+    assert committed == render(), "run: tokenfleet spec docs -o docs/spec-reference.md"
+
+
+def test_cli_spec_docs(tmp_path: Path) -> None:
+    out = tmp_path / "ref.md"
+    assert main(["spec", "docs", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "## `spec.scheduler.classes` (SLOClass)" in text
+    assert "`maxModelLen`" in text

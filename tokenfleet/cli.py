@@ -44,6 +44,17 @@ def cmd_spec_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec_docs(args: argparse.Namespace) -> int:
+    from tokenfleet.specdoc import render
+
+    text = render()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
 def cmd_model_build(args: argparse.Namespace) -> int:
     from tokenfleet.models import build_tiny_random, builtin_path
 
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec = sub.add_parser("spec", help="the LLMService spec")
     spec_sub = spec.add_subparsers(dest="spec_command", required=True)
     spec_sub.add_parser("schema", help="print the JSON schema").set_defaults(handler=cmd_spec_schema)
+    docs = spec_sub.add_parser("docs", help="render the spec reference (markdown)")
+    docs.add_argument("-o", "--output", help="write to this file instead of stdout")
+    docs.set_defaults(handler=cmd_spec_docs)
 
     model = sub.add_parser("model", help="builtin models")
     model_sub = model.add_subparsers(dest="model_command", required=True)

@@ -215,6 +215,8 @@ class SchedulerSpec(_Spec):
 
 
 class ReplicasSpec(_Spec):
+    """Replica bounds; the autoscaler moves within them."""
+
     min: int = Field(1, ge=0, le=1000)
     max: int = Field(1, ge=1, le=1000)
 
@@ -226,6 +228,8 @@ class ReplicasSpec(_Spec):
 
 
 class AutoscalingSpec(_Spec):
+    """Scale replicas on a per-replica engine metric, with separate up/down stabilisation windows."""
+
     enabled: bool = False
     metric: Literal["queue_depth", "in_flight", "kv_cache_usage", "ttft_p90_ms"] = "queue_depth"
     target: float = Field(4.0, gt=0, description="Per-replica target of the metric.")
@@ -235,6 +239,8 @@ class AutoscalingSpec(_Spec):
 
 
 class RoutingSpec(_Spec):
+    """How the gateway picks a replica, and its retry and timeout rules."""
+
     policy: Literal["round_robin", "least_outstanding", "prefix_affinity", "session_affinity"] = (
         "least_outstanding"
     )
@@ -247,6 +253,8 @@ class RoutingSpec(_Spec):
 
 
 class RolloutSpec(_Spec):
+    """How a spec change reaches the replicas: rolling, canary with analysis, or recreate."""
+
     strategy: Literal["rolling", "canary", "recreate"] = "rolling"
     max_surge: int = Field(1, ge=0)
     max_unavailable: int = Field(0, ge=0)
@@ -268,11 +276,15 @@ class RolloutSpec(_Spec):
 
 
 class RateLimit(_Spec):
+    """Token-bucket limits per tenant (post-paid for tokens: the crossing request completes)."""
+
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
 
 
 class GatewaySpec(_Spec):
+    """The gateway in front of the replicas: port, auth, limits, overload queues."""
+
     port: int = Field(8000, ge=1, le=65535)
     auth: bool = Field(False, description="Require an API key (Authorization: Bearer).")
     api_keys_secret: str | None = Field(None, description="Kubernetes Secret with key -> tenant entries.")
@@ -290,6 +302,8 @@ class GatewaySpec(_Spec):
 
 
 class LLMServiceSpec(_Spec):
+    """What to serve, how to run, schedule, scale, route and roll it out."""
+
     model: ModelSpec = Field(default_factory=ModelSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
@@ -309,6 +323,8 @@ class LLMServiceSpec(_Spec):
 
 
 class Metadata(_Spec):
+    """Kubernetes object metadata (name and namespace are DNS-1123 labels)."""
+
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     name: Name
