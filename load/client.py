@@ -1,0 +1,140 @@
+"""Send one OpenAI-compatible request and time it: the harness's only network code for requests.
+
+`build_http_request` is pure (what goes on the wire: body, headers); `send` does the I/O with a
+blocking httpx client, which Locust's gevent monkey-patching makes cooperative. Streaming
+responses are timed here, per socket read: Locust's own response time stops at the headers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from tokenfleet.load.record import RequestRecord
+from tokenfleet.load.sse import SSEDecoder, StreamTimer
+
+Api = Literal["completions", "chat"]
+CLASS_HEADER = "x-tokenfleet-class"
+TENANT_HEADER = "x-tokenfleet-tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequest:
+    id: str
+    prompt: str
+    max_tokens: int
+    cls: str = "standard"
+    tenant: str = "default"
+    priority: int | None = None
+    api: Api = "completions"
+    stream: bool = True
+    ignore_eos: bool = True
+    temperature: float = 0.0
+
+
+def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(path, JSON body, headers). Class and tenant go three ways: the scheduler reads `priority`
+    and `vllm_xargs`, the gateway reads the headers."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "stream": request.stream,
+        "ignore_eos": request.ignore_eos,
+        "vllm_xargs": {"slo_class": request.cls, "tenant": request.tenant},
+    }
+    if request.priority is not None:
+        body["priority"] = request.priority
+    if request.stream:
+        # Token counts come from the server's usage, never from counting chunks.
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": False}
+    if request.api == "chat":
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        path = "/v1/completions"
+        body["prompt"] = request.prompt
+    headers = {
+        CLASS_HEADER: request.cls,
+        TENANT_HEADER: request.tenant,
+        "x-request-id": request.id,
+    }
+    return path, body, headers
+
+
+def send(
+    client: httpx.Client,
+    base_url: str,
+    request: LLMRequest,
+    model: str,
+    *,
+    scheduled: float | None = None,
+    worker: int = 0,
+    timeout_s: float = 120.0,
+) -> RequestRecord:
+    """Send and time one request. Never raises for server or network trouble: a failed request is
+    a record with `ok=False` and the reason, so the run goes on and the report counts it."""
+    path, body, headers = build_http_request(request, model)
+    record = RequestRecord(
+        id=request.id,
+        cls=request.cls,
+        tenant=request.tenant,
+        api=request.api,
+        stream=request.stream,
+        send=time.time(),
+        scheduled=scheduled,
+        worker=worker,
+    )
+    start = time.perf_counter()
+    try:
+        with client.stream(
+            "POST", base_url.rstrip("/") + path, json=body, headers=headers, timeout=timeout_s
+        ) as response:
+            record.status = response.status_code
+            if response.status_code >= 400:
+                detail = response.read().decode("utf-8", errors="replace")[:300]
+                record.error = f"HTTP {response.status_code}: {detail}"
+            elif request.stream:
+                _read_stream(response, start, record)
+            else:
+                _read_whole(response, start, record)
+    except httpx.TimeoutException as exc:
+        record.error = f"timeout: {type(exc).__name__}"
+    except httpx.HTTPError as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    if record.e2e_s is None:
+        record.e2e_s = time.perf_counter() - start
+    record.ok = record.error is None
+    return record
+
+
+def _read_stream(response: httpx.Response, start: float, record: RequestRecord) -> None:
+    decoder, timer = SSEDecoder(), StreamTimer()
+    for raw in response.iter_raw():
+        t = time.perf_counter() - start  # socket arrival, before parsing
+        for data in decoder.feed(raw):
+            timer.on_event(data, t)
+    t_end = time.perf_counter() - start
+    for data in decoder.flush():
+        timer.on_event(data, t_end)
+    record.e2e_s = t_end
+    record.first_chunk_s = timer.first_chunk_s
+    record.ttft_s = timer.first_token_s
+    record.chunk_s = timer.content_times
+    record.prompt_tokens = timer.prompt_tokens
+    record.output_tokens = timer.output_tokens
+    if timer.error is not None:
+        record.error = timer.error
+    elif not timer.done:
+        record.error = "stream ended without [DONE]"
+
+
+def _read_whole(response: httpx.Response, start: float, record: RequestRecord) -> None:
+    payload = response.json()
+    record.e2e_s = time.perf_counter() - start
+    usage = payload.get("usage") or {}
+    record.prompt_tokens = usage.get("prompt_tokens")
+    record.output_tokens = usage.get("completion_tokens")
