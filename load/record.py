@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def tpot(e2e_s: float | None, ttft_s: float | None, output_tokens: int | None) -
 
 def itl(chunk_times: list[float]) -> list[float]:
     """Gaps between consecutive content chunks (a chunk may carry several tokens)."""
-    return [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
+    return [b - a for a, b in pairwise(chunk_times)]
 
 
 def write_records(path: Path, records: Iterable[RequestRecord]) -> None:
