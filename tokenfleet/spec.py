@@ -250,6 +250,13 @@ class RoutingSpec(_Spec):
     retries: int = Field(1, ge=0, le=3, description="Retries before the first byte reached the client.")
     connect_timeout_s: float = Field(2.0, gt=0, le=60)
     first_byte_timeout_s: float = Field(120.0, gt=0, le=3600)
+    probe_interval_s: float = Field(1.0, gt=0, le=60, description="Active /health probe period.")
+    eject_after_failures: int = Field(
+        3, ge=1, le=100, description="Consecutive request failures that eject a replica."
+    )
+    eject_cooldown_s: float = Field(
+        5.0, ge=0, le=600, description="Minimum time ejected before a good probe re-admits."
+    )
 
 
 class RolloutSpec(_Spec):
@@ -292,6 +299,12 @@ class GatewaySpec(_Spec):
     default_limits: RateLimit = Field(default_factory=RateLimit)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     max_queue_per_class: int = Field(64, ge=1)
+    max_queue_total: int | None = Field(
+        None, ge=1, description="Bound on all gateway queues together; default: per class x classes."
+    )
+    max_in_flight_per_replica: int | None = Field(
+        None, ge=1, description="Requests sent to one replica at once; default: 2 x engine.maxNumSeqs."
+    )
     expose_endpoints: list[Literal["/tokenize", "/detokenize", "/version"]] = Field(default_factory=list)
 
     @model_validator(mode="after")

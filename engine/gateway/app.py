@@ -1,0 +1,651 @@
+"""The gateway's HTTP layer: FastAPI routes, one pooled httpx client, forwarding with failover.
+
+Order of work per request, cheapest refusal first: auth (401, nothing read) → body size (413) →
+JSON and field validation (400/404) → class → tenant rate limits (429) → admission (503) →
+route → forward. Only the last two touch an engine.
+
+Retry rule: an attempt that fails before anything reached the client (connect error, reset,
+timeout, 5xx status, or a stream that dies before its first chunk) is retried on another
+replica, at most `routing.retries` times. Streams are relayed lazily: the first upstream chunk
+is read before the client gets headers, so "engine died right after accepting" is retryable.
+Once a byte was sent the request is never replayed (generation is not idempotent); a stream that
+breaks ends with an SSE `error` data event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tokenfleet.engine.gateway import limits, routing
+from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
+from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
+from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
+from tokenfleet.engine.gateway.tenancy import (
+    ClassError,
+    KeyRing,
+    bearer_key,
+    engine_fields,
+    load_keys,
+    resolve_class,
+)
+from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
+from tokenfleet.engine.gateway.validation import (
+    RequestError,
+    estimated_tokens,
+    openapi_components,
+    parse_json,
+    validate_body,
+)
+from tokenfleet.spec import LLMService, SLOClass, Tenant
+
+CLASS_HEADER = "x-tokenfleet-class"
+REPLICA_HEADER = "x-tokenfleet-replica"
+# Anything httpx raises before the client saw a byte is worth one more try elsewhere.
+RETRYABLE = (httpx.HTTPError,)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class Call:
+    """One client request as it moves through the gateway (for metrics, span and limits)."""
+
+    route: str
+    span: Span
+    started: float = field(default_factory=time.perf_counter)
+    cls: str = "none"
+    tenant: str = "none"
+    estimate: int = 0
+    done: bool = False
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def sse_error(message: str) -> bytes:
+    payload = json.dumps(error_body(502, message, "upstream_error"))
+    return f"data: {payload}\n\n".encode()
+
+
+class Gateway:
+    def __init__(self, service: LLMService, *, environ: Mapping[str, str] | None = None) -> None:
+        import os
+
+        self.service = service
+        spec = service.spec
+        self.spec = spec
+        self.routing = spec.routing
+        env = os.environ if environ is None else environ
+        tenants = {t.name: t for t in spec.scheduler.tenants}
+        self.tenants = tenants
+        self.keyring: KeyRing | None = None
+        if spec.gateway.auth:
+            self.keyring = KeyRing.of(load_keys(spec.gateway.api_keys_file, env), set(tenants))
+        # Without auth, every request belongs to the first tenant listed.
+        self.anonymous = spec.scheduler.tenants[0]
+        self.metrics = GatewayMetrics()
+        self.tracing = Tracing(f"tokenfleet-gateway-{service.metadata.name}", env)
+        self.replicas = ReplicaSet(
+            eject_after_failures=self.routing.eject_after_failures,
+            cooldown_s=self.routing.eject_cooldown_s,
+            on_transition=self._on_transition,
+        )
+        classes = sorted(spec.scheduler.classes, key=lambda c: c.priority)
+        per_class = {c.name: c.queue_limit or spec.gateway.max_queue_per_class for c in classes}
+        self.admission = AdmissionQueue(
+            order=[c.name for c in classes],
+            per_class_limit=per_class,
+            total_limit=spec.gateway.max_queue_total or sum(per_class.values()),
+            max_wait_s={c.name: c.max_wait_s or 30.0 for c in classes},
+        )
+        self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
+        self.buckets: dict[tuple[str, str], limits.Bucket] = {}
+        self.counter = itertools.count()
+        self.rng = random.Random()
+        self.client: httpx.AsyncClient | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self.app = self._build_app()
+
+    # -- membership and state ---------------------------------------------------------------
+
+    def set_replicas(self, members: Iterable[tuple[str, str]]) -> None:
+        self.replicas.set(members)
+        self._refresh_slots()
+
+    def _refresh_slots(self) -> None:
+        self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
+        for replica in self.replicas.replicas.values():
+            self.metrics.replica_up.labels(replica.id).set(1 if replica.breaker.admits else 0)
+        for cls, n in self.admission.queued().items():
+            self.metrics.queued.labels(cls).set(n)
+
+    def _on_transition(self, replica: Replica, old: str, new: str) -> None:
+        if new == "open" and old == "closed":
+            self.metrics.ejections.labels(replica.id).inc()
+        elif new == "closed" and old == "open":
+            self.metrics.readmissions.labels(replica.id).inc()
+        self._refresh_slots()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "service": self.service.metadata.name,
+            "model": self.spec.model.name,
+            "policy": self.routing.policy,
+            "ready": bool(self.replicas.routable()),
+            "replicas": [r.status() for r in self.replicas.replicas.values()],
+            "admission": {
+                "slots": self.admission.slots,
+                "running": self.admission.running,
+                "queued": self.admission.queued(),
+                "shed": dict(self.admission.shed_total),
+            },
+        }
+
+    # -- app ----------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        app = FastAPI(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
+        refs, components = openapi_components()
+
+        for route in OPENAI_ROUTES:
+            app.add_api_route(
+                route,
+                self._endpoint(route),
+                methods=["POST"],
+                openapi_extra={
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": refs[route]}},
+                    }
+                },
+            )
+        app.add_api_route("/v1/models", self._models, methods=["GET"])
+        for path in self.spec.gateway.expose_endpoints:
+            method = "GET" if path == "/version" else "POST"
+            app.add_api_route(path, self._passthrough(path, method), methods=[method])
+        app.add_api_route("/health", self._health, methods=["GET"])
+        app.add_api_route("/ready", self._ready, methods=["GET"])
+        app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/admin/status", self._admin_status, methods=["GET"], include_in_schema=False)
+
+        def custom_openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = custom_openapi  # type: ignore[method-assign]
+        return app
+
+    async def start(self) -> None:
+        # One pooled client for all upstream traffic. trust_env=False: a proxy from the
+        # environment must never sit between the gateway and its own replicas.
+        self.client = httpx.AsyncClient(
+            trust_env=False,
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+            timeout=httpx.Timeout(
+                connect=self.routing.connect_timeout_s,
+                read=self.routing.first_byte_timeout_s,
+                write=30.0,
+                pool=self.routing.connect_timeout_s,
+            ),
+        )
+        self._prober = asyncio.create_task(
+            probe_forever(
+                self.client,
+                self.replicas,
+                self.routing.probe_interval_s,
+                timeout_s=min(2.0, self.routing.connect_timeout_s + 1.0),
+                after=self._refresh_slots,
+            )
+        )
+
+    async def stop(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        if self.client is not None:
+            await self.client.aclose()
+        self.tracing.shutdown()
+
+    # -- small endpoints ----------------------------------------------------------------------
+
+    async def _health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def _ready(self) -> JSONResponse:
+        ready = bool(self.replicas.routable())
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def _metrics(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _admin_status(self, request: Request) -> JSONResponse:
+        if request.client is None or request.client.host not in LOCAL_HOSTS:
+            return JSONResponse(error_body(403, "admin is localhost only", "forbidden"), status_code=403)
+        return JSONResponse(self.status())
+
+    async def _models(self, request: Request) -> Response:
+        call = self._begin("/v1/models", request)
+        try:
+            self._authenticate(request)
+        except RequestError as exc:
+            return self._refuse(call, exc)
+        return await self._forward(call, "GET", None, request, streaming=False, release=None)
+
+    def _passthrough(self, path: str, method: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            call = self._begin(path, request)
+            try:
+                self._authenticate(request)
+                body = None
+                if method == "POST":
+                    raw = await self._read_body(request)
+                    parse_json(raw)
+                    body = raw
+            except RequestError as exc:
+                return self._refuse(call, exc)
+            return await self._forward(call, method, body, request, streaming=False, release=None)
+
+        return endpoint
+
+    # -- the OpenAI endpoints -----------------------------------------------------------------
+
+    def _endpoint(self, route: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._handle(route, request)
+
+        endpoint.__name__ = route.strip("/").replace("/", "_")
+        return endpoint
+
+    async def _handle(self, route: str, request: Request) -> Response:
+        call = self._begin(route, request)
+        try:
+            tenant = self._authenticate(request)
+            call.tenant = tenant.name
+            document = parse_json(await self._read_body(request))
+            body = validate_body(
+                route, document, model_name=self.spec.model.name, max_model_len=self.spec.model.max_model_len
+            )
+            slo_class = self._class_for(tenant, request, document)
+            call.cls = slo_class.name
+            call.estimate = estimated_tokens(body, self.spec.model.max_model_len)
+            self._charge(tenant, call.estimate)
+        except RequestError as exc:
+            return self._refuse(call, exc)
+        document.update(engine_fields(slo_class, tenant.name, self.spec.scheduler.policy))
+        payload = json.dumps(document, separators=(",", ":")).encode()
+        try:
+            await self.admission.acquire(slo_class.name)
+        except ShedError as exc:
+            self._refresh_slots()
+            return self._refuse(
+                call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
+            )
+        self._refresh_slots()
+        streaming = document.get("stream") is True
+        return await self._forward(
+            call, "POST", payload, request, streaming=streaming, release=self._release_slot
+        )
+
+    def _release_slot(self) -> None:
+        self.admission.release()
+        self._refresh_slots()
+
+    def _class_for(self, tenant: Tenant, request: Request, document: Mapping[str, Any]) -> SLOClass:
+        priority = document.get("priority")
+        try:
+            return resolve_class(
+                self.spec.scheduler,
+                tenant,
+                requested_name=request.headers.get(CLASS_HEADER),
+                requested_priority=priority if isinstance(priority, int) else None,
+            )
+        except ClassError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    def _authenticate(self, request: Request) -> Tenant:
+        if self.keyring is None:
+            return self.anonymous
+        key = bearer_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        tenant = self.keyring.tenant_of(key) if key else None
+        if tenant is None:
+            raise RequestError(
+                401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error"
+            )
+        return self.tenants[tenant]
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.spec.gateway.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"request body over the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _tenant_limits(self, tenant: Tenant) -> tuple[int | None, int | None]:
+        defaults = self.spec.gateway.default_limits
+        return (
+            tenant.requests_per_minute or defaults.requests_per_minute,
+            tenant.tokens_per_minute or defaults.tokens_per_minute,
+        )
+
+    def _charge(self, tenant: Tenant, tokens: int) -> None:
+        """Take one request and the estimated tokens from the tenant's buckets, or 429."""
+        rpm, tpm = self._tenant_limits(tenant)
+        now = time.monotonic()
+        takes: list[tuple[tuple[str, str], limits.Take]] = []
+        for kind, per_minute, amount in (("requests", rpm, 1), ("tokens", tpm, tokens)):
+            if per_minute is None:
+                continue
+            key = (tenant.name, kind)
+            bucket = self.buckets.get(key) or limits.Bucket.full(per_minute, now)
+            result = limits.take(bucket, amount, now)
+            if not result.ok:
+                raise _RateLimitedError(kind, per_minute, result.retry_after_s)
+            takes.append((key, result))
+        for key, result in takes:  # commit only when every bucket agreed
+            self.buckets[key] = result.bucket
+
+    def _settle_tokens(self, call: Call, content: bytes) -> None:
+        """Post-pay: correct the tokens bucket with the response's real usage."""
+        key = (call.tenant, "tokens")
+        if key not in self.buckets:
+            return
+        try:
+            usage = json.loads(content).get("usage") or {}
+            actual = int(usage["total_tokens"])
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return
+        self.buckets[key] = limits.adjust(self.buckets[key], actual - call.estimate, time.monotonic())
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    def _upstream_headers(self, request: Request, call: Call) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": request.headers.get("accept", "*/*")}
+        request_id = request.headers.get("x-request-id")
+        if request_id:
+            headers["x-request-id"] = request_id[:128]
+        PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.span))
+        return headers
+
+    def _pick(
+        self, call: Call, exclude: list[str], request: Request, document: bytes | None
+    ) -> Replica | None:
+        candidates = self.replicas.routable(exclude)
+        if not candidates:
+            return None
+        key = routing.RouteKey()
+        if self.routing.policy == "prefix_affinity" and document is not None:
+            key = routing.RouteKey(
+                prefix=routing.prompt_prefix(json.loads(document), self.routing.prefix_chars)
+            )
+        elif self.routing.policy == "session_affinity":
+            key = routing.RouteKey(session=request.headers.get(self.routing.session_header))
+        view = routing.choose(
+            self.routing.policy,
+            [r.view() for r in candidates],
+            key,
+            counter=next(self.counter),
+            rng=self.rng,
+            load_factor=self.routing.bounded_load_factor,
+        )
+        return self.replicas.replicas[view.id]
+
+    async def _forward(
+        self,
+        call: Call,
+        method: str,
+        body: bytes | None,
+        request: Request,
+        *,
+        streaming: bool,
+        release: Callable[[], None] | None,
+    ) -> Response:
+        assert self.client is not None, "gateway not started"
+        headers = self._upstream_headers(request, call)
+        tried: list[str] = []
+        last_error = "no ready replica"
+        try:
+            for attempt in range(1 + self.routing.retries):
+                replica = self._pick(call, tried, request, body)
+                if replica is None:
+                    break
+                tried.append(replica.id)
+                if attempt:
+                    self.metrics.retries.labels(call.route).inc()
+                    call.span.set_attribute("tokenfleet.retries", attempt)
+                outcome = await self._attempt(call, replica, method, body, headers, streaming, release)
+                if isinstance(outcome, Response):
+                    release = None  # handed over to the response
+                    return outcome
+                last_error = outcome
+        finally:
+            if release is not None:
+                release()
+        status = 503 if not tried else 502
+        message = "no ready replica" if not tried else f"all {len(tried)} attempt(s) failed: {last_error}"
+        return self._refuse(call, RequestError(status, message, "upstream_error"), retry_after=1.0)
+
+    async def _attempt(
+        self,
+        call: Call,
+        replica: Replica,
+        method: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        streaming: bool,
+        release: Callable[[], None] | None,
+    ) -> Response | str:
+        """One try on one replica: a Response once committed to the client, else why it failed."""
+        assert self.client is not None
+        call.span.set_attribute("tokenfleet.replica", replica.id)
+        self._enter(replica)
+        upstream: httpx.Response | None = None
+        try:
+            built = self.client.build_request(
+                method, f"{replica.url}{call.route}", content=body, headers=headers
+            )
+            upstream = await self.client.send(built, stream=True)
+            if upstream.status_code >= 500:
+                raise _UpstreamStatusError(upstream.status_code)
+            self.metrics.first_byte.labels(call.route, call.cls, replica.id).observe(
+                time.perf_counter() - call.started
+            )
+            if streaming and upstream.status_code == 200:
+                chunks = upstream.aiter_raw()
+                first = await anext(chunks, b"")
+                self.replicas.request_succeeded(replica)
+                self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
+                relay = self._relay(call, replica, upstream, first, chunks, release)
+                upstream = None  # the relay owns it now
+                return StreamingResponse(
+                    relay,
+                    status_code=200,
+                    media_type=None,
+                    headers=self._response_headers(call, replica, "text/event-stream"),
+                )
+            content = await upstream.aread()
+        except (*RETRYABLE, _UpstreamStatusError) as exc:
+            kind = (
+                "timeout"
+                if isinstance(exc, httpx.TimeoutException)
+                else ("status_5xx" if isinstance(exc, _UpstreamStatusError) else "connect")
+            )
+            reason = f"{replica.id}: {type(exc).__name__} {exc}".strip()
+            self.metrics.errors.labels(replica.id, call.route, kind).inc()
+            self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
+            self.replicas.request_failed(replica, reason)
+            self._leave(replica)
+            return reason
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+        self._leave(replica)
+        self.replicas.request_succeeded(replica)
+        self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
+        if upstream_ok(upstream):
+            self._settle_tokens(call, content)
+        if release is not None:
+            release()
+        response = Response(
+            content,
+            status_code=upstream.status_code,
+            headers=self._response_headers(call, replica, upstream.headers.get("content-type")),
+        )
+        self._finish(call, upstream.status_code)
+        return response
+
+    def _response_headers(self, call: Call, replica: Replica, content_type: str | None) -> dict[str, str]:
+        headers = {REPLICA_HEADER: replica.id}
+        if call.cls != "none":
+            headers[CLASS_HEADER] = call.cls
+        if content_type:
+            headers["content-type"] = content_type
+        return headers
+
+    async def _relay(
+        self,
+        call: Call,
+        replica: Replica,
+        upstream: httpx.Response,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        release: Callable[[], None] | None,
+    ) -> AsyncIterator[bytes]:
+        """Pass the engine's SSE bytes through untouched; a break becomes an SSE error event."""
+        tail = first[-2:]
+        status = 200
+        try:
+            if first:
+                yield first
+            async for chunk in chunks:
+                if chunk:
+                    tail = (tail + chunk)[-2:]
+                    yield chunk
+        except RETRYABLE as exc:
+            status = 502
+            self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
+            self.replicas.request_failed(replica, f"{replica.id}: stream broke: {type(exc).__name__}")
+            prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
+            yield prefix + sse_error(f"the replica failed mid-stream ({type(exc).__name__}); not retried")
+        finally:
+            # Closing the upstream aborts the engine's request (frees its KV cache) even when
+            # the client went away and this generator is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            self._leave(replica)
+            if release is not None:
+                release()
+            # A client that disconnected surfaces here as GeneratorExit: still one finished call.
+            self._finish(call, status)
+
+    def _enter(self, replica: Replica) -> None:
+        replica.in_flight += 1
+        replica.requests += 1
+        self.metrics.in_flight.labels(replica.id).set(replica.in_flight)
+
+    def _leave(self, replica: Replica) -> None:
+        replica.in_flight = max(0, replica.in_flight - 1)
+        self.metrics.in_flight.labels(replica.id).set(replica.in_flight)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _begin(self, route: str, request: Request) -> Call:
+        span = self.tracing.tracer.start_span(
+            f"{request.method} {route}",
+            context=self.tracing.extract(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "http.route": route},
+        )
+        return Call(route=route, span=span)
+
+    def _refuse(self, call: Call, exc: RequestError, retry_after: float | None = None) -> JSONResponse:
+        headers: dict[str, str] = {}
+        if isinstance(exc, _RateLimitedError):
+            retry_after = exc.retry_after_s
+        if retry_after is not None and exc.status in (429, 503):
+            headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+        reason = {401: "auth", 429: "rate_limit", 502: "upstream", 503: "unavailable"}.get(
+            exc.status, "invalid"
+        )
+        self.metrics.rejected.labels(reason, call.cls, call.tenant).inc()
+        self._finish(call, exc.status)
+        return JSONResponse(
+            error_body(exc.status, exc.message, exc.kind), status_code=exc.status, headers=headers
+        )
+
+    def _finish(self, call: Call, status: int) -> None:
+        if call.done:
+            return
+        call.done = True
+        self.metrics.requests.labels(call.route, call.cls, call.tenant, code_class(status)).inc()
+        self.metrics.latency.labels(call.route, call.cls).observe(time.perf_counter() - call.started)
+        call.span.set_attribute("http.response.status_code", status)
+        call.span.set_attribute("tokenfleet.class", call.cls)
+        call.span.set_attribute("tokenfleet.tenant", call.tenant)
+        if status >= 500:
+            call.span.set_status(StatusCode.ERROR)
+        call.span.end()
+
+
+def upstream_ok(response: httpx.Response) -> bool:
+    return 200 <= response.status_code < 300
+
+
+class _UpstreamStatusError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+
+
+class _RateLimitedError(RequestError):
+    def __init__(self, kind: str, per_minute: int, retry_after_s: float) -> None:
+        super().__init__(
+            429, f"tenant over its {kind}/min limit ({per_minute}); retry later", "rate_limit_exceeded"
+        )
+        self.retry_after_s = retry_after_s
+
+
+def create_app(service: LLMService, replicas: Iterable[tuple[str, str]] = ()) -> FastAPI:
+    gateway = Gateway(service)
+    gateway.set_replicas(replicas)
+    app = gateway.app
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,87 @@
+"""A stand-in for a vLLM replica with injectable faults, for fast deterministic gateway tests.
+
+It speaks just enough of vLLM's surface (/health, /metrics, /v1/models, /v1/completions and
+/v1/chat/completions with SSE) to exercise routing, retries and the breaker; the real engine
+is used wherever bytes or behaviour of vLLM itself matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+
+@dataclass
+class Faults:
+    healthy: bool = True
+    status_5xx: int = 0  # answer this many requests with 500 first
+    die_after_chunks: int | None = None  # break the connection mid-stream after N chunks
+    delay_s: float = 0.0  # before the first byte
+    waiting: int = 0  # reported as vllm:num_requests_waiting
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) -> tuple[FastAPI, Faults]:
+    state = faults or Faults()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if state.healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            "# HELP vllm:num_requests_waiting x\n"
+            f'vllm:num_requests_waiting{{model_name="{model}"}} {state.waiting}\n'
+            f'vllm:num_requests_running{{model_name="{model}"}} 0.0\n'
+            f'vllm:prefix_cache_queries_total{{model_name="{model}"}} 10.0\n'
+            f'vllm:prefix_cache_hits_total{{model_name="{model}"}} 4.0\n'
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model, "object": "model", "owned_by": name}]}
+
+    async def generate(request: Request) -> Response:
+        body = await request.json()
+        state.seen.append(body)
+        state.headers.append(dict(request.headers))
+        if state.status_5xx > 0:
+            state.status_5xx -= 1
+            return JSONResponse({"error": "injected"}, status_code=500)
+        await asyncio.sleep(state.delay_s)
+        n = int(body.get("max_tokens") or 4)
+        if not body.get("stream"):
+            return JSONResponse(
+                {
+                    "id": f"cmpl-{name}",
+                    "object": "text_completion",
+                    "model": model,
+                    "choices": [{"index": 0, "text": "x" * n, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                    "served_by": name,
+                }
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(n):
+                if state.die_after_chunks is not None and i >= state.die_after_chunks:
+                    raise RuntimeError("injected mid-stream death")
+                chunk = {"id": f"cmpl-{name}", "choices": [{"index": 0, "text": f"t{i}"}], "served_by": name}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                await asyncio.sleep(0.01)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app.add_api_route("/v1/completions", generate, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
+    return app, state

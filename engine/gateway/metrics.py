@@ -1,0 +1,89 @@
+"""The gateway's Prometheus metrics, in a registry of its own (one per app, so tests can run
+several gateways in one process).
+
+Label cardinality is bounded by construction: `route` is one of a fixed set, `replica` is a
+replica slot id (at most replicas.max), `class` and `tenant` come from the spec (unknown tenants
+never reach a metric: they got a 401), and `code` is the status class (2xx/4xx/5xx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+@dataclass
+class GatewayMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "tokenfleet_gateway_requests",
+            "Requests answered by the gateway.",
+            ["route", "class", "tenant", "code"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "tokenfleet_gateway_upstream_requests",
+            "Attempts sent to a replica (a retried request counts once per attempt).",
+            ["replica", "route", "outcome"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "tokenfleet_gateway_errors",
+            "Upstream failures by kind (connect, timeout, status_5xx, mid_stream).",
+            ["replica", "route", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "tokenfleet_gateway_retries", "Requests retried on another replica.", ["route"], registry=r
+        )
+        self.ejections = Counter(
+            "tokenfleet_gateway_ejections",
+            "Replicas ejected by the circuit breaker.",
+            ["replica"],
+            registry=r,
+        )
+        self.readmissions = Counter(
+            "tokenfleet_gateway_readmissions", "Ejected replicas admitted again.", ["replica"], registry=r
+        )
+        self.rejected = Counter(
+            "tokenfleet_gateway_rejected",
+            "Requests refused at the edge (auth, rate_limit, shed, invalid).",
+            ["reason", "class", "tenant"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "tokenfleet_gateway_in_flight", "Requests in flight per replica.", ["replica"], registry=r
+        )
+        self.queued = Gauge(
+            "tokenfleet_gateway_queued", "Requests waiting at the gateway per class.", ["class"], registry=r
+        )
+        self.replica_up = Gauge(
+            "tokenfleet_gateway_replica_routable",
+            "1 if the replica receives traffic.",
+            ["replica"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tokenfleet_gateway_request_duration_seconds",
+            "Time from request to the last byte, per route and class.",
+            ["route", "class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_byte = Histogram(
+            "tokenfleet_gateway_first_byte_seconds",
+            "Time from request to the first byte from the chosen replica (TTFT for streams).",
+            ["route", "class", "replica"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

@@ -1,0 +1,174 @@
+"""Replica state the gateway keeps, and the prober that refreshes it from each engine's
+`/health` and `/metrics`. Transitions go through the pure `breaker` functions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+
+from tokenfleet.engine.gateway import breaker
+from tokenfleet.engine.gateway.routing import ReplicaView
+
+# Engine series the gateway reads (vLLM V1 names).
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_usage: float = 0.0
+    prefix_queries: float = 0.0
+    prefix_hits: float = 0.0
+
+
+def parse_engine_metrics(text: str) -> EngineStats:
+    """Sum each series of interest over its labels (one engine serves one model)."""
+    sums = {WAITING: 0.0, RUNNING: 0.0, KV_USAGE: 0.0, PREFIX_QUERIES: 0.0, PREFIX_HITS: 0.0}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end < 0:
+            continue
+        name = line[:name_end]
+        if name in sums:
+            try:
+                sums[name] += float(line.rsplit(" ", 1)[1])
+            except (ValueError, IndexError):
+                continue
+    return EngineStats(
+        waiting=sums[WAITING],
+        running=sums[RUNNING],
+        kv_usage=sums[KV_USAGE],
+        prefix_queries=sums[PREFIX_QUERIES],
+        prefix_hits=sums[PREFIX_HITS],
+    )
+
+
+@dataclass
+class Replica:
+    id: str
+    url: str
+    breaker: breaker.Breaker = field(default_factory=breaker.Breaker)
+    in_flight: int = 0
+    stats: EngineStats = field(default_factory=EngineStats)
+    last_probe: float = 0.0
+    last_error: str | None = None
+    requests: int = 0
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(self.id, self.in_flight, int(self.stats.waiting))
+
+    def status(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "state": {"closed": "ready", "open": "ejected", "unknown": "starting"}[self.breaker.state],
+            "in_flight": self.in_flight,
+            "engine_waiting": self.stats.waiting,
+            "engine_running": self.stats.running,
+            "kv_cache_usage": round(self.stats.kv_usage, 4),
+            "prefix_cache_hit_rate": (
+                round(self.stats.prefix_hits / self.stats.prefix_queries, 4)
+                if self.stats.prefix_queries
+                else None
+            ),
+            "ejections": self.breaker.ejections,
+            "requests": self.requests,
+            "last_error": self.last_error,
+        }
+
+
+Transition = Callable[[Replica, breaker.State, breaker.State], None]
+
+
+class ReplicaSet:
+    """The replicas behind the gateway. Mutated only from the event loop thread."""
+
+    def __init__(
+        self,
+        *,
+        eject_after_failures: int,
+        cooldown_s: float,
+        on_transition: Transition | None = None,
+    ) -> None:
+        self.replicas: dict[str, Replica] = {}
+        self.eject_after_failures = eject_after_failures
+        self.cooldown_s = cooldown_s
+        self.on_transition = on_transition
+
+    def set(self, members: Iterable[tuple[str, str]]) -> None:
+        """Replace membership with (id, url) pairs, keeping state of replicas that stay."""
+        wanted = dict(members)
+        for rid in list(self.replicas):
+            if rid not in wanted or self.replicas[rid].url != wanted[rid]:
+                del self.replicas[rid]
+        for rid, url in wanted.items():
+            self.replicas.setdefault(rid, Replica(rid, url.rstrip("/")))
+
+    def routable(self, exclude: Iterable[str] = ()) -> list[Replica]:
+        skip = set(exclude)
+        return [r for r in self.replicas.values() if r.breaker.admits and r.id not in skip]
+
+    def _apply(self, replica: Replica, new: breaker.Breaker) -> None:
+        old = replica.breaker.state
+        replica.breaker = new
+        if new.state != old and self.on_transition is not None:
+            self.on_transition(replica, old, new.state)
+
+    def request_succeeded(self, replica: Replica) -> None:
+        self._apply(replica, breaker.on_request_success(replica.breaker))
+
+    def request_failed(self, replica: Replica, error: str) -> None:
+        replica.last_error = error
+        self._apply(
+            replica, breaker.on_request_failure(replica.breaker, time.monotonic(), self.eject_after_failures)
+        )
+
+    def probed(self, replica: Replica, ok: bool, error: str | None = None) -> None:
+        replica.last_probe = time.monotonic()
+        if error:
+            replica.last_error = error
+        self._apply(replica, breaker.on_probe(replica.breaker, ok, time.monotonic(), self.cooldown_s))
+
+
+async def probe_once(client: httpx.AsyncClient, replicas: ReplicaSet, timeout_s: float) -> None:
+    async def one(replica: Replica) -> None:
+        try:
+            health = await client.get(f"{replica.url}/health", timeout=timeout_s)
+            ok = health.status_code == 200
+            replicas.probed(replica, ok, None if ok else f"/health answered {health.status_code}")
+        except httpx.HTTPError as exc:
+            replicas.probed(replica, False, f"/health: {type(exc).__name__}")
+            return
+        if ok:
+            with contextlib.suppress(httpx.HTTPError):
+                metrics = await client.get(f"{replica.url}/metrics", timeout=timeout_s)
+                if metrics.status_code == 200:
+                    replica.stats = parse_engine_metrics(metrics.text)
+
+    await asyncio.gather(*(one(r) for r in list(replicas.replicas.values())))
+
+
+async def probe_forever(
+    client: httpx.AsyncClient,
+    replicas: ReplicaSet,
+    interval_s: float,
+    timeout_s: float,
+    after: Callable[[], None] | None = None,
+) -> None:
+    while True:
+        await probe_once(client, replicas, timeout_s)
+        if after is not None:
+            after()
+        await asyncio.sleep(interval_s)

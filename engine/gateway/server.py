@@ -1,0 +1,55 @@
+"""Run an ASGI app on uvicorn in a background thread (tests, benchmarks, embedding)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+
+class ServerThread:
+    def __init__(self, app: FastAPI, port: int, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            lifespan="on",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def wait_until(self, path: str, status: int = 200, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}{path}", timeout=1.0).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url}{path} never answered {status}")

@@ -1,0 +1,141 @@
+"""API keys -> tenants, and which class a request may run in. Pure except `load_keys`."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tokenfleet.spec import SchedulerSpec, SLOClass, Tenant
+
+KEYS_ENV = "TOKENFLEET_API_KEYS"  # "key1=tenant-a,key2=tenant-b"
+
+
+class KeyFileError(ValueError):
+    pass
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """A YAML/JSON mapping `{key: tenant}` or a list of `{key:, tenant:}` entries.
+
+    A mounted Kubernetes Secret (apiKeysSecret) is read through the same path: the operator
+    mounts its `keys.yaml` entry as a file.
+    """
+    try:
+        document = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise KeyFileError(f"not YAML/JSON: {exc}") from None
+    if isinstance(document, list):
+        pairs = {}
+        for entry in document:
+            if not isinstance(entry, dict) or not {"key", "tenant"} <= entry.keys():
+                raise KeyFileError("list entries need `key` and `tenant`")
+            pairs[str(entry["key"])] = str(entry["tenant"])
+        return pairs
+    if isinstance(document, dict):
+        return {str(k): str(v) for k, v in document.items()}
+    raise KeyFileError("expected a mapping key -> tenant")
+
+
+def parse_keys_env(value: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, tenant = item.strip().partition("=")
+        if not sep or not key or not tenant:
+            raise KeyFileError(f"{KEYS_ENV}: expected key=tenant, got {item.strip()[:4]}…")
+        pairs[key] = tenant
+    return pairs
+
+
+def load_keys(path: str | None, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    if path:
+        keys.update(parse_keys(Path(path).read_text()))
+    if environ.get(KEYS_ENV):
+        keys.update(parse_keys_env(environ[KEYS_ENV]))
+    return keys
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Keys held only as SHA-256 digests; lookup compares digests in constant time."""
+
+    digests: tuple[tuple[bytes, str], ...]
+
+    @classmethod
+    def of(cls, keys: Mapping[str, str], tenants: set[str]) -> KeyRing:
+        unknown = sorted({t for t in keys.values() if t not in tenants})
+        if unknown:
+            raise KeyFileError(f"API keys refer to unknown tenants: {', '.join(unknown)}")
+        return cls(tuple((_digest(k), t) for k, t in keys.items()))
+
+    def tenant_of(self, key: str) -> str | None:
+        digest = _digest(key)
+        found = None
+        for candidate, tenant in self.digests:  # no early exit: timing does not reveal position
+            if hmac.compare_digest(candidate, digest):
+                found = tenant
+        return found
+
+
+def bearer_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return x_api_key or None
+
+
+class ClassError(ValueError):
+    pass
+
+
+def resolve_class(
+    scheduler: SchedulerSpec,
+    tenant: Tenant,
+    *,
+    requested_name: str | None,
+    requested_priority: int | None,
+) -> SLOClass:
+    """The class a request runs in: what it asked for (header name or body priority), else the
+    tenant's default, else the service default; never more important than the tenant's
+    maxClass (a request above it is capped down to it, not refused)."""
+    if requested_name is not None:
+        try:
+            wanted = scheduler.class_named(requested_name)
+        except KeyError:
+            names = ", ".join(c.name for c in scheduler.classes)
+            raise ClassError(f"unknown class {requested_name!r}; known: {names}") from None
+    elif requested_priority is not None:
+        matches = [c for c in scheduler.classes if c.priority == requested_priority]
+        if not matches:
+            known = ", ".join(f"{c.priority} ({c.name})" for c in scheduler.classes)
+            raise ClassError(f"priority {requested_priority} is not a class priority; known: {known}")
+        wanted = matches[0]
+    else:
+        wanted = scheduler.class_named(tenant.default_class or scheduler.default_class)
+    if tenant.max_class is not None:
+        ceiling = scheduler.class_named(tenant.max_class)
+        if wanted.priority < ceiling.priority:  # lower number = more important
+            return ceiling
+    return wanted
+
+
+def engine_fields(slo_class: SLOClass, tenant: str, policy: str) -> dict[str, object]:
+    """Body fields the engine's scheduler reads. Client-sent values are replaced, not merged:
+    a client must not name its own tenant or class to the engine."""
+    fields: dict[str, object] = {"vllm_xargs": {"slo_class": slo_class.name, "tenant": tenant}}
+    # Under fcfs vLLM ignores priority; sending 0 keeps a client-sent value from leaking through.
+    fields["priority"] = slo_class.priority if policy != "fcfs" else 0
+    return fields

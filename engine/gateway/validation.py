@@ -1,0 +1,133 @@
+"""Request validation at the edge: every malformed or hostile body becomes a 4xx with a message
+before any engine is touched. The models describe the fields the gateway and engines rely on;
+other OpenAI/vLLM sampling fields pass through unchanged (extra="allow") for the engine to judge.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+Stop = str | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)] | None
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, bool] | None = None
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=8)] | None = None
+    stop: Stop = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    ignore_eos: bool | None = None
+    priority: Annotated[int, Field(ge=-1000, le=1000)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=16)]
+    )
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=512)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+
+
+ROUTE_MODELS: dict[str, type[_Request]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise RequestError(400, "request body is empty; expected a JSON object")
+    try:
+        # Python's json accepts NaN/Infinity; JSON (and the engine) does not.
+        document = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(document, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    return document
+
+
+def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_model_len: int) -> _Request:
+    try:
+        request = ROUTE_MODELS[route].model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise RequestError(400, f"invalid request: {problems}") from None
+    if request.model != model_name:
+        raise RequestError(
+            404, f"model {request.model!r} does not exist; serving {model_name!r}", "model_not_found"
+        )
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, field, None)
+        if value is not None and value > max_model_len:
+            raise RequestError(400, f"{field} {value} exceeds the model's context length {max_model_len}")
+    return request
+
+
+def estimated_tokens(request: _Request, max_model_len: int) -> int:
+    """Tokens to pre-charge a tenant's tokens/min bucket: prompt (≈4 chars per token) plus the
+    output cap; corrected from the response's usage when it has one."""
+    if isinstance(request, CompletionRequest):
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        chars = sum(len(p) for p in prompts)
+    elif isinstance(request, ChatCompletionRequest):
+        chars = sum(len(m.content) if isinstance(m.content, str) else 256 for m in request.messages)
+    else:  # pragma: no cover - only two routes
+        chars = 0
+    output = getattr(request, "max_completion_tokens", None) or request.max_tokens or 16
+    return min(max_model_len, chars // 4 + 1) + output * (request.n or 1)
+
+
+def openapi_components() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(route -> request body schema ref, component schemas) for the gateway's OpenAPI."""
+    _, top = models_json_schema(
+        [(model, "validation") for model in ROUTE_MODELS.values()],
+        ref_template="#/components/schemas/{model}",
+    )
+    refs = {
+        route: {"$ref": f"#/components/schemas/{model.__name__}"} for route, model in ROUTE_MODELS.items()
+    }
+    return refs, top.get("$defs", {})
