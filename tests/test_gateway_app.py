@@ -137,7 +137,8 @@ def test_trace_context_reaches_the_engine(gateway: tuple[str, Gateway], fakes: t
     assert len(spans) == 2
     span = spans[0]
     assert span.kind.name == "SERVER"
-    assert span.attributes is not None and span.attributes["http.response.status_code"] == 200
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 200
     assert span.attributes["tokenfleet.replica"] in {"r0", "r1"}
     # the engine's parent is the gateway's server span, not the client's
     assert {tp.split("-")[2] for tp in forwarded} <= {format(s.context.span_id, "016x") for s in spans}
@@ -229,7 +230,8 @@ def test_hostile_completion_gets_4xx_and_never_reaches_an_engine(
     reply = httpx.post(f"{url}/v1/completions", content=content, headers={"content-type": "application/json"})
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]["message"]
-    assert not fakes[0].faults.seen and not fakes[1].faults.seen
+    assert not fakes[0].faults.seen
+    assert not fakes[1].faults.seen
     assert httpx.post(f"{url}/v1/completions", json=COMPLETION).status_code == 200  # still serving
 
 
@@ -246,7 +248,8 @@ def test_hostile_chat_gets_4xx(
 def test_unknown_class_header_and_lying_content_length(gateway: tuple[str, Gateway]) -> None:
     url, _ = gateway
     reply = httpx.post(f"{url}/v1/completions", json=COMPLETION, headers={"x-tokenfleet-class": "vip"})
-    assert reply.status_code == 400 and "unknown class" in reply.text
+    assert reply.status_code == 400
+    assert "unknown class" in reply.text
     # A client that declares a small body and streams a huge one is cut off at the limit.
     raw = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
     with raw:
@@ -304,7 +307,8 @@ def test_stream_dying_before_first_byte_is_retried(
         with httpx.stream("POST", f"{url}/v1/completions", json={**COMPLETION, "stream": True}) as reply:
             text = reply.read().decode()
         assert reply.status_code == 200
-        assert text.endswith("data: [DONE]\n\n") and '"served_by": "b"' in text
+        assert text.endswith("data: [DONE]\n\n")
+        assert '"served_by": "b"' in text
 
 
 def test_stream_breaking_midway_ends_with_an_error_event_and_is_not_replayed(
@@ -368,7 +372,8 @@ def test_no_ready_replica_gives_503_with_retry_after() -> None:
     with running(service, []) as (url, _):
         assert httpx.get(f"{url}/ready").status_code == 503
         reply = httpx.post(f"{url}/v1/completions", json=COMPLETION)
-        assert reply.status_code == 503 and reply.headers["retry-after"]
+        assert reply.status_code == 503
+        assert reply.headers["retry-after"]
 
 
 # -- routing through the gateway -----------------------------------------------------------------
@@ -472,7 +477,8 @@ def test_tokens_per_minute_limit_counts_prompt_and_output(keyed: str) -> None:
     big = {**COMPLETION, "max_tokens": 60}
     assert httpx.post(f"{keyed}/v1/completions", json=big, headers=auth).status_code == 200
     reply = httpx.post(f"{keyed}/v1/completions", json=big, headers=auth)
-    assert reply.status_code == 429 and "tokens/min" in reply.json()["error"]["message"]
+    assert reply.status_code == 429
+    assert "tokens/min" in reply.json()["error"]["message"]
 
 
 # -- overload ------------------------------------------------------------------------------------
@@ -511,9 +517,8 @@ def test_overload_sheds_lowest_class_first_with_503(fakes: tuple[Fake, Fake]) ->
             thread.start()
             threads.append(thread)
             # arrive in this order
-            wait_for(
-                lambda n=len(threads): gw.admission.running + sum(gw.admission.queued().values()) >= min(n, 3)
-            )
+            want = min(len(threads), 3)
+            wait_for(lambda: gw.admission.running + sum(gw.admission.queued().values()) >= want)
         wait_for(lambda: gw.admission.queued() == {"interactive": 2, "standard": 0, "batch": 0})
         for thread in threads:
             thread.join()

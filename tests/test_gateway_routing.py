@@ -160,11 +160,13 @@ def test_breaker_lifecycle() -> None:
     b = breaker.on_probe(b, True, now=0, cooldown_s=5)
     assert b.admits
     b = breaker.on_request_failure(b, now=1, threshold=2)
-    assert b.admits and b.failures == 1
+    assert b.admits
+    assert b.failures == 1
     b = breaker.on_request_success(b)
     assert b.failures == 0
     b = breaker.on_request_failure(breaker.on_request_failure(b, 1, 2), 1, 2)
-    assert b.state == "open" and b.ejections == 1
+    assert b.state == "open"
+    assert b.ejections == 1
     assert breaker.on_request_failure(b, 2, 2) == b
     assert not breaker.on_probe(b, True, now=3, cooldown_s=5).admits  # still cooling down
     assert breaker.on_probe(b, True, now=6.5, cooldown_s=5).admits
@@ -205,14 +207,16 @@ def test_bucket_takes_refills_and_says_when() -> None:
         assert result.ok
         b = result.bucket
     refused = limits.take(b, 1, now=0)
-    assert not refused.ok and refused.retry_after_s == pytest.approx(1.0)
+    assert not refused.ok
+    assert refused.retry_after_s == pytest.approx(1.0)
     assert limits.take(b, 1, now=1.0).ok
 
 
 def test_bucket_admits_an_oversized_request_when_full_and_goes_into_debt() -> None:
     b = limits.Bucket.full(100, now=0)
     result = limits.take(b, 250, now=0)
-    assert result.ok and result.bucket.tokens == -150
+    assert result.ok
+    assert result.bucket.tokens == -150
     assert not limits.take(result.bucket, 1, now=60).ok  # debt first
     assert limits.adjust(result.bucket, -200, now=0).tokens == 50  # refund
 
@@ -266,7 +270,8 @@ def test_decide_never_sheds_a_more_important_class(
         assert ORDER.index(d.victim_class) > ORDER.index(cls)
         assert queued[d.victim_class] > 0
     if d.action == "enqueue":
-        assert queued[cls] < LIMITS[cls] and sum(queued.values()) < total
+        assert queued[cls] < LIMITS[cls]
+        assert sum(queued.values()) < total
 
 
 def test_admission_queue_serves_important_classes_first_and_sheds_batch() -> None:
