@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
     serve.set_defaults(handler=cmd_serve)
+
+    from tokenfleet.load.cli import register as register_bench
+
+    register_bench(sub)
     return parser
 
 
