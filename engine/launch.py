@@ -7,9 +7,11 @@ thin layer that starts the process, waits until it serves, and drains it on shut
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ import httpx
 from tokenfleet.spec import LLMServiceSpec
 
 SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
+SCHEDULER_SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,7 @@ def engine_command(
     if engine.kernels:
         env["TOKENFLEET_KERNELS"] = ",".join(engine.kernels)
     if policy == "sla":
-        env["TOKENFLEET_SCHEDULER_SPEC"] = spec.scheduler.model_dump_json(by_alias=True)
+        env[SCHEDULER_SPEC_ENV] = spec.scheduler.model_dump_json(by_alias=True)
     return EngineCommand(argv=argv, env=env)
 
 
@@ -108,6 +112,7 @@ class EngineProcess:
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
+    _metrics_dir: str | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
@@ -115,6 +120,11 @@ class EngineProcess:
 
     def start(self, extra_env: Mapping[str, str] | None = None) -> None:
         env = {**os.environ, **self.command.env, **(extra_env or {})}
+        if SCHEDULER_SPEC_ENV in env and PROMETHEUS_MULTIPROC_ENV not in env:
+            # The SLA scheduler's metrics live in the EngineCore process; in prometheus_client's
+            # multiprocess mode vLLM's /metrics aggregates them (ADR 0004). Fresh dir per start.
+            self._metrics_dir = tempfile.mkdtemp(prefix="tokenfleet-prom-")
+            env[PROMETHEUS_MULTIPROC_ENV] = self._metrics_dir
         stdout: int | IO[bytes] | None = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +172,9 @@ class EngineProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
         return self.process.returncode
 
     def _log_hint(self) -> str:

@@ -1,0 +1,538 @@
+"""The SLA scheduling policy, as plain data and functions (no vLLM import).
+
+`sla_scheduler.SLAScheduler` wires this into vLLM 0.32; everything that decides anything lives
+here so that it can be unit- and property-tested without an engine.
+
+Ordering of waiting requests (smallest key first, see `SLAPolicy.key`):
+
+1. **Aged** requests — those that have waited at least their class's `max_wait_s` — come first,
+   in order of the moment they aged (`promote_at = arrival + max_wait_s`). This is what bounds
+   every class's wait (see `wait_bound_s`): after a request ages, nothing that arrives later can
+   overtake it.
+2. Everything else by class priority (lower = more important, as in vLLM), then by the tenant's
+   weighted virtual token counter inside that class (VTC: the least-served backlogged tenant
+   first), then by deadline slack (earliest `deadline - estimated prefill time` first).
+
+Keys depend on the clock and on the VTC counters, so they are computed against a frozen `now`
+(`SLAPolicy.advance`, once per engine step): vLLM peeks a queue and then pops it, and the two
+must agree.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from tokenfleet.spec import SchedulerSpec
+
+# A class without `maxWaitS` still ages: an unbounded wait is never what anyone wants.
+DEFAULT_MAX_WAIT_S = 300.0
+# vLLM's default `priority` is 0, so a bare 0 says nothing about the class (see `resolve_class`).
+VLLM_DEFAULT_PRIORITY = 0
+# Metrics label for tenants the spec does not list (bounds label cardinality).
+OTHER_TENANT = "other"
+# Rejection reasons start with this, so a gateway can tell admission control from other aborts.
+REJECT_PREFIX = "tokenfleet:rejected"
+
+Key = tuple[int, float, float, float, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPolicy:
+    """One SLO class as the scheduler sees it (seconds, not milliseconds)."""
+
+    name: str
+    priority: int
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+    queue_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything the policy needs from the spec, plus the tuning knobs (documented in ADR 0004)."""
+
+    classes: tuple[ClassPolicy, ...]
+    default_class: str
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    tenant_default_class: Mapping[str, str] = field(default_factory=dict)
+    tenant_max_class: Mapping[str, str] = field(default_factory=dict)
+    # VTC weights: a generated token costs more than a prompt token (the VTC paper uses 1:2).
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+    # Preemption hysteresis: a victim must have run this long since it was (re)admitted, may be
+    # preempted at most this many times in its life, and at most this many victims per step.
+    min_run_s: float = 1.0
+    max_preemptions_per_request: int = 2
+    max_preemptions_per_step: int = 2
+    _by_name: dict[str, ClassPolicy] = field(init=False, repr=False, compare=False)
+    _by_priority: dict[int, ClassPolicy] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ValueError("at least one class is needed")
+        object.__setattr__(self, "_by_name", {c.name: c for c in self.classes})
+        object.__setattr__(self, "_by_priority", {c.priority: c for c in self.classes})
+        if self.default_class not in self._by_name:
+            raise ValueError(f"default class {self.default_class!r} is not a class")
+
+    @classmethod
+    def from_spec(cls, spec: SchedulerSpec, **knobs: Any) -> PolicyConfig:
+        classes = tuple(
+            ClassPolicy(
+                name=c.name,
+                priority=c.priority,
+                ttft_s=c.ttft_ms / 1000 if c.ttft_ms is not None else None,
+                tpot_s=c.tpot_ms / 1000 if c.tpot_ms is not None else None,
+                max_wait_s=c.max_wait_s if c.max_wait_s is not None else DEFAULT_MAX_WAIT_S,
+                queue_limit=c.queue_limit,
+            )
+            for c in spec.classes
+        )
+        return cls(
+            classes=classes,
+            default_class=spec.default_class,
+            tenant_weights={t.name: t.weight for t in spec.tenants},
+            tenant_default_class={t.name: t.default_class for t in spec.tenants if t.default_class},
+            tenant_max_class={t.name: t.max_class for t in spec.tenants if t.max_class},
+            **knobs,
+        )
+
+    def class_named(self, name: str) -> ClassPolicy:
+        return self._by_name[name]
+
+    def class_of_priority(self, priority: int) -> ClassPolicy | None:
+        return self._by_priority.get(priority)
+
+    @property
+    def min_priority(self) -> int:
+        return min(c.priority for c in self.classes)
+
+    def weight(self, tenant: str) -> float:
+        return self.tenant_weights.get(tenant, 1.0)
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant if tenant in self.tenant_weights else OTHER_TENANT
+
+
+def resolve_class(
+    config: PolicyConfig, priority: int, extra_args: Mapping[str, Any] | None
+) -> tuple[ClassPolicy, str]:
+    """The class and tenant of a request, from vLLM's `priority` and `vllm_xargs`.
+
+    Precedence: an explicit known `slo_class`; else a non-default `priority` equal to a class's;
+    else the tenant's default class; else the spec's default class. vLLM's `priority` defaults to
+    0, which is also the top class's priority in the default spec, so a bare 0 is not trusted:
+    an untagged request must not become interactive. Finally the tenant's `maxClass` caps it.
+    """
+    xargs = extra_args or {}
+    tenant_raw = xargs.get("tenant")
+    tenant = str(tenant_raw)[:63] if tenant_raw else "default"
+    chosen: ClassPolicy | None = None
+    name = xargs.get("slo_class")
+    if isinstance(name, str) and name in config._by_name:
+        chosen = config.class_named(name)
+    elif priority != VLLM_DEFAULT_PRIORITY:
+        chosen = config.class_of_priority(priority)
+    if chosen is None:
+        chosen = config.class_named(config.tenant_default_class.get(tenant, config.default_class))
+    cap = config.tenant_max_class.get(tenant)
+    if cap is not None:
+        capped = config.class_named(cap)
+        if chosen.priority < capped.priority:
+            chosen = capped
+    return chosen, tenant
+
+
+@dataclass(slots=True)
+class Ticket:
+    """The scheduler's view of one request: identity, class, tenant, deadlines, and history."""
+
+    request_id: str
+    slo_class: ClassPolicy
+    tenant: str
+    arrival: float  # wall clock, like vLLM's Request.arrival_time
+    prompt_tokens: int
+    max_tokens: int
+    deadline: float  # arrival + TTFT target (arrival + max wait for classes without one)
+    promote_at: float  # arrival + max wait: from then on it outranks every un-aged request
+    seq: int  # admission order; the last tie-break, so keys are unique
+    first_scheduled: float | None = None
+    last_admitted: float | None = None
+    admitted_aged: bool = False  # admitted after aging: never chosen as a preemption victim
+    num_preemptions: int = 0
+    charged_tokens: int = 0  # VTC high-water mark: recomputation after preemption is free
+    first_token_at: float | None = None
+
+    def aged(self, now: float) -> bool:
+        return now >= self.promote_at
+
+
+class FairShare:
+    """Weighted virtual token counters per (class, tenant) — VTC (Sheng et al., OSDI'24).
+
+    A tenant's counter grows by `(w_in * prompt + w_out * output) / weight` for the tokens it is
+    served; inside a class the backlogged tenant with the smallest counter goes first. A tenant
+    that becomes backlogged is lifted to the smallest counter among the backlogged ones, so idle
+    time is not banked as credit.
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self._config = config
+        self._counters: dict[tuple[str, str], float] = {}
+
+    def counter(self, slo_class: str, tenant: str) -> float:
+        return self._counters.get((slo_class, tenant), 0.0)
+
+    def counters(self, slo_class: str) -> dict[str, float]:
+        return {t: v for (c, t), v in self._counters.items() if c == slo_class}
+
+    def on_backlogged(self, slo_class: str, tenant: str, backlogged: Iterable[str]) -> None:
+        """`tenant` has just become backlogged in `slo_class`; `backlogged` are the others."""
+        others = [self.counter(slo_class, t) for t in backlogged if t != tenant]
+        own = self.counter(slo_class, tenant)
+        if others:
+            lifted = max(own, min(others))
+        else:
+            # Nobody is backlogged: nothing to be fair against; forget history beyond the max.
+            known = self.counters(slo_class).values()
+            lifted = max([own, *known]) if known else own
+        self._counters[(slo_class, tenant)] = lifted
+
+    def cost(self, tenant: str, prompt_tokens: int, output_tokens: int) -> float:
+        c = self._config
+        return (c.input_weight * prompt_tokens + c.output_weight * output_tokens) / c.weight(tenant)
+
+    def charge(self, slo_class: str, tenant: str, prompt_tokens: int, output_tokens: int) -> float:
+        cost = self.cost(tenant, prompt_tokens, output_tokens)
+        key = (slo_class, tenant)
+        self._counters[key] = self._counters.get(key, 0.0) + cost
+        return cost
+
+    def counters_all(self) -> dict[tuple[str, str], float]:
+        return dict(self._counters)
+
+    def prune(self, keep: Callable[[str, str], bool]) -> None:
+        """Drop counters of idle tenants (they are lifted on return anyway): bounded memory."""
+        self._counters = {k: v for k, v in self._counters.items() if keep(*k)}
+
+
+def split_charge(computed_before: int, num_new: int, prompt_tokens: int, high_water: int) -> tuple[int, int]:
+    """(prompt, output) tokens to charge for `num_new` tokens computed from `computed_before`.
+
+    Only positions past `high_water` (the most ever charged) count, so the recomputation that
+    a preemption forces is not billed to the preempted tenant.
+    """
+    start = max(computed_before, high_water)
+    end = computed_before + num_new
+    if end <= start:
+        return 0, 0
+    prompt_part = max(0, min(end, prompt_tokens) - start)
+    return prompt_part, (end - start) - prompt_part
+
+
+class StepClock:
+    """EWMA estimates of one engine step (decode) and of the per-token cost of prefill.
+
+    Fed with the gap between consecutive schedule() calls (one step under async scheduling) and
+    what that step scheduled. Gaps longer than `max_gap_s` are idle time, not steps.
+    """
+
+    def __init__(self, alpha: float = 0.2, step_s: float = 0.05, max_gap_s: float = 2.0) -> None:
+        self.alpha = alpha
+        self.step_s = step_s
+        self.s_per_token = 0.0
+        self.max_gap_s = max_gap_s
+
+    def observe(self, gap_s: float, tokens: int, requests: int) -> None:
+        if gap_s <= 0 or gap_s > self.max_gap_s or tokens <= 0:
+            return
+        a = self.alpha
+        if tokens <= 2 * max(requests, 1):  # decode-dominated step
+            self.step_s = (1 - a) * self.step_s + a * gap_s
+        else:
+            per_token = gap_s / tokens
+            self.s_per_token = (
+                per_token if self.s_per_token == 0 else (1 - a) * self.s_per_token + a * per_token
+            )
+
+
+class SLAPolicy:
+    """The mutable policy state: config, VTC counters, clock snapshot and timing estimates."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.fair = FairShare(config)
+        self.now = 0.0
+        self.version = 0  # bumped by advance(); queues re-sort when it changes
+        # Estimates used for slack and the "would miss" test; refreshed by the adapter.
+        self.s_per_prefill_token = 0.0
+        self.step_s = 0.05
+        self._seq = 0
+
+    def ticket(
+        self,
+        request_id: str,
+        priority: int,
+        extra_args: Mapping[str, Any] | None,
+        arrival: float,
+        prompt_tokens: int,
+        max_tokens: int,
+    ) -> Ticket:
+        slo_class, tenant = resolve_class(self.config, priority, extra_args)
+        ttft_s = slo_class.ttft_s
+        override = (extra_args or {}).get("ttft_ms")
+        if isinstance(override, int | float) and not isinstance(override, bool) and override > 0:
+            ttft_s = float(override) / 1000
+        self._seq += 1
+        return Ticket(
+            request_id=request_id,
+            slo_class=slo_class,
+            tenant=tenant,
+            arrival=arrival,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            deadline=arrival + (ttft_s if ttft_s is not None else slo_class.max_wait_s),
+            promote_at=arrival + slo_class.max_wait_s,
+            seq=self._seq,
+        )
+
+    def advance(self, now: float) -> None:
+        """Freeze the clock for one scheduling step (keys depend on it)."""
+        self.now = now
+        self.version += 1
+
+    def key(self, ticket: Ticket) -> Key:
+        if ticket.aged(self.now):
+            return (0, ticket.promote_at, 0.0, 0.0, ticket.seq)
+        latest_start = ticket.deadline - ticket.prompt_tokens * self.s_per_prefill_token
+        return (
+            1,
+            float(ticket.slo_class.priority),
+            self.fair.counter(ticket.slo_class.name, ticket.tenant),
+            latest_start,
+            ticket.seq,
+        )
+
+    def admit(self, ticket: Ticket, waiting_in_class: int) -> str | None:
+        """None to admit, else the rejection reason (the per-class queue limit)."""
+        limit = ticket.slo_class.queue_limit
+        if limit is not None and waiting_in_class >= limit:
+            return (
+                f"{REJECT_PREFIX}: queue of class {ticket.slo_class.name!r} is full "
+                f"({waiting_in_class}/{limit} waiting); retry later"
+            )
+        return None
+
+    def on_scheduled(self, ticket: Ticket, now: float) -> float | None:
+        """A waiting request was admitted to run. Returns its queue wait if this is the first time."""
+        ticket.last_admitted = now
+        if ticket.aged(now):
+            ticket.admitted_aged = True
+        if ticket.first_scheduled is None:
+            ticket.first_scheduled = now
+            return max(0.0, now - ticket.arrival)
+        return None
+
+    def charge(self, ticket: Ticket, computed_before: int, num_new: int) -> tuple[int, int]:
+        prompt_part, output_part = split_charge(
+            computed_before, num_new, ticket.prompt_tokens, ticket.charged_tokens
+        )
+        if prompt_part or output_part:
+            ticket.charged_tokens = max(ticket.charged_tokens, computed_before + num_new)
+            self.fair.charge(ticket.slo_class.name, ticket.tenant, prompt_part, output_part)
+        return prompt_part, output_part
+
+
+T = TypeVar("T")
+
+
+class SLAQueue(Generic[T]):
+    """A waiting queue ordered by `SLAPolicy.key`, with vLLM's `RequestQueue` method names.
+
+    Items are whatever the caller stores (vLLM `Request`s in the engine, tickets in tests);
+    `ticket_of` maps an item to its ticket. Kept sorted; re-sorted lazily after the policy's
+    clock advances, so `peek_request` and the following `pop_request` always agree.
+    """
+
+    def __init__(self, policy: SLAPolicy, ticket_of: Callable[[T], Ticket]) -> None:
+        self._policy = policy
+        self._ticket_of = ticket_of
+        self._entries: list[tuple[Key, T]] = []
+        self._version = policy.version
+
+    def _fresh(self) -> list[tuple[Key, T]]:
+        if self._version != self._policy.version:
+            key = self._policy.key
+            self._entries = sorted(((key(self._ticket_of(item)), item) for _, item in self._entries), key=_k)
+            self._version = self._policy.version
+        return self._entries
+
+    def add_request(self, request: T) -> None:
+        entries = self._fresh()
+        key = self._policy.key(self._ticket_of(request))
+        entries.insert(bisect.bisect_right(entries, key, key=_k), (key, request))
+
+    def pop_request(self) -> T:
+        entries = self._fresh()
+        if not entries:
+            raise IndexError("pop from an empty queue")
+        return entries.pop(0)[1]
+
+    def peek_request(self) -> T:
+        entries = self._fresh()
+        if not entries:
+            raise IndexError("peek from an empty queue")
+        return entries[0][1]
+
+    # The order is the policy's, not the caller's: "prepending" is just adding back.
+    def prepend_request(self, request: T) -> None:
+        self.add_request(request)
+
+    def prepend_requests(self, requests: Iterable[T]) -> None:
+        for request in requests:
+            self.add_request(request)
+
+    def remove_request(self, request: T) -> None:
+        for i, (_, item) in enumerate(self._entries):
+            if item is request:
+                del self._entries[i]
+                return
+        raise ValueError("request not in queue")
+
+    def remove_requests(self, requests: Iterable[T]) -> None:
+        # Absent items are ignored: vLLM removes the same list from both of its waiting queues.
+        gone = {id(r) for r in requests}
+        self._entries = [e for e in self._entries if id(e[1]) not in gone]
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter([item for _, item in self._fresh()])
+
+    def count_class(self, slo_class: str) -> int:
+        return sum(1 for _, item in self._entries if self._ticket_of(item).slo_class.name == slo_class)
+
+
+def _k(entry: tuple[Key, Any]) -> Key:
+    return entry[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunningView:
+    """A running request as the preemption choice sees it."""
+
+    ticket: Ticket
+    blocks: int  # KV blocks it holds (freed if preempted, shared prefix blocks aside)
+    remaining_tokens: int  # upper bound on decode steps before it finishes (max_tokens - output)
+
+
+def natural_free_eta(running: Sequence[RunningView], step_s: float) -> float:
+    """Seconds until some running request finishes on its own, at worst (its max_tokens)."""
+    if not running:
+        return 0.0
+    return min(r.remaining_tokens for r in running) * step_s
+
+
+def would_miss(head: Ticket, now: float, running: Sequence[RunningView], policy: SLAPolicy) -> bool:
+    """Would `head` miss its TTFT deadline if it waited for a request to finish on its own?"""
+    if head.slo_class.ttft_s is None:
+        return False
+    prefill = head.prompt_tokens * policy.s_per_prefill_token
+    return now + natural_free_eta(running, policy.step_s) + prefill > head.deadline
+
+
+def preemptible(view: RunningView, head: Ticket, now: float, config: PolicyConfig) -> bool:
+    """Hysteresis: only strictly lower classes, only after min_run_s, never aged, capped per life."""
+    t = view.ticket
+    return (
+        t.slo_class.priority > head.slo_class.priority
+        and not t.admitted_aged
+        and t.num_preemptions < config.max_preemptions_per_request
+        and (t.last_admitted is None or now - t.last_admitted >= config.min_run_s)
+    )
+
+
+def victim_order(view: RunningView) -> tuple[int, int, float]:
+    """Least valuable first: lowest class, then least work to redo, then the youngest."""
+    return (-view.ticket.slo_class.priority, view.blocks, -view.ticket.arrival)
+
+
+def choose_victims(
+    head: Ticket | None,
+    now: float,
+    running: Sequence[RunningView],
+    *,
+    free_slots: int,
+    free_blocks: int,
+    head_blocks: int,
+    policy: SLAPolicy,
+) -> list[Ticket]:
+    """Which running requests to preempt so that the waiting `head` can start now.
+
+    Preempt only if the head cannot start (no slot or not enough KV blocks), would miss its
+    deadline by waiting, and enough preemptible victims exist to make room within the per-step
+    cap — preempting without admitting the head would only waste work.
+    """
+    if head is None:
+        return []
+    slots_needed = 0 if free_slots > 0 else 1
+    blocks_needed = max(0, head_blocks - free_blocks)
+    if not slots_needed and not blocks_needed:
+        return []
+    if not would_miss(head, now, running, policy):
+        return []
+    candidates = sorted((v for v in running if preemptible(v, head, now, policy.config)), key=victim_order)
+    victims: list[Ticket] = []
+    for view in candidates[: policy.config.max_preemptions_per_step]:
+        victims.append(view.ticket)
+        slots_needed = max(0, slots_needed - 1)
+        blocks_needed = max(0, blocks_needed - view.blocks)
+        if not slots_needed and not blocks_needed:
+            return victims
+    return []
+
+
+def running_rank(ticket: Ticket, config: PolicyConfig) -> int:
+    """The int vLLM's own KV-pressure preemption compares (it evicts the max `priority`).
+
+    Aged-admitted requests rank above every class so vLLM evicts them last: the wait bound
+    relies on them running to completion.
+    """
+    if ticket.admitted_aged:
+        return config.min_priority - 1
+    return ticket.slo_class.priority
+
+
+# ---------------------------------------------------------------------------------------------
+# The wait bound
+# ---------------------------------------------------------------------------------------------
+
+
+def wait_bound_s(max_wait_s: float, queue_ahead: int, slots: int, max_service_s: float) -> float:
+    """Worst-case queue wait of a request of a class with `max_wait_s` (ADR 0004).
+
+    When the request ages at `promote_at`, only requests already waiting with an earlier
+    `promote_at` — at most `queue_ahead` of them (the per-class queue limits bound it) — can
+    still start before it; nothing arriving later can. Each of the `slots` slots frees at least
+    once per `max_service_s` and takes the head of the queue, so it starts within
+    `ceil((queue_ahead + 1) / slots)` service times after aging.
+    """
+    return max_wait_s + math.ceil((queue_ahead + 1) / slots) * max_service_s
+
+
+def slo_met(target_s: float | None, observed_s: float) -> bool:
+    return target_s is None or observed_s <= target_s
