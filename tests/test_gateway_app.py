@@ -83,6 +83,10 @@ def wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def wait_admitted(gw: Gateway, count: int) -> None:
+    wait_for(lambda: gw.admission.running + sum(gw.admission.queued().values()) >= count)
+
+
 def states(url: str) -> dict[str, str]:
     return {r["id"]: r["state"] for r in httpx.get(f"{url}/admin/status").json()["replicas"]}
 
@@ -517,8 +521,7 @@ def test_overload_sheds_lowest_class_first_with_503(fakes: tuple[Fake, Fake]) ->
             thread.start()
             threads.append(thread)
             # arrive in this order
-            want = min(len(threads), 3)
-            wait_for(lambda: gw.admission.running + sum(gw.admission.queued().values()) >= want)
+            wait_admitted(gw, min(len(threads), 3))
         wait_for(lambda: gw.admission.queued() == {"interactive": 2, "standard": 0, "batch": 0})
         for thread in threads:
             thread.join()
