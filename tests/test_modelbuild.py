@@ -1,0 +1,153 @@
+"""The tiny-code builder: split, baseline, tokenizer and a quick end-to-end build (seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from tokenfleet.modelbuild import (
+    FULL,
+    QUICK,
+    REPORT_NAME,
+    BuildReport,
+    build_tiny_code,
+    is_complete,
+    lr_at,
+    split_of,
+    unigram_perplexity,
+)
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BuildReport]:
+    out = tmp_path_factory.mktemp("models") / "tiny-code"
+    report = build_tiny_code(out, quick=True)
+    return out, report
+
+
+def test_unigram_perplexity_toy() -> None:
+    # Train counts: a=3, b=1 (N=4); vocabulary of 3 (c unseen). Add-one: p(a)=4/7, p(b)=2/7, p(c)=1/7.
+    train = [0, 0, 0, 1]
+    ppl = unigram_perplexity(train, [0, 1, 2], vocab_size=3)
+    expected = math.exp(-(math.log(4 / 7) + math.log(2 / 7) + math.log(1 / 7)) / 3)
+    assert ppl == pytest.approx(expected)
+    # A uniform model over V tokens has perplexity V on anything.
+    assert unigram_perplexity([], [0, 1, 2, 3], vocab_size=4) == pytest.approx(4.0)
+
+
+def test_unigram_perplexity_rejects_empty_eval() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        unigram_perplexity([0], [], vocab_size=2)
+
+
+def test_split_is_deterministic_and_roughly_proportional() -> None:
+    paths = [f"pkg{i // 10}/mod{i}.py" for i in range(2000)]
+    first = [split_of(p, 0.1) for p in paths]
+    assert first == [split_of(p, 0.1) for p in paths]
+    share = first.count("val") / len(paths)
+    assert 0.07 < share < 0.13
+    assert split_of("a.py", 0.0) == "train"
+    assert split_of("a.py", 1.0) == "val"
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    peak, warmup, total = 1e-3, 10, 100
+    lrs = [lr_at(s, peak=peak, warmup=warmup, total=total) for s in range(total + 5)]
+    assert lrs[0] == pytest.approx(peak / warmup)
+    assert lrs[warmup - 1] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+
+
+def test_configs_fit_vllm_cpu_kernels() -> None:
+    for cfg in (FULL, QUICK):
+        assert cfg.head_dim == 64
+        assert cfg.hidden_size % 64 == 0
+        assert cfg.intermediate_size % 64 == 0
+        assert cfg.max_position_embeddings >= 2048
+
+
+def test_quick_build_saves_a_loadable_model(quick_build: tuple[Path, BuildReport]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = quick_build
+    assert is_complete(out)
+    assert not report.cached
+    assert report.steps == QUICK.max_steps
+    assert report.stopped_by == "steps"
+    assert report.train_files > 0
+    assert report.val_files > 0
+    assert math.isfinite(report.val_loss)
+    assert report.val_ppl == pytest.approx(math.exp(report.val_loss))
+    assert report.unigram_ppl > 1.0
+    assert json.loads((out / REPORT_NAME).read_text())["params"] == report.params
+    # No temporary directory is left next to the model.
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report.params
+    batch = tokenizer(["def f(x):\n    return x\n", "import os\n"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(tokenizer))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'def f(x):\n    """Return x."""\n    return x  # done\n',
+        "s = 'héllo — 世界 🙂'\n\tif s:\r\n        print(s , end='')\n",
+        "class A(B, metaclass=M):\n    pass\n\n\n",
+    ],
+)
+def test_tokenizer_round_trips_source(quick_build: tuple[Path, BuildReport], text: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(quick_build[0])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.chat_template
+
+
+def test_reuse_skips_training(
+    quick_build: tuple[Path, BuildReport], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, report = quick_build
+    start = time.perf_counter()
+    again = build_tiny_code(out, quick=True)
+    assert time.perf_counter() - start < 1.0
+    assert again.cached
+    assert again.to_json() == report.to_json()
+    assert "(cached)" in capsys.readouterr().out
+
+
+def test_force_rebuild_is_deterministic(tmp_path: Path, quick_build: tuple[Path, BuildReport]) -> None:
+    report = quick_build[1]
+    copy = tmp_path / "tiny-code"
+    rebuilt = build_tiny_code(copy, quick=True)
+    assert rebuilt.val_loss == pytest.approx(report.val_loss, rel=1e-4)
+    assert rebuilt.unigram_ppl == pytest.approx(report.unigram_ppl)
+    # force replaces an existing complete build in place.
+    forced = build_tiny_code(copy, quick=True, force=True)
+    assert not forced.cached
+    assert is_complete(copy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-code"]
+
+
+def test_time_budget_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from tokenfleet import modelbuild
+
+    monkeypatch.setattr(modelbuild, "QUICK", dataclasses.replace(QUICK, time_budget_s=0.0))
+    report = build_tiny_code(tmp_path / "tiny-code", quick=True)
+    assert report.stopped_by == "time"
+    assert report.steps == 0
+    assert report.tokens_seen == 0
