@@ -75,6 +75,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_load(args.file), port=args.port, host=args.host)
 
 
+def _default_example() -> str | None:
+    # The repository's examples/default.yaml (this file is tokenfleet/cli.py in a checkout).
+    path = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
+    return str(path) if path.exists() else None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tokenfleet.engine.fleet import run_up
+
+    return run_up(_load(args.file), replicas=args.replicas, host=args.host, port=args.port)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tokenfleet.engine.fleet import print_status
+
+    return print_status(f"http://{args.host}:{args.port}", as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1")
     serve.set_defaults(handler=cmd_serve)
+
+    up = sub.add_parser("up", help="run the service locally: engine replicas + gateway (Ctrl-C stops)")
+    up.add_argument(
+        "-f", "--file", default=_default_example(), help="service YAML (default: examples/default.yaml)"
+    )
+    up.add_argument("--replicas", type=int, help="replica count (default: replicas.min)")
+    up.add_argument("--port", type=int, help="gateway port (default: gateway.port)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.set_defaults(handler=cmd_up)
+
+    status = sub.add_parser("status", help="replicas and their state, from a running `tokenfleet up`")
+    status.add_argument("--port", type=int, default=8000)
+    status.add_argument("--host", default="127.0.0.1")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
 
     from tokenfleet.load.cli import register as register_bench
 

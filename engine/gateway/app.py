@@ -124,6 +124,8 @@ class Gateway:
         self.rng = random.Random()
         self.client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task[None] | None = None
+        # Whoever runs the replicas (the local fleet) adds its view to /admin/status.
+        self.extra_status: Callable[[], dict[str, object]] | None = None
         self.app = self._build_app()
 
     # -- membership and state ---------------------------------------------------------------
@@ -147,7 +149,9 @@ class Gateway:
         self._refresh_slots()
 
     def status(self) -> dict[str, Any]:
+        extra = {"fleet": self.extra_status()} if self.extra_status is not None else {}
         return {
+            **extra,
             "service": self.service.metadata.name,
             "model": self.spec.model.name,
             "policy": self.routing.policy,

@@ -85,3 +85,22 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
     app.add_api_route("/v1/completions", generate, methods=["POST"])
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
     return app, state
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tokenfleet.engine.gateway.fake_engine --port N`: a fake replica as a process."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--model", default="tiny")
+    args = parser.parse_args(argv)
+    app, _ = fake_engine(args.name, args.model)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

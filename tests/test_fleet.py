@@ -1,0 +1,271 @@
+"""The local fleet: pure control-loop decisions, the supervisor with fake replica processes, and
+`tokenfleet up` / `tokenfleet status` end to end with a real vLLM replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import free_port, tiny_service
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenfleet.engine.fleet import (
+    Action,
+    Policy,
+    SlotView,
+    decide,
+    format_status,
+    print_status,
+    restart_delay,
+    serve_fleet,
+)
+from tokenfleet.engine.launch import EngineCommand, EngineProcess
+from tokenfleet.models import ensure_builtin
+
+# -- decisions -----------------------------------------------------------------------------------
+
+
+def test_decide_starts_missing_and_restarts_exited_after_backoff() -> None:
+    policy = Policy(backoff_base_s=1.0, backoff_cap_s=8.0)
+    assert decide([], 2, now=0, policy=policy) == [
+        Action("start", 0, "missing replica"),
+        Action("start", 1, "missing replica"),
+    ]
+    crashed = [SlotView(0, "ready"), SlotView(1, "exited", restarts=2, since=10.0)]
+    assert decide(crashed, 2, now=13.0, policy=policy) == []  # back-off is 4 s after 2 restarts
+    assert decide(crashed, 2, now=14.0, policy=policy) == [Action("restart", 1, "replica exited")]
+
+
+def test_decide_restarts_a_hung_start_and_stops_surplus() -> None:
+    policy = Policy(startup_timeout_s=60)
+    slots = [SlotView(0, "starting", since=0.0), SlotView(1, "ready"), SlotView(2, "unready")]
+    actions = decide(slots, 1, now=61.0, policy=policy)
+    assert actions == [
+        Action("restart", 0, "not ready after 60s"),
+        Action("stop", 2, "above desired replicas"),
+        Action("stop", 1, "above desired replicas"),
+    ]
+
+
+def test_restart_delay_is_capped() -> None:
+    policy = Policy(backoff_base_s=0.5, backoff_cap_s=30)
+    assert [restart_delay(n, policy) for n in (0, 1, 2, 10, 10_000)] == [0.5, 1.0, 2.0, 30, 30]
+
+
+phases = st.sampled_from(["absent", "starting", "ready", "unready", "exited"])
+
+
+@given(
+    st.lists(st.tuples(phases, st.integers(0, 5), st.floats(0, 100)), max_size=6),
+    st.integers(0, 6),
+    st.floats(0, 200),
+)
+def test_decide_acts_at_most_once_per_slot_and_never_touches_healthy_wanted_slots(
+    raw: list[tuple[str, int, float]], desired: int, now: float
+) -> None:
+    slots = [SlotView(i, phase, restarts, since) for i, (phase, restarts, since) in enumerate(raw)]  # type: ignore[arg-type]
+    actions = decide(slots, desired, now)
+    touched = [a.slot for a in actions]
+    assert len(touched) == len(set(touched))
+    for action in actions:
+        if action.kind == "stop":
+            assert action.slot >= desired
+        else:
+            assert action.slot < desired
+            view = next((s for s in slots if s.slot == action.slot), None)
+            assert view is None or view.phase in ("absent", "exited", "starting")
+
+
+def test_format_status_joins_gateway_and_process_views() -> None:
+    text = format_status(
+        {
+            "service": "svc",
+            "model": "tiny",
+            "policy": "round_robin",
+            "ready": True,
+            "replicas": [{"id": "replica-0", "state": "ready", "in_flight": 1, "ejections": 0}],
+            "fleet": {
+                "slots": [{"id": "replica-0", "phase": "ready", "port": 8101, "pid": 42, "restarts": 1}]
+            },
+            "admission": {"running": 1, "slots": 16, "queued": {}, "shed": {}},
+        }
+    )
+    row = next(line for line in text.splitlines() if line.startswith("replica-0"))
+    assert row.split()[:6] == ["replica-0", "ready", "ready", "8101", "42", "1"]
+    assert "1/16 slots busy" in text
+
+
+def test_status_without_a_gateway_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert print_status(f"http://127.0.0.1:{free_port()}") == 1
+    assert "is `tokenfleet up` running?" in capsys.readouterr().out
+
+
+# -- the supervisor with fake replica processes --------------------------------------------------
+
+
+def fake_launcher(log_dir: Path):  # type: ignore[no-untyped-def]
+    def launch(slot: int, port: int) -> EngineProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "tokenfleet.engine.gateway.fake_engine",
+            "--port",
+            str(port),
+            "--name",
+            f"r{slot}",
+        ]
+        return EngineProcess(EngineCommand(argv, {}), port=port, log_path=log_dir / f"fake-{slot}.log")
+
+    return launch
+
+
+async def _poll(url: str, predicate, timeout_s: float = 60.0) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while True:
+            try:
+                status = (await client.get(f"{url}/admin/status", timeout=2)).json()
+                if predicate(status):
+                    return status  # type: ignore[no-any-return]
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "fleet never reached the expected state"
+            await asyncio.sleep(0.1)
+
+
+def _phases(status: dict) -> list[str]:  # type: ignore[type-arg]
+    return [s["phase"] for s in status["fleet"]["slots"]]
+
+
+def test_fleet_restarts_a_killed_replica_and_stops_everything(tmp_path: Path) -> None:
+    service = tiny_service(routing={"policy": "round_robin", "probeIntervalS": 0.1, "ejectCooldownS": 0.2})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    logs: list[str] = []
+
+    async def scenario() -> tuple[int, list[int]]:
+        stop = asyncio.Event()
+        fleet = asyncio.create_task(
+            serve_fleet(
+                service,
+                fake_launcher(tmp_path),
+                replicas=2,
+                port=port,
+                policy=Policy(backoff_base_s=0.2),
+                stop=stop,
+                log=logs.append,
+            )
+        )
+        status = await _poll(url, lambda s: _phases(s) == ["ready", "ready"])
+        pids = [s["pid"] for s in status["fleet"]["slots"]]
+        async with httpx.AsyncClient(trust_env=False) as client:
+            body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+            served = {
+                (await client.post(f"{url}/v1/completions", json=body)).json()["served_by"] for _ in range(4)
+            }
+            assert served == {"r0", "r1"}
+            os.kill(pids[1], signal.SIGKILL)
+            # requests keep succeeding while the replica is dead (retry, then ejection)
+            for _ in range(6):
+                assert (await client.post(f"{url}/v1/completions", json=body)).status_code == 200
+            status = await _poll(
+                url, lambda s: s["fleet"]["slots"][1]["restarts"] == 1 and _phases(s) == ["ready", "ready"]
+            )
+            new_pids = [s["pid"] for s in status["fleet"]["slots"]]
+            assert new_pids[0] == pids[0]
+            assert new_pids[1] != pids[1]
+        stop.set()
+        return await fleet, new_pids
+
+    code, pids = asyncio.run(scenario())
+    assert code == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert any("exited with code" in line for line in logs)
+    assert any("restart replica-1" in line for line in logs)
+    assert logs[-1] == "tokenfleet: stopped"
+
+
+def test_fleet_reports_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        logs: list[str] = []
+        code = asyncio.run(
+            serve_fleet(tiny_service(), fake_launcher(tmp_path), replicas=1, port=port, log=logs.append)
+        )
+    assert code == 1
+    assert any("could not listen" in line for line in logs)
+
+
+# -- `tokenfleet up` end to end ------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_tokenfleet_up_serves_through_the_gateway_and_stops_cleanly(tmp_path: Path) -> None:
+    ensure_builtin("tiny-random")
+    port = free_port()
+    service = tiny_service().model_dump(by_alias=True, exclude_none=True)
+    spec_path = tmp_path / "service.yaml"
+    spec_path.write_text(yaml.safe_dump(service))
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    cli = [sys.executable, "-m", "tokenfleet.cli"]
+    up = subprocess.Popen(
+        [*cli, "up", "-f", str(spec_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        lines: list[str] = []
+        assert up.stdout is not None
+        while not any("ready — OpenAI API at" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            assert up.poll() is None, "".join(lines)
+            lines.append(up.stdout.readline())
+        assert f"http://127.0.0.1:{port}/v1" in lines[-1]
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        completion = client.completions.create(model="tiny", prompt="def f(", max_tokens=4, temperature=0)
+        assert completion.usage is not None
+        assert completion.usage.completion_tokens == 4
+
+        status = subprocess.run(
+            [*cli, "status", "--port", str(port)], capture_output=True, text=True, env=env
+        )
+        assert status.returncode == 0, status.stderr
+        row = next(line for line in status.stdout.splitlines() if line.startswith("replica-0"))
+        assert row.split()[1:3] == ["ready", "ready"]
+        as_json = subprocess.run(
+            [*cli, "status", "--port", str(port), "--json"], capture_output=True, text=True, env=env
+        )
+        engine_pid = yaml.safe_load(as_json.stdout)["fleet"]["slots"][0]["pid"]
+
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=90)
+        assert up.returncode == 0, rest
+        assert "tokenfleet: stopped" in rest
+        with pytest.raises(ProcessLookupError):
+            os.kill(engine_pid, 0)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
