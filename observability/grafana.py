@@ -246,6 +246,20 @@ def replica() -> dict[str, Any]:
             quantiles("tokenfleet_gateway_first_byte_seconds", "replica"),
             "s",
         ),
+        Panel(
+            "Gateway attempts per replica",
+            (
+                (
+                    f"sum by (replica, outcome) (rate(tokenfleet_gateway_upstream_requests_total[{RATE}]))",
+                    "{{replica}} {{outcome}}",
+                ),
+                (f"sum by (route) (rate(tokenfleet_gateway_retries_total[{RATE}]))", "retries {{route}}"),
+                (
+                    f"sum by (replica) (rate(tokenfleet_gateway_readmissions_total[{RATE}]))",
+                    "readmitted {{replica}}",
+                ),
+            ),
+        ),
     ]
     return dashboard(
         "tokenfleet-replica",
