@@ -184,22 +184,38 @@ def summarize(
     summary["slos"] = {
         c.name: {"ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms, "e2e_ms": c.e2e_ms} for c in workload.classes
     }
-    harness_ttft = overall["ttft"]["mean"]
-    server_ttft = summary["server"].get("ttft_mean_s")
-    if harness_ttft is not None and server_ttft:
-        summary["accuracy"] = {
-            "harness_ttft_mean_s": harness_ttft,
-            "server_ttft_mean_s": server_ttft,
-            "server_ttft_count": summary["server"].get("ttft_count"),
-            "harness_ttft_count": overall["ttft"]["count"],
-            "relative_difference": (harness_ttft - server_ttft) / server_ttft,
-        }
+    accuracy = ttft_accuracy(all_records, server_samples)
+    if accuracy is not None:
+        summary["accuracy"] = accuracy
     shape = shape_of(workload)
     if isinstance(shape, Sweep):
         origin = run_start if run_start is not None else window.start
         summary["sweep"] = sweep_table(all_records, shape, origin)
     summary["warnings"] = warnings_for(summary)
     return summary
+
+
+def ttft_accuracy(
+    records: Sequence[RequestRecord], samples: Sequence[tuple[float, dict[str, float]]]
+) -> dict[str, Any] | None:
+    """Harness vs server mean TTFT over the same requests: every logged request against the
+    histogram's change from the first scrape (before any traffic) to the last (after every
+    request ended). A window cut would split requests in flight at its edges differently on
+    each side, so the whole run is compared, warm-up included."""
+    ttfts = [r.ttft_s for r in records if r.ok and r.ttft_s is not None]
+    if not ttfts or len(samples) < 2:
+        return None
+    server = histogram_mean(samples[0][1], samples[-1][1], TTFT_SUM.removesuffix("_sum"))
+    if server is None or server[0] <= 0:
+        return None
+    harness = sum(ttfts) / len(ttfts)
+    return {
+        "harness_ttft_mean_s": harness,
+        "harness_ttft_count": len(ttfts),
+        "server_ttft_mean_s": server[0],
+        "server_ttft_count": server[1],
+        "relative_difference": (harness - server[0]) / server[0],
+    }
 
 
 def warnings_for(summary: Summary) -> list[str]:
