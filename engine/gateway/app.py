@@ -177,7 +177,7 @@ class Gateway:
                 await self.stop()
 
         app = FastAPI(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
-        refs, components = openapi_components()
+        refs, components = openapi_components(self.spec.model.max_model_len)
 
         for route in OPENAI_ROUTES:
             app.add_api_route(

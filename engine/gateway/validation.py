@@ -51,11 +51,20 @@ class CompletionRequest(_Request):
     echo: bool | None = None
 
 
+class TextPart(BaseModel):
+    # Only text parts: the builtin models are text-only, and arbitrary part objects would reach
+    # the engine's multimodal parsers (an SSRF surface for image_url) for no benefit.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=64)] | None = None
 
 
 class ChatCompletionRequest(_Request):
@@ -114,20 +123,30 @@ def estimated_tokens(request: _Request, max_model_len: int) -> int:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         chars = sum(len(p) for p in prompts)
     elif isinstance(request, ChatCompletionRequest):
-        chars = sum(len(m.content) if isinstance(m.content, str) else 256 for m in request.messages)
+        chars = sum(
+            len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+            for m in request.messages
+        )
     else:  # pragma: no cover - only two routes
         chars = 0
     output = getattr(request, "max_completion_tokens", None) or request.max_tokens or 16
     return min(max_model_len, chars // 4 + 1) + output * (request.n or 1)
 
 
-def openapi_components() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """(route -> request body schema ref, component schemas) for the gateway's OpenAPI."""
+def openapi_components(max_model_len: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(route -> request body schema ref, component schemas) for the gateway's OpenAPI, with the
+    output caps bounded by this service's context length (as `validate_body` enforces)."""
     _, top = models_json_schema(
         [(model, "validation") for model in ROUTE_MODELS.values()],
         ref_template="#/components/schemas/{model}",
     )
+    components: dict[str, Any] = top.get("$defs", {})
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for field in ("max_tokens", "max_completion_tokens"):
+            prop = components[name]["properties"].get(field)
+            if prop is not None:
+                prop["anyOf"][0]["maximum"] = max_model_len
     refs = {
         route: {"$ref": f"#/components/schemas/{model.__name__}"} for route, model in ROUTE_MODELS.items()
     }
-    return refs, top.get("$defs", {})
+    return refs, components
