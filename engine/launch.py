@@ -40,8 +40,13 @@ def engine_command(
     port: int,
     host: str = "127.0.0.1",
     python: str = sys.executable,
+    otlp_traces_endpoint: str | None = None,
 ) -> EngineCommand:
-    """The vLLM server command line for one replica of `spec` serving `model_path`."""
+    """The vLLM server command line for one replica of `spec` serving `model_path`.
+
+    With `otlp_traces_endpoint` (an OTLP/HTTP URL ending in /v1/traces) vLLM exports one
+    `llm_request` span per request, parented by the gateway's `traceparent` header.
+    """
     model, engine = spec.model, spec.engine
     argv = [
         python,
@@ -78,6 +83,8 @@ def engine_command(
     elif policy == "sla":
         # The SLA scheduler orders by its own keys but relies on vLLM's priority-mode victim choice.
         argv += ["--scheduling-policy", "priority", "--scheduler-cls", SLA_SCHEDULER_CLS]
+    if otlp_traces_endpoint:
+        argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
     argv += list(engine.extra_args)
 
     env = {
@@ -90,6 +97,9 @@ def engine_command(
     }
     if engine.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(engine.kv_cache_gib)
+    if otlp_traces_endpoint:
+        # vLLM defaults to OTLP/gRPC; the collector and the gateway speak OTLP/HTTP protobuf.
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     if engine.kernels:
         env["TOKENFLEET_KERNELS"] = ",".join(engine.kernels)
     if policy == "sla":
