@@ -7,6 +7,7 @@ responses are timed here, per socket read: Locust's own response time stops at t
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -133,8 +134,13 @@ def _read_stream(response: httpx.Response, start: float, record: RequestRecord) 
 
 
 def _read_whole(response: httpx.Response, start: float, record: RequestRecord) -> None:
-    payload = response.json()
+    body = response.read()
     record.e2e_s = time.perf_counter() - start
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        record.error = f"malformed JSON response: {body[:120]!r}"
+        return
     usage = payload.get("usage") or {}
     record.prompt_tokens = usage.get("prompt_tokens")
     record.output_tokens = usage.get("completion_tokens")

@@ -1,0 +1,255 @@
+"""The timed client and the bench command against the calibrated fake server (no vLLM needed):
+timings match the server's known delays, failures are records, bad targets and workloads fail
+fast, Ctrl-C keeps partial results, repeats and compare work end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tokenfleet.cli import main
+from tokenfleet.load.bench import BenchError, locust_command, machine_info, preflight, run_repeated
+from tokenfleet.load.client import LLMRequest, send
+from tokenfleet.load.fake_openai import MODEL, FakeConfig, FakeOpenAI
+
+FAST_WORKLOAD = """
+name: fast
+seed: 3
+prompts: {kind: synthetic, inputTokens: {dist: fixed, value: 8}}
+outputTokens: {dist: fixed, value: 5}
+arrival: {mode: open, process: poisson, maxConcurrency: 8, shape: {kind: constant, value: 8}}
+classes:
+  - {name: interactive, share: 1, priority: 0, ttftMs: 500, tpotMs: 100}
+  - {name: batch, share: 1, priority: 2}
+"""
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(FakeConfig(ttft_s=0.1, itl_s=0.02)) as server:
+        yield server
+
+
+@pytest.fixture
+def workload_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fast.yaml"
+    path.write_text(FAST_WORKLOAD)
+    return path
+
+
+def test_streaming_timings_match_server_delays(fake: FakeOpenAI) -> None:
+    with httpx.Client() as client:
+        for api in ("completions", "chat"):
+            request = LLMRequest(id="r", prompt="hi", max_tokens=6, api=api)  # type: ignore[arg-type]
+            record = send(client, fake.url, request, MODEL)
+            assert record.ok, record.error
+            assert record.output_tokens == 6
+            assert record.ttft_s is not None
+            assert 0.1 <= record.ttft_s < 0.18  # socket-arrival time, not buffered
+            assert len(record.chunk_s) == 6
+            assert all(0.015 < gap < 0.08 for gap in record.itl_s)
+            assert record.tpot_s == pytest.approx(0.02, abs=0.01)
+            assert record.e2e_s is not None
+            assert record.e2e_s >= 0.1 + 5 * 0.02
+
+
+def test_non_streaming_request(fake: FakeOpenAI) -> None:
+    with httpx.Client() as client:
+        record = send(client, fake.url, LLMRequest(id="r", prompt="hi", max_tokens=3, stream=False), MODEL)
+    assert record.ok
+    assert record.ttft_s is None
+    assert record.output_tokens == 3
+    assert record.e2e_s is not None
+    assert record.e2e_s >= 0.14
+
+
+def test_failures_are_records_not_exceptions(fake: FakeOpenAI) -> None:
+    with httpx.Client() as client:
+        fake.config.fail_after_tokens = 2
+        record = send(client, fake.url, LLMRequest(id="r", prompt="hi", max_tokens=6), MODEL)
+        assert not record.ok
+        assert record.error == "fake failure"
+        assert len(record.chunk_s) == 2
+        fake.config.fail_after_tokens = None
+        fake.config.status = 500
+        record = send(client, fake.url, LLMRequest(id="r", prompt="hi", max_tokens=6), MODEL)
+        assert not record.ok
+        assert record.status == 500
+        assert record.error is not None
+        assert record.error.startswith("HTTP 500")
+        fake.config.status = 200
+        fake.config.ttft_s = 1.0
+        record = send(client, fake.url, LLMRequest(id="r", prompt="hi", max_tokens=2), MODEL, timeout_s=0.2)
+        assert not record.ok
+        assert record.error is not None
+        assert record.error.startswith("timeout")
+    with httpx.Client() as client:
+        record = send(client, "http://127.0.0.1:9", LLMRequest(id="r", prompt="hi", max_tokens=2), MODEL)
+    assert not record.ok
+    assert "ConnectError" in (record.error or "")
+
+
+def test_preflight_fails_fast_on_bad_targets(fake: FakeOpenAI) -> None:
+    assert preflight(fake.url, None) == MODEL
+    assert preflight(fake.url, MODEL) == MODEL
+    started = time.monotonic()
+    with pytest.raises(BenchError, match="cannot reach target"):
+        preflight("http://127.0.0.1:9", None)
+    assert time.monotonic() - started < 5
+    with pytest.raises(BenchError, match="not served"):
+        preflight(fake.url, "other")
+    with FakeOpenAI() as other, httpx.Client() as client:
+        assert client.get(other.url + "/nothing").status_code == 404
+    with pytest.raises(BenchError, match="not an OpenAI-compatible server"):
+        preflight(fake.url + "/v1", None)  # a wrong base path: GET /v1/v1/models is a 404
+
+
+def test_cli_rejects_bad_workload_and_target_before_traffic(
+    fake: FakeOpenAI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arrival: {shape: {kind: ramp, start: 1, end: 2}}\n")
+    code = main(
+        [
+            "bench",
+            "run",
+            "-w",
+            str(bad),
+            "--target",
+            fake.url,
+            "--duration",
+            "5",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "arrival.shape.ramp.durationS" in err
+    assert fake.config.ttft_count == 0
+    code = main(
+        ["bench", "run", "--target", "http://127.0.0.1:9", "--duration", "5", "--out", str(tmp_path / "o")]
+    )
+    assert code == 3
+    assert "cannot reach target" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="duration"):
+        run_repeated(
+            bad.parent / "none.yaml" if False else _ok_workload(tmp_path), fake.url, 0, tmp_path / "o"
+        )
+
+
+def _ok_workload(tmp_path: Path) -> Path:
+    path = tmp_path / "ok.yaml"
+    path.write_text(FAST_WORKLOAD)
+    return path
+
+
+def test_bench_repeat_and_compare(
+    fake: FakeOpenAI, workload_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.config.ttft_s, fake.config.itl_s = 0.05, 0.01
+    a = tmp_path / "a"
+    result = run_repeated(workload_file, fake.url, 4, a, repeat=2, workers=1)
+    assert [p.name for p in result.runs] == ["run-1", "run-2"]
+    agg = json.loads((a / "summary.json").read_text())["aggregate"]
+    assert agg["TTFT mean (ms)"]["n"] == 2
+    assert 50 <= agg["TTFT mean (ms)"]["mean"] < 120
+    assert "mean ± 95% CI" in (a / "report.md").read_text()
+    run1 = json.loads((a / "run-1" / "summary.json").read_text())
+    assert run1["overall"]["failed"] == 0
+    assert run1["overall"]["requests"] >= 10
+    assert set(run1["classes"]) == {"interactive", "batch"}
+    assert run1["accuracy"]["server_ttft_count"] == run1["accuracy"]["harness_ttft_count"]
+    # Harness vs the fake server's own TTFT: only the client path differs.
+    assert abs(run1["accuracy"]["relative_difference"]) < 0.5
+    for name in ("locust_stats.csv", "locust.html", "requests.jsonl", "timeline.png", "latency_cdf.png"):
+        assert (a / "run-1" / name).stat().st_size > 0, name
+    stats_csv = (a / "run-1" / "locust_stats.csv").read_text()
+    assert "interactive,TTFT" in stats_csv
+    # B is slower: compare marks TTFT as significantly worse.
+    fake.config.ttft_s = 0.15
+    b = tmp_path / "b"
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                "-w",
+                str(workload_file),
+                "--target",
+                fake.url,
+                "--duration",
+                "4",
+                "--out",
+                str(b),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["bench", "compare", str(a / "run-1"), str(b)]) == 0
+    out = capsys.readouterr().out
+    ttft_row = next(line for line in out.splitlines() if line.startswith("| TTFT mean (ms)"))
+    assert "* worse" in ttft_row
+    assert main(["bench", "compare", str(a), str(tmp_path / "missing")]) == 2
+
+
+def test_ctrl_c_writes_partial_results(fake: FakeOpenAI, workload_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokenfleet.cli",
+            "bench",
+            "run",
+            "-w",
+            str(workload_file),
+            "--target",
+            fake.url,
+            "--duration",
+            "60",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any((out / "raw").glob("raw-*.jsonl")):
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] is True
+    assert summary["overall"]["requests"] > 0
+    assert summary["run"]["duration_s"] < 30
+    assert b"interrupted" in stdout
+    assert (out / "report.md").exists()
+
+
+def test_locust_command_and_machine_info(tmp_path: Path) -> None:
+    command = locust_command(tmp_path, "http://x", web=True, web_port=9999, workers=3, stop_timeout_s=5)
+    assert "--autostart" in command
+    assert command[command.index("--web-port") + 1] == "9999"
+    assert command[command.index("--processes") + 1] == "3"
+    assert "--headless" not in command
+    headless = locust_command(tmp_path, "http://x", web=False, web_port=1, workers=1, stop_timeout_s=5)
+    assert "--headless" in headless
+    assert "--processes" not in headless
+    info = machine_info()
+    assert info["cpus"] >= 1
+    assert "locust_version" in info
