@@ -177,7 +177,7 @@ class Gateway:
                 await self.stop()
 
         app = FastAPI(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
-        refs, components = openapi_components(self.spec.model.max_model_len)
+        refs, components = openapi_components(self.spec.model.name, self.spec.model.max_model_len)
 
         for route in OPENAI_ROUTES:
             app.add_api_route(
@@ -497,14 +497,12 @@ class Gateway:
                 first = await anext(chunks, b"")
                 self.replicas.request_succeeded(replica)
                 self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
+                headers = self._response_headers(
+                    call, replica, upstream.headers.get("content-type", "text/event-stream")
+                )
                 relay = self._relay(call, replica, upstream, first, chunks, release)
                 upstream = None  # the relay owns it now
-                return StreamingResponse(
-                    relay,
-                    status_code=200,
-                    media_type=None,
-                    headers=self._response_headers(call, replica, "text/event-stream"),
-                )
+                return StreamingResponse(relay, status_code=200, media_type=None, headers=headers)
             content = await upstream.aread()
         except (*RETRYABLE, _UpstreamStatusError) as exc:
             kind = (

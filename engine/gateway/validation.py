@@ -133,15 +133,18 @@ def estimated_tokens(request: _Request, max_model_len: int) -> int:
     return min(max_model_len, chars // 4 + 1) + output * (request.n or 1)
 
 
-def openapi_components(max_model_len: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def openapi_components(
+    model_name: str, max_model_len: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(route -> request body schema ref, component schemas) for the gateway's OpenAPI, with the
-    output caps bounded by this service's context length (as `validate_body` enforces)."""
+    served model and output caps of this service (what `validate_body` enforces)."""
     _, top = models_json_schema(
         [(model, "validation") for model in ROUTE_MODELS.values()],
         ref_template="#/components/schemas/{model}",
     )
     components: dict[str, Any] = top.get("$defs", {})
     for name in ("CompletionRequest", "ChatCompletionRequest"):
+        components[name]["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
         for field in ("max_tokens", "max_completion_tokens"):
             prop = components[name]["properties"].get(field)
             if prop is not None:
