@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tokenfleet.load.cli import register as register_bench
 
-    register_bench(sub)
+    bench_sub = register_bench(sub)
+    from tokenfleet.engine.scheduler_bench import register as register_scheduler_bench
+
+    register_scheduler_bench(bench_sub)
     return parser
 
 

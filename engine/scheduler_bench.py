@@ -1,0 +1,760 @@
+"""`tokenfleet bench scheduler`: FCFS vs vLLM `priority` vs tokenfleet `sla`, side by side.
+
+One real vLLM CPU engine per policy (same spec otherwise, `max_num_seqs` small enough to bind),
+λ_sat calibrated with FCFS (closed loop at 2 × max_num_seqs), then open-loop Poisson traffic at
+0.8× and 1.2× λ_sat and a burst profile (0.7 → 1.5 → 0.5 × λ_sat), several seeds each.
+
+The traffic driver is a bounded asyncio + httpx open loop in this process, not the Locust
+harness in load/: the workload needs per-class prompt and output lengths (batch = long
+outputs), which the harness's workload model (one length distribution per workload) does not
+express yet, and on a 2-core machine a Locust subprocess competes with the engine for CPU.
+
+Pure parts (workload generation, metrics) are functions over typed data, tested on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TENANTS = ("noisy", "t2", "t3", "t4")
+NOISY = TENANTS[0]
+NOISY_SHARE = 0.6  # of standard + batch traffic, sent in on/off bursts
+NOISY_PERIOD_S = 20.0  # on for the first half of every period, off for the second
+BURST_PHASES = ((1 / 3, 0.7), (1 / 3, 1.5), (1 / 3, 0.5))  # (fraction of the run, × λ_sat)
+FAIRNESS_WINDOW_S = 10.0
+SCHEDULE_METRIC = "tokenfleet_scheduler_schedule_seconds"
+
+
+@dataclass(frozen=True, slots=True)
+class ClassLoad:
+    name: str
+    priority: int
+    share: float
+    prompt: tuple[int, int]  # uniform token range
+    output: tuple[int, int]
+    ttft_s: float | None
+    tpot_s: float | None
+    max_wait_s: float
+    queue_limit: int | None
+
+
+# Scaled to the CPU build: interactive short, batch long outputs and no TTFT target.
+DEFAULT_CLASSES = (
+    ClassLoad("interactive", 0, 0.3, (16, 48), (8, 24), 1.0, 0.25, 5.0, None),
+    ClassLoad("standard", 1, 0.3, (64, 160), (24, 64), 4.0, 0.5, 30.0, 64),
+    ClassLoad("batch", 2, 0.4, (64, 128), (96, 192), None, None, 120.0, 32),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at: float
+    slo_class: str
+    tenant: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass
+class Outcome:
+    arrival: Arrival
+    sent: float  # seconds since the run's start
+    first_token: float | None = None
+    done: float | None = None
+    tokens: int = 0
+    chunks: list[float] = field(default_factory=list)
+    rejected: bool = False
+    error: str | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.done is not None and not self.rejected and self.error is None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first_token is None or self.done is None or self.tokens < 2:
+            return None
+        return (self.done - self.first_token) / (self.tokens - 1)
+
+
+# -- workload ----------------------------------------------------------------------------------
+
+
+def rate_multiplier(profile: str, t: float, duration_s: float) -> float:
+    """× λ_sat at time t: `0.8x`, `1.2x` (any `<f>x`), or `burst`."""
+    if profile == "burst":
+        start = 0.0
+        for fraction, level in BURST_PHASES:
+            start += fraction * duration_s
+            if t < start:
+                return level
+        return BURST_PHASES[-1][1]
+    if profile.endswith("x"):
+        return float(profile[:-1])
+    raise ValueError(f"unknown profile {profile!r}")
+
+
+def peak_multiplier(profile: str) -> float:
+    if profile == "burst":
+        return max(level for _, level in BURST_PHASES)
+    return rate_multiplier(profile, 0.0, 1.0)
+
+
+def _poisson(rng: random.Random, rate_of: Any, peak: float, duration_s: float) -> list[float]:
+    """Times of a non-homogeneous Poisson process by thinning."""
+    times: list[float] = []
+    if peak <= 0:
+        return times
+    t = 0.0
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration_s:
+            return times
+        if rng.random() * peak < rate_of(t):
+            times.append(t)
+
+
+def generate(
+    profile: str,
+    lam: float,
+    duration_s: float,
+    seed: int,
+    classes: Sequence[ClassLoad] = DEFAULT_CLASSES,
+) -> list[Arrival]:
+    """Arrivals: every class Poisson at its share of the profile's rate; interactive spread over
+    all tenants; of standard + batch, the noisy tenant sends NOISY_SHARE in on/off bursts (twice
+    its mean rate while on), the other tenants the rest, evenly."""
+    rng = random.Random(seed)
+    peak = lam * peak_multiplier(profile)
+    arrivals: list[Arrival] = []
+
+    def add(times: Iterable[float], cls: ClassLoad, tenants: Sequence[str]) -> None:
+        for t in times:
+            arrivals.append(
+                Arrival(
+                    at=t,
+                    slo_class=cls.name,
+                    tenant=rng.choice(tenants),
+                    prompt_tokens=rng.randint(*cls.prompt),
+                    max_tokens=rng.randint(*cls.output),
+                )
+            )
+
+    def noisy_on(t: float) -> bool:
+        return (t % NOISY_PERIOD_S) < NOISY_PERIOD_S / 2
+
+    for cls in classes:
+        share = cls.share
+        if cls.name == classes[0].name:  # the top class: all tenants, no bursts
+            add(
+                _poisson(
+                    rng,
+                    lambda t, s=share: lam * s * rate_multiplier(profile, t, duration_s),
+                    peak * share,
+                    duration_s,
+                ),
+                cls,
+                TENANTS,
+            )
+            continue
+        quiet = share * (1 - NOISY_SHARE)
+        loud = share * NOISY_SHARE * 2
+        add(
+            _poisson(
+                rng,
+                lambda t, s=quiet: lam * s * rate_multiplier(profile, t, duration_s),
+                peak * quiet,
+                duration_s,
+            ),
+            cls,
+            TENANTS[1:],
+        )
+        add(
+            _poisson(
+                rng,
+                lambda t, s=loud: lam * s * rate_multiplier(profile, t, duration_s) if noisy_on(t) else 0.0,
+                peak * loud,
+                duration_s,
+            ),
+            cls,
+            (NOISY,),
+        )
+    arrivals.sort(key=lambda a: a.at)
+    return arrivals
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def jain(values: Sequence[float]) -> float | None:
+    """(Σx)² / (n·Σx²): 1 when equal, 1/n when one gets everything."""
+    if not values:
+        return None
+    squares = sum(v * v for v in values)
+    if squares == 0:
+        return 1.0
+    return sum(values) ** 2 / (len(values) * squares)
+
+
+def class_report(outcomes: Sequence[Outcome], cls: ClassLoad, end_s: float) -> dict[str, Any]:
+    """SLO attainment counts every request of the class: rejected, failed or unfinished = missed.
+    Max wait is the longest time a request went without its first token (until end_s if never)."""
+    mine = [o for o in outcomes if o.arrival.slo_class == cls.name]
+    served = [o for o in mine if o.served]
+
+    def met(o: Outcome) -> bool:
+        if not o.served:
+            return False
+        ttft, tpot = o.ttft, o.tpot
+        if cls.ttft_s is not None and (ttft is None or ttft > cls.ttft_s):
+            return False
+        return not (cls.tpot_s is not None and tpot is not None and tpot > cls.tpot_s)
+
+    ttfts = [t for o in served if (t := o.ttft) is not None]
+    tpots = [t for o in served if (t := o.tpot) is not None]
+    waits = [(o.first_token if o.first_token is not None else end_s) - o.sent for o in mine if not o.rejected]
+    return {
+        "requests": len(mine),
+        "served": len(served),
+        "rejected": sum(o.rejected for o in mine),
+        "unfinished": sum(1 for o in mine if not o.served and not o.rejected),
+        "slo_attainment": (sum(met(o) for o in mine) / len(mine)) if mine else None,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p99": percentile(ttfts, 99),
+        "tpot_p50": percentile(tpots, 50),
+        "tpot_p99": percentile(tpots, 99),
+        "max_wait": max(waits) if waits else None,
+    }
+
+
+def fairness(outcomes: Sequence[Outcome], end_s: float, window_s: float = FAIRNESS_WINDOW_S) -> float | None:
+    """Mean over windows of Jain's index of weighted service (1·prompt + 2·output tokens) among
+    tenants backlogged in that window (a request of theirs waited for its first token in it)."""
+    indices: list[float] = []
+    start = 0.0
+    while start < end_s:
+        stop = start + window_s
+        backlogged = {
+            o.arrival.tenant
+            for o in outcomes
+            if not o.rejected
+            and o.sent < stop
+            and (o.first_token if o.first_token is not None else end_s) > start
+        }
+        if len(backlogged) >= 2:
+            service = dict.fromkeys(backlogged, 0.0)
+            for o in outcomes:
+                if o.arrival.tenant not in service:
+                    continue
+                if o.first_token is not None and start <= o.first_token < stop:
+                    service[o.arrival.tenant] += o.arrival.prompt_tokens
+                service[o.arrival.tenant] += 2 * sum(1 for c in o.chunks if start <= c < stop)
+            value = jain(list(service.values()))
+            if value is not None:
+                indices.append(value)
+        start = stop
+    return sum(indices) / len(indices) if indices else None
+
+
+def throughput(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, float]:
+    """Output tokens/s streamed, and requests/s completed, within the arrival window."""
+    tokens = sum(1 for o in outcomes for c in o.chunks if c < duration_s)
+    done = sum(1 for o in outcomes if o.served and o.done is not None and o.done < duration_s)
+    return {"output_tok_per_s": tokens / duration_s, "req_per_s": done / duration_s}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → {name{labels}: value} (labels kept verbatim)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^(\S+)\s+(\S+)", line)
+        if match:
+            try:
+                samples[match.group(1)] = float(match.group(2))
+            except ValueError:
+                continue
+    return samples
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
+    return sum(
+        v - before.get(k, 0.0)
+        for k, v in after.items()
+        if k.startswith(prefix) and not k.endswith("_created")
+    )
+
+
+def schedule_p99_upper_s(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Upper bound on the p99 of schedule() time: the first histogram bucket holding 99%."""
+    buckets: list[tuple[float, float]] = []
+    for key, value in after.items():
+        match = re.match(re.escape(SCHEDULE_METRIC) + r'_bucket\{le="([^"]+)"', key)
+        if match:
+            buckets.append((float(match.group(1)), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    for upper, count in buckets:
+        if count >= 0.99 * total:
+            return upper
+    return None  # pragma: no cover - the +Inf bucket always holds everything
+
+
+# -- the driver (network) ----------------------------------------------------------------------
+
+
+def request_body(model: str, a: Arrival, classes: Sequence[ClassLoad], rng: random.Random) -> dict[str, Any]:
+    priority = next(c.priority for c in classes if c.name == a.slo_class)
+    return {
+        "model": model,
+        "prompt": [rng.randrange(100, 1000) for _ in range(a.prompt_tokens)],  # exact length
+        "max_tokens": a.max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "priority": priority,
+        "vllm_xargs": {"slo_class": a.slo_class, "tenant": a.tenant},
+    }
+
+
+async def send(client: httpx.AsyncClient, body: dict[str, Any], outcome: Outcome, t0: float) -> None:
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                outcome.error = f"HTTP {response.status_code}"
+                outcome.rejected = response.status_code in (429, 503)
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.monotonic() - t0
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text"):
+                        outcome.chunks.append(now)
+                        if outcome.first_token is None:
+                            outcome.first_token = now
+                    if choice.get("finish_reason") == "abort":
+                        outcome.rejected = str(choice.get("stop_reason") or "").startswith(
+                            "tokenfleet:rejected"
+                        )
+                        if not outcome.rejected:
+                            outcome.error = "aborted"
+                usage = chunk.get("usage")
+                if usage:
+                    outcome.tokens = int(usage.get("completion_tokens") or 0)
+            outcome.done = time.monotonic() - t0
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        outcome.error = type(exc).__name__
+
+
+async def drive(
+    url: str,
+    model: str,
+    arrivals: Sequence[Arrival],
+    *,
+    classes: Sequence[ClassLoad] = DEFAULT_CLASSES,
+    drain_s: float = 30.0,
+    seed: int = 0,
+    max_in_flight: int = 512,
+) -> tuple[list[Outcome], float]:
+    """Open loop: send each arrival at its time (never waiting for earlier ones), then give
+    in-flight requests `drain_s` after the last arrival; returns the outcomes and that cutoff."""
+    rng = random.Random(seed)
+    bodies = [request_body(model, a, classes, rng) for a in arrivals]
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=64)
+    outcomes: list[Outcome] = []
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(300, connect=10), limits=limits
+    ) as client:
+        t0 = time.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        for a, body in zip(arrivals, bodies, strict=True):
+            delay = a.at - (time.monotonic() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            outcome = Outcome(arrival=a, sent=time.monotonic() - t0)
+            outcomes.append(outcome)
+            tasks.append(asyncio.create_task(send(client, body, outcome, t0)))
+        end = (arrivals[-1].at if arrivals else 0.0) + drain_s
+        remaining = max(0.0, end - (time.monotonic() - t0))
+        _, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        cutoff = time.monotonic() - t0
+    for o in outcomes:
+        if o.done is None and o.error is None and not o.rejected:
+            o.error = "unfinished"
+    return outcomes, cutoff
+
+
+async def saturate(url: str, model: str, concurrency: int, seconds: float, seed: int) -> float:
+    """Closed loop at `concurrency` with the class mix: completed requests per second = λ_sat."""
+    rng = random.Random(seed)
+    done = 0
+    stop_at = time.monotonic() + seconds
+
+    async def user(client: httpx.AsyncClient) -> None:
+        nonlocal done
+        while time.monotonic() < stop_at:
+            cls = rng.choices(DEFAULT_CLASSES, weights=[c.share for c in DEFAULT_CLASSES])[0]
+            a = Arrival(0, cls.name, rng.choice(TENANTS), rng.randint(*cls.prompt), rng.randint(*cls.output))
+            outcome = Outcome(arrival=a, sent=0)
+            await send(client, request_body(model, a, DEFAULT_CLASSES, rng), outcome, time.monotonic())
+            if outcome.served and time.monotonic() < stop_at:
+                done += 1
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        started = time.monotonic()
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+        return done / (min(time.monotonic(), stop_at) - started)
+
+
+# -- orchestration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_source: str = "builtin://tiny-code"
+    max_num_seqs: int = 8
+    duration_s: float = 40.0
+    drain_s: float = 30.0
+    seeds: tuple[int, ...] = (1, 2, 3)
+    profiles: tuple[str, ...] = ("0.8x", "1.2x", "burst")
+    policies: tuple[str, ...] = ("fcfs", "priority", "sla")
+    calibrate_s: float = 30.0
+    lam: float | None = None  # skip calibration when given
+
+
+def service_spec(policy: str, config: BenchConfig) -> dict[str, Any]:
+    classes = [
+        {
+            "name": c.name,
+            "priority": c.priority,
+            **({"ttftMs": c.ttft_s * 1000} if c.ttft_s is not None else {}),
+            **({"tpotMs": c.tpot_s * 1000} if c.tpot_s is not None else {}),
+            "maxWaitS": c.max_wait_s,
+            **({"queueLimit": c.queue_limit} if c.queue_limit is not None else {}),
+        }
+        for c in DEFAULT_CLASSES
+    ]
+    return {
+        "model": {"name": "bench", "source": config.model_source, "maxModelLen": 512},
+        "engine": {"maxNumSeqs": config.max_num_seqs, "kvCacheGib": 1, "shutdownTimeoutS": 5},
+        "scheduler": {
+            "policy": policy,
+            "classes": classes,
+            "tenants": [{"name": t} for t in TENANTS],
+            "defaultClass": "standard",
+        },
+    }
+
+
+def summarize_run(
+    outcomes: Sequence[Outcome],
+    cutoff: float,
+    duration_s: float,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "classes": {c.name: class_report(outcomes, c, cutoff) for c in DEFAULT_CLASSES},
+        "jain": fairness(outcomes, duration_s),
+        **throughput(outcomes, duration_s),
+        "preemptions": metric_delta(before, after, "vllm:num_preemptions_total"),
+        "schedule_p99_le_s": schedule_p99_upper_s(before, after),
+        "requests": len(outcomes),
+    }
+
+
+def run_bench(
+    config: BenchConfig, out_dir: Path, log: Any = print
+) -> dict[str, Any]:  # pragma: no cover - engines
+    from tokenfleet.engine.launch import EngineProcess, engine_command
+    from tokenfleet.models import resolve_model
+    from tokenfleet.spec import parse_service
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": asdict(config), "runs": []}
+    lam = config.lam
+    for policy in config.policies:
+        service = parse_service(
+            {
+                "apiVersion": "tokenfleet.dev/v1alpha1",
+                "kind": "LLMService",
+                "metadata": {"name": "bench"},
+                "spec": service_spec(policy, config),
+            }
+        )
+        model_path = resolve_model(service.spec.model)
+        port = _free_port()
+        engine = EngineProcess(
+            engine_command(service.spec, model_path, port=port),
+            port=port,
+            log_path=out_dir / f"engine-{policy}.log",
+        )
+        engine.start()
+        try:
+            log(f"[{policy}] engine ready in {engine.wait_ready(600):.0f}s")
+            asyncio.run(saturate(engine.url, "bench", 2, 5, seed=0))  # warm-up
+            if lam is None:
+                lam = asyncio.run(
+                    saturate(engine.url, "bench", 2 * config.max_num_seqs, config.calibrate_s, seed=0)
+                )
+                results["lambda_sat"] = lam
+                log(
+                    f"[{policy}] λ_sat = {lam:.2f} req/s (closed loop, concurrency {2 * config.max_num_seqs})"
+                )
+            for profile in config.profiles:
+                for seed in config.seeds:
+                    arrivals = generate(profile, lam, config.duration_s, seed)
+                    before = parse_metrics(httpx.get(f"{engine.url}/metrics", timeout=10).text)
+                    outcomes, cutoff = asyncio.run(
+                        drive(engine.url, "bench", arrivals, drain_s=config.drain_s, seed=seed)
+                    )
+                    after = parse_metrics(httpx.get(f"{engine.url}/metrics", timeout=10).text)
+                    run = {
+                        "policy": policy,
+                        "profile": profile,
+                        "seed": seed,
+                        **summarize_run(outcomes, cutoff, config.duration_s, before, after),
+                    }
+                    results["runs"].append(run)
+                    inter = run["classes"]["interactive"]
+                    log(
+                        f"[{policy}] {profile} seed {seed}: {len(arrivals)} req, interactive SLO "
+                        f"{_pct(inter['slo_attainment'])} p99 TTFT {_ms(inter['ttft_p99'])}, "
+                        f"batch max wait {_s(run['classes']['batch']['max_wait'])}, J {_num(run['jain'])}, "
+                        f"{run['output_tok_per_s']:.1f} tok/s"
+                    )
+                    (out_dir / "scheduler.json").write_text(json.dumps(results, indent=1))
+                    time.sleep(2)  # let the engine go idle between runs
+        finally:
+            engine.stop(timeout_s=30)
+    return results
+
+
+def _free_port() -> int:  # pragma: no cover - engines
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{1000 * v:.0f} ms"
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f} s"
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
+    """Mean and 95% half-width (Student t for the small n here)."""
+    if not values:
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 2.0)
+    return mean, t * sd / math.sqrt(n)
+
+
+def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict[str, Any]:
+    """Mean (and 95% CI) over seeds of each reported figure; max wait is the max over seeds."""
+    mine = [r for r in runs if r["policy"] == policy and r["profile"] == profile]
+
+    def values(get: Any) -> list[float]:
+        return [v for r in mine if (v := get(r)) is not None]
+
+    agg: dict[str, Any] = {"seeds": len(mine)}
+    for cls in DEFAULT_CLASSES:
+        n = cls.name
+        for key in ("slo_attainment", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
+            agg[f"{n}.{key}"] = _mean_ci(values(lambda r, n=n, key=key: r["classes"][n][key]))
+        waits = values(lambda r, n=n: r["classes"][n]["max_wait"])
+        agg[f"{n}.max_wait"] = max(waits) if waits else None
+        agg[f"{n}.rejected"] = sum(values(lambda r, n=n: r["classes"][n]["rejected"]))
+        agg[f"{n}.requests"] = sum(values(lambda r, n=n: r["classes"][n]["requests"]))
+    for key in ("jain", "output_tok_per_s", "req_per_s", "preemptions"):
+        agg[key] = _mean_ci(values(lambda r, key=key: r[key]))
+    sched = values(lambda r: r["schedule_p99_le_s"])
+    agg["schedule_p99_le_s"] = max(sched) if sched else None
+    return agg
+
+
+def _ci(v: tuple[float, float] | None, fmt: Any) -> str:
+    if v is None:
+        return "–"
+    mean, half = v
+    return f"{fmt(mean)} ± {fmt(half).split()[0]}" if half else fmt(mean)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The results tables (one per profile), FCFS and priority next to sla."""
+    runs = results["runs"]
+    policies = list(dict.fromkeys(r["policy"] for r in runs))
+    profiles = list(dict.fromkeys(r["profile"] for r in runs))
+    lines: list[str] = []
+    for profile in profiles:
+        lines += [f"### {profile} λ_sat" if profile != "burst" else "### burst (0.7 → 1.5 → 0.5 × λ_sat)", ""]
+        lines.append("| figure | " + " | ".join(policies) + " |")
+        lines.append("|---|" + "---|" * len(policies))
+        aggs = {p: aggregate(runs, p, profile) for p in policies}
+        rows: list[tuple[str, Any]] = []
+        for cls in DEFAULT_CLASSES:
+            n = cls.name
+            rows += [
+                (f"{n} SLO attainment", lambda a, n=n: _ci(a[f"{n}.slo_attainment"], _pct)),
+                (
+                    f"{n} P50 / P99 TTFT",
+                    lambda a, n=n: f"{_ci(a[f'{n}.ttft_p50'], _ms)} / {_ci(a[f'{n}.ttft_p99'], _ms)}",
+                ),
+                (
+                    f"{n} P50 / P99 TPOT",
+                    lambda a, n=n: f"{_ci(a[f'{n}.tpot_p50'], _ms)} / {_ci(a[f'{n}.tpot_p99'], _ms)}",
+                ),
+                (f"{n} max wait (all seeds)", lambda a, n=n: _s(a[f"{n}.max_wait"])),
+                (
+                    f"{n} rejected / requests",
+                    lambda a, n=n: f"{a[f'{n}.rejected']:.0f} / {a[f'{n}.requests']:.0f}",
+                ),
+            ]
+        rows += [
+            ("Jain's index (backlogged tenants)", lambda a: _ci(a["jain"], _num)),
+            ("throughput (output tok/s)", lambda a: _ci(a["output_tok_per_s"], lambda v: f"{v:.1f}")),
+            ("completed req/s", lambda a: _ci(a["req_per_s"], lambda v: f"{v:.2f}")),
+            ("preemptions per run", lambda a: _ci(a["preemptions"], lambda v: f"{v:.1f}")),
+            (
+                "schedule() p99 (bucket bound)",
+                lambda a: _ms(a["schedule_p99_le_s"]) if a["schedule_p99_le_s"] else "n/a",
+            ),
+        ]
+        for label, fmt in rows:
+            lines.append(f"| {label} | " + " | ".join(fmt(aggs[p]) for p in policies) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no cover - matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    policies = list(dict.fromkeys(r["policy"] for r in runs))
+    profiles = list(dict.fromkeys(r["profile"] for r in runs))
+    paths: list[Path] = []
+    figures = [
+        ("interactive.ttft_p99", "interactive P99 TTFT (s)", "interactive-ttft-p99.png"),
+        ("interactive.slo_attainment", "interactive SLO attainment", "interactive-attainment.png"),
+        ("output_tok_per_s", "throughput (output tok/s)", "throughput.png"),
+        ("jain", "Jain's index (backlogged tenants)", "jain.png"),
+    ]
+    for key, title, name in figures:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
+            means, errs = [], []
+            for profile in profiles:
+                v = aggregate(runs, policy, profile)[key]
+                means.append(v[0] if v else 0.0)
+                errs.append(v[1] if v else 0.0)
+            xs = [j + i * width for j in range(len(profiles))]
+            ax.bar(xs, means, width, yerr=errs, label=policy, capsize=3)
+        ax.set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(profiles))], profiles)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def cmd_bench_scheduler(args: Any) -> int:  # pragma: no cover - engines
+    config = BenchConfig(
+        model_source=args.model,
+        max_num_seqs=args.max_num_seqs,
+        duration_s=args.duration,
+        drain_s=args.drain,
+        seeds=tuple(range(1, args.seeds + 1)),
+        profiles=tuple(args.profiles.split(",")),
+        policies=tuple(args.policies.split(",")),
+        calibrate_s=args.calibrate,
+        lam=args.lam,
+    )
+    out = Path(args.out)
+    results = run_bench(config, out)
+    tables = render_markdown(results)
+    (out / "tables.md").write_text(tables)
+    plot(results, out)
+    print(tables)
+    print(f"results: {out}")
+    return 0
+
+
+def register(bench_sub: Any) -> None:
+    """Add `tokenfleet bench scheduler` next to the load harness's `bench run`."""
+    p = bench_sub.add_parser("scheduler", help="FCFS vs vLLM priority vs tokenfleet sla on a real CPU engine")
+    p.add_argument("--model", default="builtin://tiny-code", help="model source (default: the builtin model)")
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    p.add_argument("--drain", type=float, default=30.0, help="seconds to let in-flight requests finish")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--profiles", default="0.8x,1.2x,burst")
+    p.add_argument("--policies", default="fcfs,priority,sla")
+    p.add_argument("--calibrate", type=float, default=30.0, help="seconds of closed-loop calibration")
+    p.add_argument("--lam", type=float, help="λ_sat in req/s (skip calibration)")
+    p.add_argument("--out", default="runs/scheduler")
+    p.set_defaults(handler=cmd_bench_scheduler)

@@ -1,0 +1,266 @@
+"""The scheduler benchmark's pure parts: workload generation, metrics, report. No engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenfleet.engine import scheduler_bench as sb
+from tokenfleet.engine.scheduler_bench import Arrival, Outcome
+from tokenfleet.spec import parse_service
+
+
+def test_rate_profiles() -> None:
+    assert sb.rate_multiplier("0.8x", 5, 30) == 0.8
+    assert [sb.rate_multiplier("burst", t, 30) for t in (0, 9.9, 10.1, 19.9, 20.1, 30)] == [
+        0.7,
+        0.7,
+        1.5,
+        1.5,
+        0.5,
+        0.5,
+    ]
+    assert sb.peak_multiplier("burst") == 1.5
+    assert sb.peak_multiplier("1.2x") == 1.2
+    with pytest.raises(ValueError, match="unknown profile"):
+        sb.rate_multiplier("fast", 0, 1)
+
+
+def test_generate_matches_rates_shares_and_lengths() -> None:
+    arrivals = sb.generate("1.0x", lam=10.0, duration_s=200.0, seed=7)
+    assert arrivals == sb.generate("1.0x", lam=10.0, duration_s=200.0, seed=7)  # seeded
+    assert [a.at for a in arrivals] == sorted(a.at for a in arrivals)
+    assert 0.9 * 2000 < len(arrivals) < 1.1 * 2000
+    by_class = {c.name: [a for a in arrivals if a.slo_class == c.name] for c in sb.DEFAULT_CLASSES}
+    for cls in sb.DEFAULT_CLASSES:
+        share = len(by_class[cls.name]) / len(arrivals)
+        assert abs(share - cls.share) < 0.05, (cls.name, share)
+        assert all(cls.prompt[0] <= a.prompt_tokens <= cls.prompt[1] for a in by_class[cls.name])
+        assert all(cls.output[0] <= a.max_tokens <= cls.output[1] for a in by_class[cls.name])
+    noisy = [a for a in arrivals if a.tenant == sb.NOISY and a.slo_class != "interactive"]
+    rest = [a for a in arrivals if a.slo_class != "interactive"]
+    assert abs(len(noisy) / len(rest) - sb.NOISY_SHARE) < 0.06
+    assert all((a.at % sb.NOISY_PERIOD_S) < sb.NOISY_PERIOD_S / 2 for a in noisy)  # bursts only
+    assert {a.tenant for a in by_class["interactive"]} == set(sb.TENANTS)
+
+
+def test_burst_profile_has_three_phases() -> None:
+    arrivals = sb.generate("burst", lam=10.0, duration_s=300.0, seed=3)
+    counts = [sum(1 for a in arrivals if k * 100 <= a.at < (k + 1) * 100) for k in range(3)]
+    assert counts[1] > 1.7 * counts[0] > 1.7 * counts[2] * 0.7 / 0.5 * 0.5
+
+
+def test_percentile_and_jain() -> None:
+    assert sb.percentile([], 50) is None
+    assert sb.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert sb.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert sb.jain([]) is None
+    assert sb.jain([0.0, 0.0]) == 1.0
+    assert sb.jain([5.0, 5.0, 5.0]) == pytest.approx(1.0)
+    assert sb.jain([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.25)
+
+
+@given(st.lists(st.floats(0, 1e6), min_size=1, max_size=20))
+def test_jain_is_between_one_over_n_and_one(values: list[float]) -> None:
+    j = sb.jain(values)
+    assert j is not None
+    assert 1 / len(values) - 1e-9 <= j <= 1 + 1e-9
+
+
+def outcome(
+    cls: str, tenant: str, sent: float, first: float | None, done: float | None, tokens: int
+) -> Outcome:
+    o = Outcome(
+        arrival=Arrival(sent, cls, tenant, 10, tokens), sent=sent, first_token=first, done=done, tokens=tokens
+    )
+    if first is not None and done is not None:
+        o.chunks = [first + (done - first) * k / max(1, tokens - 1) for k in range(tokens)]
+    return o
+
+
+def test_class_report_counts_rejections_and_unfinished_as_misses() -> None:
+    interactive = sb.DEFAULT_CLASSES[0]  # TTFT 1 s, TPOT 0.25 s
+    outcomes = [
+        outcome("interactive", "t2", 0.0, 0.5, 1.5, 5),  # met
+        outcome("interactive", "t2", 1.0, 2.5, 3.0, 3),  # TTFT 1.5 s: missed
+        outcome("interactive", "t3", 2.0, 2.2, 6.2, 5),  # TPOT 1 s: missed
+        outcome("interactive", "t3", 3.0, None, None, 0),  # unfinished
+        outcome("batch", "t3", 0.0, 0.1, 1.0, 4),  # other class: ignored
+    ]
+    outcomes[3].error = "unfinished"
+    rejected = outcome("interactive", "t4", 4.0, None, 4.1, 0)
+    rejected.rejected = True
+    outcomes.append(rejected)
+    report = sb.class_report(outcomes, interactive, end_s=10.0)
+    assert report["requests"] == 5
+    assert report["served"] == 3
+    assert report["rejected"] == 1
+    assert report["unfinished"] == 1
+    assert report["slo_attainment"] == pytest.approx(1 / 5)
+    assert report["ttft_p50"] == pytest.approx(0.5)
+    assert report["max_wait"] == pytest.approx(7.0)  # the unfinished one, until end_s
+    empty = sb.class_report([], interactive, end_s=1.0)
+    assert empty["slo_attainment"] is None
+    assert empty["max_wait"] is None
+
+
+def test_fairness_and_throughput() -> None:
+    equal = [outcome("batch", t, 0.0, 1.0, 9.0, 9) for t in ("t2", "t3")]
+    assert sb.fairness(equal, end_s=10.0) == pytest.approx(1.0)
+    skewed = [outcome("batch", "t2", 0.0, 1.0, 9.0, 9), outcome("batch", "t3", 0.0, None, None, 0)]
+    skewed[1].error = "unfinished"
+    assert sb.fairness(skewed, end_s=10.0) == pytest.approx(0.5)
+    assert sb.fairness([outcome("batch", "t2", 0.0, 1.0, 2.0, 2)], end_s=10.0) is None  # one tenant
+    tp = sb.throughput(equal, duration_s=10.0)
+    assert tp == {"output_tok_per_s": pytest.approx(1.8), "req_per_s": pytest.approx(0.2)}
+
+
+METRICS_BEFORE = """# HELP x
+vllm:num_preemptions_total{engine="0"} 2.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="0.0005"} 10.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="0.001"} 10.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="+Inf"} 10.0
+vllm:num_preemptions_created{engine="0"} 17.0
+junk line-without-number x
+"""
+METRICS_AFTER = """vllm:num_preemptions_total{engine="0"} 7.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="0.0005"} 900.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="0.001"} 1009.0
+tokenfleet_scheduler_schedule_seconds_bucket{le="+Inf"} 1010.0
+"""
+
+
+def test_metrics_parsing_deltas_and_schedule_p99() -> None:
+    before, after = sb.parse_metrics(METRICS_BEFORE), sb.parse_metrics(METRICS_AFTER)
+    assert sb.metric_delta(before, after, "vllm:num_preemptions_total") == 5.0
+    assert sb.schedule_p99_upper_s(before, after) == 0.001  # 999 of 1000 within 1 ms
+    assert sb.schedule_p99_upper_s({}, {}) is None
+
+
+def fake_run(policy: str, profile: str, seed: int, ttft: float, tokens: float) -> dict[str, Any]:
+    cls = {
+        "requests": 10,
+        "served": 9,
+        "rejected": 1,
+        "unfinished": 0,
+        "slo_attainment": 0.9,
+        "ttft_p50": ttft / 2,
+        "ttft_p99": ttft,
+        "tpot_p50": 0.01,
+        "tpot_p99": 0.02,
+        "max_wait": ttft * seed,
+    }
+    return {
+        "policy": policy,
+        "profile": profile,
+        "seed": seed,
+        "classes": {c.name: dict(cls) for c in sb.DEFAULT_CLASSES},
+        "jain": 0.97,
+        "output_tok_per_s": tokens,
+        "req_per_s": 1.0,
+        "preemptions": 0.0,
+        "schedule_p99_le_s": 0.001 if policy == "sla" else None,
+        "requests": 30,
+    }
+
+
+def test_aggregate_and_markdown() -> None:
+    runs = [
+        fake_run(p, pr, s, 1.0 + s, 100.0 + s)
+        for p in ("fcfs", "sla")
+        for pr in ("1.2x", "burst")
+        for s in (1, 2, 3)
+    ]
+    agg = sb.aggregate(runs, "sla", "1.2x")
+    assert agg["seeds"] == 3
+    mean, half = agg["output_tok_per_s"]
+    assert mean == pytest.approx(102.0)
+    assert half == pytest.approx(4.30 * 1.0 / 3**0.5)
+    assert agg["batch.max_wait"] == pytest.approx(12.0)  # max over seeds
+    assert agg["interactive.rejected"] == 3
+    text = sb.render_markdown({"runs": runs})
+    assert "### 1.2x λ_sat" in text
+    assert "### burst" in text
+    assert "| figure | fcfs | sla |" in text
+    assert "| schedule() p99 (bucket bound) | n/a | 1 ms |" in text
+    assert sb._mean_ci([]) is None
+    assert sb._mean_ci([2.0]) == (2.0, 0.0)
+
+
+def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
+    for policy in ("fcfs", "priority", "sla"):
+        spec = sb.service_spec(policy, sb.BenchConfig(model_source="builtin://tiny-random"))
+        service = parse_service(
+            {
+                "apiVersion": "tokenfleet.dev/v1alpha1",
+                "kind": "LLMService",
+                "metadata": {"name": "b"},
+                "spec": spec,
+            }
+        )
+        assert service.spec.scheduler.policy == policy
+        assert service.spec.engine.max_num_seqs == 8
+        assert service.spec.scheduler.class_named("batch").queue_limit == 32
+
+
+# -- the driver against a fake streaming server (httpx MockTransport, no sockets) ---------------
+
+
+def _stream(chunks: list[dict[str, Any]]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def fake_engine(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content)
+    xargs = body["vllm_xargs"]
+    assert body["stream"] is True
+    assert all(isinstance(t, int) for t in body["prompt"])  # token ids: exact prompt lengths
+    if xargs["slo_class"] == "batch" and xargs["tenant"] == "t4":
+        chunks = [
+            {"choices": [{"text": "", "finish_reason": "abort", "stop_reason": "tokenfleet:rejected: full"}]}
+        ]
+        return httpx.Response(200, content=b"".join(_stream(chunks)))
+    if xargs["tenant"] == "t3":
+        return httpx.Response(503, json={"error": "busy"})
+    n = body["max_tokens"]
+    chunks = [{"choices": [{"text": "x", "finish_reason": None}]} for _ in range(n)]
+    chunks.append({"choices": [], "usage": {"completion_tokens": n}})
+    return httpx.Response(200, content=b"".join(_stream(chunks)))
+
+
+def test_driver_records_tokens_rejections_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_client = httpx.AsyncClient
+
+    def client(**kwargs: Any) -> httpx.AsyncClient:
+        kwargs.pop("limits", None)
+        return real_client(transport=httpx.MockTransport(fake_engine), **kwargs)
+
+    monkeypatch.setattr(sb.httpx, "AsyncClient", client)
+    arrivals = [
+        Arrival(0.0, "interactive", "t2", 10, 4),
+        Arrival(0.01, "batch", "t4", 10, 4),
+        Arrival(0.02, "standard", "t3", 10, 4),
+    ]
+    outcomes, cutoff = asyncio.run(sb.drive("http://fake", "m", arrivals, drain_s=0.5))
+    ok, rejected, busy = outcomes
+    assert ok.served
+    assert ok.tokens == 4
+    assert len(ok.chunks) == 4
+    assert ok.ttft is not None
+    assert ok.tpot is not None
+    assert rejected.rejected
+    assert not rejected.served
+    assert busy.rejected
+    assert busy.error == "HTTP 503"
+    assert cutoff >= 0.0
+    rate = asyncio.run(sb.saturate("http://fake", "m", concurrency=1, seconds=0.2, seed=1))
+    assert rate > 0
