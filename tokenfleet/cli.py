@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenfleet.engine.scheduler_bench import register as register_scheduler_bench
 
     register_scheduler_bench(bench_sub)
+    from tokenfleet.engine.gateway.bench import register as register_gateway_bench
+
+    register_gateway_bench(bench_sub)
     return parser
 
 

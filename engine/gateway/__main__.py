@@ -1,0 +1,53 @@
+"""`python -m tokenfleet.engine.gateway -f service.yaml --replica r0=http://10.0.0.5:8000 ...`
+
+The gateway alone, in front of replicas someone else runs (a cluster's Deployment, or a
+benchmark's engines). `tokenfleet up` embeds the same app next to its local fleet instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from tokenfleet.engine.gateway.app import create_app
+from tokenfleet.spec import SpecError, default_service, load_service
+
+
+def parse_replica(value: str) -> tuple[str, str]:
+    rid, sep, url = value.partition("=")
+    if not sep or not rid or not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected id=http://host:port, got {value!r}")
+    return rid, url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenfleet.engine.gateway")
+    parser.add_argument("-f", "--file", help="service YAML (default: the builtin default service)")
+    parser.add_argument(
+        "--replica", action="append", type=parse_replica, default=[], help="id=url (repeatable)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, help="default: gateway.port")
+    args = parser.parse_args(argv)
+    try:
+        service = load_service(args.file) if args.file else default_service()
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    app = create_app(service, args.replica)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port or service.spec.gateway.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=service.spec.engine.shutdown_timeout_s,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""`tokenfleet bench gateway`: what the gateway costs and what its policies and failover buy.
+
+Three measurements, each against real processes on 127.0.0.1 (the gateway in its own process,
+so the client's and the gateway's Python do not share a GIL):
+
+1. **Added latency** — paired, sequential requests alternating direct-to-engine and through the
+   gateway (order randomised per pair), against a fake replica (pure proxy cost) and against a
+   real vLLM replica. Reported: p50/p99 of each side and of the per-pair difference.
+2. **Policies** — round robin, least outstanding and prefix affinity with 2 vLLM replicas on the
+   load harness's shared-prefix workload (a fresh seed per policy, so no policy inherits a warm
+   prefix cache): mean TTFT from the harness, prefix-cache hit rate from the engines' counters.
+3. **Failover** — a bounded streaming load over 2 replicas, one SIGKILLed (process group)
+   mid-run and restarted: requests lost before streaming (target 0), streams broken, time until
+   the replica is routable again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
+from tokenfleet.spec import LLMService, parse_service
+
+Log = Callable[[str], None]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bench_service(policy: str = "least_outstanding", name: str = "tiny") -> LLMService:
+    return parse_service(
+        {
+            "apiVersion": "tokenfleet.dev/v1alpha1",
+            "kind": "LLMService",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "model": {"name": name, "source": "builtin://tiny-random", "maxModelLen": 512},
+                "engine": {"maxNumSeqs": 8, "kvCacheGib": 1, "shutdownTimeoutS": 5},
+                "routing": {
+                    "policy": policy,
+                    "probeIntervalS": 0.5,
+                    "ejectCooldownS": 1.0,
+                    "ejectAfterFailures": 1,
+                },
+                "gateway": {"maxQueuePerClass": 256},
+            },
+        }
+    )
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def describe_ms(values: Sequence[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values]
+    return {
+        "n": len(ms),
+        "p50_ms": round(quantile(ms, 0.5), 3),
+        "p90_ms": round(quantile(ms, 0.9), 3),
+        "p99_ms": round(quantile(ms, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"),
+    }
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+@contextmanager
+def gateway_process(service: LLMService, replicas: Sequence[tuple[str, str]], work: Path) -> Iterator[str]:
+    spec = work / f"gateway-{service.spec.routing.policy}.yaml"
+    spec.write_text(yaml.safe_dump(service.model_dump(by_alias=True, exclude_none=True, mode="json")))
+    port = free_port()
+    argv = [sys.executable, "-m", "tokenfleet.engine.gateway", "-f", str(spec), "--port", str(port)]
+    for rid, url in replicas:
+        argv += ["--replica", f"{rid}={url}"]
+    process = subprocess.Popen(argv, env={**os.environ, "PYTHONSAFEPATH": "1"}, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/ready", 60, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def fake_process(work: Path) -> Iterator[str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "tokenfleet.engine.gateway.fake_engine", "--port", str(port)]
+    process = subprocess.Popen(argv, env={**os.environ, "PYTHONSAFEPATH": "1"}, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 30, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def start_engine(service: LLMService, model_path: str, work: Path, port: int | None = None) -> EngineProcess:
+    port = port or free_port()
+    command: EngineCommand = engine_command(service.spec, model_path, port=port)
+    engine = EngineProcess(command, port=port, log_path=work / f"engine-{port}.log", cwd=work)
+    engine.start()
+    return engine
+
+
+# -- 1. added latency ----------------------------------------------------------------------------
+
+
+def paired_latency(
+    direct: str, via: str, body: dict[str, Any], pairs: int, warmup: int = 10
+) -> dict[str, Any]:
+    """Alternate direct and gateway calls (random order per pair) so drift hits both equally."""
+    rng = random.Random(0)
+    samples: dict[str, list[float]] = {"direct": [], "gateway": []}
+    with httpx.Client(trust_env=False, timeout=60) as client:
+        for i in range(warmup + pairs):
+            order = [("direct", direct), ("gateway", via)]
+            rng.shuffle(order)
+            for side, base in order:
+                started = time.perf_counter()
+                reply = client.post(f"{base}/v1/completions", json=body)
+                elapsed = time.perf_counter() - started
+                if reply.status_code != 200:
+                    raise RuntimeError(f"{side} answered {reply.status_code}: {reply.text[:200]}")
+                if i >= warmup:
+                    samples[side].append(elapsed)
+    diffs = [g - d for g, d in zip(samples["gateway"], samples["direct"], strict=True)]
+    return {
+        "direct": describe_ms(samples["direct"]),
+        "gateway": describe_ms(samples["gateway"]),
+        "added": describe_ms(diffs),
+        "added_p50_ms": round(
+            (quantile(samples["gateway"], 0.5) - quantile(samples["direct"], 0.5)) * 1000, 3
+        ),
+        "added_p99_ms": round(
+            (quantile(samples["gateway"], 0.99) - quantile(samples["direct"], 0.99)) * 1000, 3
+        ),
+    }
+
+
+# -- 2. policies ---------------------------------------------------------------------------------
+
+
+def prefix_counters(urls: Sequence[str]) -> tuple[float, float]:
+    from tokenfleet.engine.gateway.replicas import parse_engine_metrics
+
+    hits = queries = 0.0
+    for url in urls:
+        stats = parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text)
+        hits += stats.prefix_hits
+        queries += stats.prefix_queries
+    return hits, queries
+
+
+def compare_policies(
+    engines: Sequence[str], work: Path, duration_s: float, log: Log, workload_path: Path
+) -> dict[str, Any]:
+    from tokenfleet.load.bench import run_workload
+    from tokenfleet.load.workload import load_workload
+
+    base = load_workload(workload_path)
+    results: dict[str, Any] = {}
+    for index, policy in enumerate(("round_robin", "least_outstanding", "prefix_affinity")):
+        # A fresh seed per policy: new prefixes, so no policy starts with a cache another warmed.
+        workload = base.model_copy(update={"seed": base.seed + 1000 * (index + 1)})
+        members = [(f"r{i}", url) for i, url in enumerate(engines)]
+        with gateway_process(bench_service(policy), members, work) as url:
+            hits0, queries0 = prefix_counters(engines)
+            log(f"bench gateway: policy {policy}, {duration_s:.0f}s of {base.name}")
+            result = run_workload(workload, url, duration_s, work / f"policy-{policy}")
+            hits1, queries1 = prefix_counters(engines)
+        overall = result.summary["overall"]
+        queries = queries1 - queries0
+        results[policy] = {
+            "ttft": overall.get("ttft"),
+            "requests": overall.get("requests", overall.get("count")),
+            "errors": overall.get("errors"),
+            "prefix_cache_hit_rate": round((hits1 - hits0) / queries, 4) if queries else None,
+            "results_dir": str(result.dir),
+        }
+    return results
+
+
+# -- 3. failover ---------------------------------------------------------------------------------
+
+
+def stream_once(url: str, index: int) -> dict[str, Any]:
+    body = {
+        "model": "tiny",
+        "prompt": f"req {index}: def f(",
+        "max_tokens": 32,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    outcome: dict[str, Any] = {"started": False, "finished": False, "status": None, "error": None}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60, trust_env=False) as reply:
+            outcome["status"] = reply.status_code
+            for chunk in reply.iter_raw():
+                if chunk and reply.status_code == 200:
+                    outcome["started"] = True
+                    if b'"error"' in chunk:
+                        outcome["error"] = "mid-stream"
+            outcome["finished"] = outcome["started"] and outcome["error"] is None
+    except httpx.HTTPError as exc:
+        outcome["error"] = type(exc).__name__
+    return outcome
+
+
+def failover_run(service: LLMService, model_path: str, work: Path, requests: int, log: Log) -> dict[str, Any]:
+    engines = [start_engine(service, model_path, work), start_engine(service, model_path, work)]
+    try:
+        for engine in engines:
+            engine.wait_ready(600)
+        members = [("keep", engines[0].url), ("victim", engines[1].url)]
+        with gateway_process(bench_service("round_robin"), members, work) as url:
+            victim = engines[1]
+            timeline: dict[str, float] = {}
+
+            def kill_then_restart() -> None:
+                time.sleep(3.0)
+                assert victim.process is not None
+                os.killpg(victim.process.pid, signal.SIGKILL)
+                timeline["killed"] = time.monotonic()
+                victim.process.wait()
+                victim.start()
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    status = httpx.get(f"{url}/admin/status", timeout=5, trust_env=False).json()
+                    state = {r["id"]: r["state"] for r in status["replicas"]}
+                    if state["victim"] == "ready":
+                        timeline["readmitted"] = time.monotonic()
+                        return
+                    time.sleep(0.2)
+
+            chaos = threading.Thread(target=kill_then_restart)
+            started = time.monotonic()
+            chaos.start()
+            log(f"bench gateway: failover, {requests} streams, 4 at a time; SIGKILL at 3 s")
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                outcomes = list(pool.map(lambda i: stream_once(url, i), range(requests)))
+            load_s = time.monotonic() - started
+            chaos.join()
+            metrics = httpx.get(f"{url}/metrics", timeout=5, trust_env=False).text
+    finally:
+        for engine in engines:
+            engine.stop(timeout_s=20)
+    retries = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("tokenfleet_gateway_retries_total")
+    )
+    return {
+        "requests": len(outcomes),
+        "load_s": round(load_s, 1),
+        "lost_before_streaming": sum(1 for o in outcomes if not o["started"]),
+        "broken_mid_stream": sum(1 for o in outcomes if o["started"] and not o["finished"]),
+        "completed": sum(1 for o in outcomes if o["finished"]),
+        "retries": retries,
+        "capacity_back_s": round(timeline["readmitted"] - timeline["killed"], 1)
+        if "readmitted" in timeline and "killed" in timeline
+        else None,
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["# Gateway benchmark", "", f"Machine: {results['machine']}. Date: {results['date']}.", ""]
+    lines += [
+        "## Added latency (paired, sequential, non-streaming, max_tokens=1)",
+        "",
+        "| upstream | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 | "
+        "per-pair diff p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.get("overhead", {}).items():
+        lines.append(
+            f"| {name} | {row['direct']['p50_ms']:.2f} ms | {row['gateway']['p50_ms']:.2f} ms | "
+            f"**{row['added_p50_ms']:.2f} ms** | {row['direct']['p99_ms']:.2f} ms | "
+            f"{row['gateway']['p99_ms']:.2f} ms | **{row['added_p99_ms']:.2f} ms** | "
+            f"{row['added']['p50_ms']:.2f} / {row['added']['p99_ms']:.2f} ms |"
+        )
+    policies = results.get("policies")
+    if policies:
+        lines += [
+            "",
+            "## Routing policies, 2 replicas, shared-prefix workload",
+            "",
+            "| policy | requests | errors | mean TTFT | p50 TTFT | p99 TTFT | prefix-cache hit rate |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for policy, row in policies.items():
+            ttft = row.get("ttft") or {}
+            hit = row.get("prefix_cache_hit_rate")
+            lines.append(
+                f"| {policy} | {row.get('requests')} | {row.get('errors')} | {_ms(ttft.get('mean'))} | "
+                f"{_ms(ttft.get('p50'))} | {_ms(ttft.get('p99'))} | {'-' if hit is None else f'{hit:.1%}'} |"
+            )
+    failover = results.get("failover")
+    if failover:
+        lines += ["", "## Failover (SIGKILL of one of 2 replicas under streaming load, then restart)", ""]
+        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in failover.items()]
+    lines += ["", "Raw numbers: `gateway.json` next to this file.", ""]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def run_bench(
+    out_dir: Path,
+    *,
+    pairs: int = 300,
+    policy_duration_s: float = 40.0,
+    failover_requests: int = 60,
+    skip: Sequence[str] = (),
+    log: Log = print,
+) -> dict[str, Any]:
+    import platform
+
+    from tokenfleet.models import ensure_builtin
+
+    model_path = str(ensure_builtin("tiny-random"))
+    service = bench_service()
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "overhead": {},
+    }
+    body = {"model": "tiny", "prompt": "def f(", "max_tokens": 1}
+    with tempfile.TemporaryDirectory(prefix="tokenfleet-bench-") as tmp:
+        work = Path(tmp)
+        if "overhead" not in skip:
+            with fake_process(work) as fake, gateway_process(service, [("r0", fake)], work) as via:
+                log(f"bench gateway: added latency vs a fake replica, {pairs} pairs")
+                results["overhead"]["fake replica (proxy cost only)"] = paired_latency(fake, via, body, pairs)
+        engines: list[EngineProcess] = []
+        try:
+            if "overhead" not in skip or "policies" not in skip:
+                engines = [start_engine(service, model_path, work) for _ in range(2)]
+                for engine in engines:
+                    engine.wait_ready(600)
+            if "overhead" not in skip:
+                with gateway_process(service, [("r0", engines[0].url)], work) as via:
+                    log(f"bench gateway: added latency vs vLLM (tiny-random), {pairs} pairs")
+                    results["overhead"]["vLLM replica"] = paired_latency(engines[0].url, via, body, pairs)
+            if "policies" not in skip:
+                workload = Path(__file__).resolve().parents[2] / "load" / "workloads" / "shared-prefix.yaml"
+                results["policies"] = compare_policies(
+                    [e.url for e in engines], work, policy_duration_s, log, workload
+                )
+        finally:
+            for engine in engines:
+                engine.stop(timeout_s=20)
+        if "failover" not in skip:
+            results["failover"] = failover_run(service, model_path, work, failover_requests, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gateway.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "gateway.md").write_text(render(results))
+    return results
+
+
+def cmd_bench_gateway(args: argparse.Namespace) -> int:
+    results = run_bench(
+        Path(args.out),
+        pairs=args.pairs,
+        policy_duration_s=args.duration,
+        failover_requests=args.failover_requests,
+        skip=args.skip or (),
+    )
+    print(render(results))
+    return 0
+
+
+def register(bench_sub: Any) -> None:
+    parser = bench_sub.add_parser("gateway", help="gateway overhead, routing policies and failover")
+    parser.add_argument("--out", default="docs/results", help="directory for gateway.md and gateway.json")
+    parser.add_argument("--pairs", type=int, default=300, help="paired requests per latency measurement")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds per policy run")
+    parser.add_argument("--failover-requests", type=int, default=60)
+    parser.add_argument("--skip", action="append", choices=["overhead", "policies", "failover"])
+    parser.set_defaults(handler=cmd_bench_gateway)

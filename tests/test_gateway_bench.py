@@ -1,0 +1,50 @@
+"""The gateway benchmark's plumbing, against fake replicas (the real run is `tokenfleet bench gateway`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenfleet.engine.gateway import bench
+from tokenfleet.engine.gateway.__main__ import parse_replica
+
+
+def test_quantiles_and_description() -> None:
+    values = [i / 1000 for i in range(1, 101)]
+    assert bench.quantile(values, 0.5) == pytest.approx(0.0505, abs=0.001)
+    described = bench.describe_ms(values)
+    assert described["n"] == 100
+    assert described["p99_ms"] == pytest.approx(99.0, abs=1.01)
+    assert bench.quantile([], 0.5) != bench.quantile([], 0.5)  # NaN for no data
+
+
+def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    with (
+        bench.fake_process(tmp_path) as fake,
+        bench.gateway_process(bench.bench_service("round_robin"), [("r0", fake)], tmp_path) as via,
+    ):
+        result = bench.paired_latency(fake, via, body, pairs=20, warmup=2)
+    assert result["direct"]["n"] == result["gateway"]["n"] == 20
+    assert result["gateway"]["p50_ms"] > 0
+    report = bench.render(
+        {
+            "machine": "test",
+            "date": "today",
+            "overhead": {"fake": result},
+            "policies": {
+                "round_robin": {"ttft": {"mean": 0.1, "p50": 0.1, "p99": 0.2}, "prefix_cache_hit_rate": 0.5}
+            },
+            "failover": {"requests": 10, "lost_before_streaming": 0},
+        }
+    )
+    assert "| fake |" in report
+    assert "| round_robin | None | None | 100 ms | 100 ms | 200 ms | 50.0% |" in report
+    assert "- lost before streaming: 0" in report
+
+
+def test_parse_replica_argument() -> None:
+    assert parse_replica("r0=http://127.0.0.1:8001") == ("r0", "http://127.0.0.1:8001")
+    with pytest.raises(Exception, match="expected id=http"):
+        parse_replica("r0:8001")
