@@ -34,6 +34,8 @@ NOISY_PERIOD_S = 20.0  # on for the first half of every period, off for the seco
 BURST_PHASES = ((1 / 3, 0.7), (1 / 3, 1.5), (1 / 3, 0.5))  # (fraction of the run, × λ_sat)
 FAIRNESS_WINDOW_S = 10.0
 SCHEDULE_METRIC = "tokenfleet_scheduler_schedule_seconds"
+POLICY_METRIC = "tokenfleet_scheduler_policy_seconds"
+WAIT_METRIC = "tokenfleet_scheduler_wait_seconds"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +284,13 @@ def fairness(outcomes: Sequence[Outcome], end_s: float, window_s: float = FAIRNE
 
 
 def throughput(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, float]:
-    """Output tokens/s streamed, and requests/s completed, within the arrival window."""
-    tokens = sum(1 for o in outcomes for c in o.chunks if c < duration_s)
-    done = sum(1 for o in outcomes if o.served and o.done is not None and o.done < duration_s)
-    return {"output_tok_per_s": tokens / duration_s, "req_per_s": done / duration_s}
+    """Output tokens and completed requests per second, from the first arrival until the last
+    token streamed (not just the arrival window: a policy that defers batch work still serves
+    it, later, and a window cut would count that as lost throughput)."""
+    tokens = sum(len(o.chunks) for o in outcomes)
+    done = sum(1 for o in outcomes if o.served)
+    end = max([duration_s, *(c for o in outcomes for c in o.chunks)])
+    return {"output_tok_per_s": tokens / end, "req_per_s": done / end}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -311,21 +316,32 @@ def metric_delta(before: dict[str, float], after: dict[str, float], prefix: str)
     )
 
 
-def schedule_p99_upper_s(before: dict[str, float], after: dict[str, float]) -> float | None:
-    """Upper bound on the p99 of schedule() time: the first histogram bucket holding 99%."""
+def histogram_quantile_upper(
+    before: dict[str, float], after: dict[str, float], metric: str, q: float = 0.99, labels: str = ""
+) -> float | None:
+    """Upper bound on quantile q over the run: the first bucket (delta) holding q of the count.
+    `labels` is a label filter such as 'slo_class="batch"'; q = 1 gives a bound on the max."""
     buckets: list[tuple[float, float]] = []
     for key, value in after.items():
-        match = re.match(re.escape(SCHEDULE_METRIC) + r'_bucket\{le="([^"]+)"', key)
-        if match:
-            buckets.append((float(match.group(1)), value - before.get(key, 0.0)))
+        match = re.match(re.escape(metric) + r"_bucket\{(.*)\}$", key)
+        if not match or (labels and labels not in match.group(1)):
+            continue
+        le = re.search(r'le="([^"]+)"', match.group(1))
+        if le:
+            buckets.append((float(le.group(1)), value - before.get(key, 0.0)))
     buckets.sort()
     if not buckets or buckets[-1][1] <= 0:
         return None
     total = buckets[-1][1]
     for upper, count in buckets:
-        if count >= 0.99 * total:
+        if count >= q * total - 1e-9:
             return upper
     return None  # pragma: no cover - the +Inf bucket always holds everything
+
+
+def schedule_p99_upper_s(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Upper bound on the p99 of schedule() time: the first histogram bucket holding 99%."""
+    return histogram_quantile_upper(before, after, SCHEDULE_METRIC)
 
 
 # -- the driver (network) ----------------------------------------------------------------------
@@ -493,6 +509,11 @@ def summarize_run(
         **throughput(outcomes, duration_s),
         "preemptions": metric_delta(before, after, "vllm:num_preemptions_total"),
         "schedule_p99_le_s": schedule_p99_upper_s(before, after),
+        "policy_p99_le_s": histogram_quantile_upper(before, after, POLICY_METRIC),
+        "server_max_wait_le_s": {
+            c.name: histogram_quantile_upper(before, after, WAIT_METRIC, 1.0, f'slo_class="{c.name}"')
+            for c in DEFAULT_CLASSES
+        },
         "requests": len(outcomes),
     }
 
@@ -623,8 +644,9 @@ def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict
         agg[f"{n}.requests"] = sum(values(lambda r, n=n: r["classes"][n]["requests"]))
     for key in ("jain", "output_tok_per_s", "req_per_s", "preemptions"):
         agg[key] = _mean_ci(values(lambda r, key=key: r[key]))
-    sched = values(lambda r: r["schedule_p99_le_s"])
-    agg["schedule_p99_le_s"] = max(sched) if sched else None
+    for key in ("schedule_p99_le_s", "policy_p99_le_s"):
+        bounds = values(lambda r, key=key: r.get(key))
+        agg[key] = max(bounds) if bounds else None
     return agg
 
 

@@ -26,7 +26,7 @@ PORT_ENV = "TOKENFLEET_SCHEDULER_METRICS_PORT"
 HOST_ENV = "TOKENFLEET_SCHEDULER_METRICS_HOST"
 
 WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-SCHEDULE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+SCHEDULE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class SchedulerMetrics:
@@ -91,6 +91,12 @@ class SchedulerMetrics:
         self.schedule_time = Histogram(
             f"{PREFIX}_schedule_seconds",
             "Wall time of one schedule() call (policy work plus vLLM's own).",
+            buckets=SCHEDULE_BUCKETS,
+            registry=r,
+        )
+        self.policy_time = Histogram(
+            f"{PREFIX}_policy_seconds",
+            "Wall time of the SLA policy's own work in one schedule() call (vLLM's excluded).",
             buckets=SCHEDULE_BUCKETS,
             registry=r,
         )

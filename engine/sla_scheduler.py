@@ -143,9 +143,13 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         self.sla.advance(now)
         self._preempt_for_waiting_head(now)
         self._rank_running()
+        before_vllm = time.perf_counter()
         output = super().schedule(*args, **kwargs)
+        after_vllm = time.perf_counter()
         self._after_schedule(output, now)
-        self.sla_metrics.schedule_time.observe(time.perf_counter() - started)
+        ended = time.perf_counter()
+        self.sla_metrics.schedule_time.observe(ended - started)
+        self.sla_metrics.policy_time.observe((before_vllm - started) + (ended - after_vllm))
         return output
 
     def _observe_step(self, started: float) -> None:
