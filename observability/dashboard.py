@@ -32,8 +32,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from opentelemetry.sdk.trace import ReadableSpan
 
 from tokenfleet.observability.alerting import RuleEngine, WebhookNotifier
+from tokenfleet.observability.otlp_receiver import OTLPReceiver, ReceivedSpan
 from tokenfleet.observability.promql import TSDB, PromQLError, as_vector, evaluate, parse
-from tokenfleet.observability.tracing import TraceStore
+from tokenfleet.observability.tracing import SpanSummary, TraceStore, TraceSummary
 
 if TYPE_CHECKING:
     from tokenfleet.engine.gateway.app import Gateway
@@ -168,6 +169,25 @@ def traces_from_spans(spans: Iterable[ReadableSpan], limit: int = 20) -> list[di
     return store.recent(limit)
 
 
+def traces_from_received(spans: Iterable[ReceivedSpan], limit: int = 20) -> list[dict[str, Any]]:
+    """Traces from spans an OTLP receiver collected (gateway and vLLM spans, joined by trace id)."""
+    traces: dict[str, TraceSummary] = {}
+    for span in spans:
+        summary = SpanSummary(
+            name=span.name,
+            service=span.service,
+            span_id=span.span_id,
+            parent_id=span.parent_span_id or None,
+            start_ns=span.start_ns,
+            end_ns=span.end_ns,
+            error=span.error,
+            attributes=span.attributes,
+        )
+        traces.setdefault(span.trace_id, TraceSummary(span.trace_id)).spans.append(summary)
+    newest = sorted(traces.values(), key=lambda t: max(s.end_ns for s in t.spans), reverse=True)
+    return [t.as_dict() for t in newest[:limit]]
+
+
 @dataclass
 class LocalMonitor:
     sources: Callable[[], list[Source]]
@@ -196,8 +216,11 @@ class LocalMonitor:
         webhook_url: str | None = None,
         interval_s: float = 1.0,
         for_scale: float = 1.0,
+        receiver: OTLPReceiver | None = None,
     ) -> LocalMonitor:
-        """Scrape the gateway's registry and each replica it knows, show its in-memory traces."""
+        """Scrape the gateway's registry and each replica it knows; show its in-memory traces,
+        or, with `receiver` (a local OTLP endpoint the gateway and engines export to), the
+        joined gateway + engine traces."""
         from prometheus_client import generate_latest
 
         monitor: LocalMonitor
@@ -212,6 +235,8 @@ class LocalMonitor:
             return found
 
         def traces() -> list[dict[str, Any]]:
+            if receiver is not None:
+                return traces_from_received(receiver.spans())
             return traces_from_spans(gateway.tracing.memory.get_finished_spans())
 
         monitor = cls(

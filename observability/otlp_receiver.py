@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+STATUS_CODE_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     start_ns: int
     end_ns: int
+    error: bool = False
 
 
 def _value(v: AnyValue) -> Any:
@@ -70,6 +72,7 @@ def decode(body: bytes) -> list[ReceivedSpan]:
                         attributes={kv.key: _value(kv.value) for kv in span.attributes},
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
+                        error=span.status.code == STATUS_CODE_ERROR,
                     )
                 )
     return spans

@@ -182,3 +182,20 @@ def test_chart_legends_and_values() -> None:
     charts = evaluate_charts(CHARTS, db, 1)
     assert charts["queue"]["points"] == {"engine r0": 3}
     assert legend("p95 {class}", {}) == "p95"
+
+
+def test_traces_from_received_joins_services() -> None:
+    from tokenfleet.observability.dashboard import traces_from_received
+    from tokenfleet.observability.otlp_receiver import ReceivedSpan
+
+    spans = [
+        ReceivedSpan("t1", "a", "", "POST /v1/completions", 2, "gw", {"tokenfleet.class": "x"}, 0, 5_000_000),
+        ReceivedSpan("t1", "b", "a", "llm_request", 2, "vllm", {}, 1_000_000, 4_000_000, error=True),
+        ReceivedSpan("t2", "c", "", "older", 2, "gw", {}, 0, 1_000_000),
+    ]
+    first, second = traces_from_received(spans)
+    assert first["name"] == "POST /v1/completions"
+    assert first["services"] == ["gw", "vllm"]
+    assert first["duration_ms"] == 5.0
+    assert first["error"] is True
+    assert second["name"] == "older"

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +23,7 @@ from tokenfleet.engine.launch import EngineProcess, engine_command
 from tokenfleet.models import ensure_builtin
 from tokenfleet.observability import grafana, prometheusrule
 from tokenfleet.observability.catalogue import referenced_metrics, series_index
+from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.observability.otlp_receiver import OTLPReceiver, ReceivedSpan
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -32,6 +36,7 @@ class Stack:
     engine: EngineProcess
     gateway: Gateway
     server: ServerThread
+    monitor: LocalMonitor
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +59,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         engine.wait_ready(ENGINE_START_TIMEOUT_S)
         gateway = Gateway(service)
         gateway.set_replicas([("r0", engine.url)])
+        # `for:` scaled to zero so the browser test sees a real rule fire within seconds.
+        monitor = LocalMonitor.for_gateway(gateway, interval_s=0.5, for_scale=0.0, receiver=receiver)
+        mount_dashboard(gateway.app, monitor)
         server = ServerThread(gateway.app, free_port()).start()
         server.wait_until("/ready", timeout_s=30)
-        yield Stack(receiver, engine, gateway, server)
+        yield Stack(receiver, engine, gateway, server, monitor)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -155,3 +163,99 @@ def test_engine_command_passes_the_otlp_endpoint() -> None:
     assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
     assert command.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
     assert "--otlp-traces-endpoint" not in engine_command(spec, "m", port=1).argv
+
+
+CHROMIUM = shutil.which("chromium")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "results" / "dashboard.png"
+
+
+def _load(url: str, stop: threading.Event, sent: list[int], limit: int = 150) -> None:
+    """Bounded closed-loop load: one request at a time until told to stop."""
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set() and sum(sent) < limit:
+            stream = sum(sent) % 2 == 0
+            body = {"model": "tiny", "prompt": f"load {sum(sent)}", "max_tokens": 16, "stream": stream}
+            if stream:
+                with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    for _ in response.iter_bytes():
+                        pass
+            else:
+                client.post(f"{url}/v1/completions", json=body)
+            sent.append(1)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/install.sh)")
+def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    stop = threading.Event()
+    sent: list[int] = []
+    workers = [threading.Thread(target=_load, args=(stack.server.url, stop, sent)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        with playwright.sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                viewport={"width": 1500, "height": 980},
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
+            try:
+                page = context.new_page()
+                external: list[str] = []
+                page.on(
+                    "request",
+                    lambda r: external.append(r.url) if not r.url.startswith(stack.server.url) else None,
+                )
+                page.goto(f"{stack.server.url}/dashboard")
+                assert page.title() == "tokenfleet — live"
+                board = "window.tokenfleetDashboard"
+                page.wait_for_function(f"{board} && {board}.snapshots() >= 2", timeout=30_000)
+                # Charts update while load runs: throughput and KV series carry live values.
+                page.wait_for_function(
+                    f"({board}.latest('throughput', 'requests/s') || 0) > 0", timeout=60_000
+                )
+                page.wait_for_function(f"({board}.latest('throughput', 'tokens/s') || 0) > 0", timeout=60_000)
+                before = page.evaluate(f"{board}.snapshots()")
+                page.wait_for_function(f"{board}.snapshots() >= {before + 4}", timeout=30_000)
+                assert "r0" in page.evaluate(f"{board}.series('kv')")
+                # Latest traces: joined gateway + vLLM spans from the local OTLP receiver.
+                page.locator("#traces tr[data-trace]").first.wait_for(timeout=30_000)
+                joined = [t for t in stack.monitor.snapshot["traces"] if len(t["services"]) == 2]  # type: ignore[index]
+                assert joined, "no trace with both gateway and engine spans on the dashboard"
+                drawn = page.evaluate(
+                    """() => { const c = document.getElementById('chart-throughput');
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+                )
+                assert drawn > 500  # the canvas really has a chart on it
+                # A replica that never answers: the gateway ejects it, the real rule fires.
+                stack.gateway.set_replicas(
+                    [("r0", stack.engine.url), ("r1", f"http://127.0.0.1:{free_port()}")]
+                )
+                alert = page.locator('.alert.firing[data-alertname="TokenfleetReplicaDown"]')
+                alert.first.wait_for(timeout=30_000)
+                assert "Replica r1 receives no traffic" in alert.first.inner_text()
+                page.wait_for_timeout(1500)  # let a few more points land for the screenshot
+                page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+                if os.environ.get("TOKENFLEET_UPDATE_SCREENSHOTS"):
+                    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
+                assert external == [], f"the page fetched from elsewhere: {external}"
+            finally:
+                context.close()
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+        stack.gateway.set_replicas([("r0", stack.engine.url)])
+    assert sum(sent) > 0

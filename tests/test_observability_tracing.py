@@ -78,6 +78,8 @@ def test_otlp_export_reaches_the_receiver_and_errors_are_marked() -> None:
         assert spans["child"].parent_span_id == spans["parent"].span_id
         assert spans["parent"].service == "gw"
         assert spans["parent"].attributes == {"tokenfleet.replica": "r0"}
+        assert spans["child"].error
+        assert not spans["parent"].error
         assert list(receiver.traces()) == [spans["parent"].trace_id]
         assert tracing.store.recent()[0]["error"] is True
         # Wrong path and garbage are refused without killing the receiver.
