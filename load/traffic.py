@@ -27,7 +27,8 @@ from tokenfleet.load.workload import (
     Workload,
 )
 
-# Short common words: about one token each with BPE tokenizers, so word count ≈ prompt tokens.
+# Short common words. `inputTokens` counts words: one to two tokens each depending on the tokenizer
+# (about 2 on the builtin models); the report's input tokens come from the server's usage.
 WORDS = (  # noqa: SIM905 (a word list reads better as text)
     "the of and to in is it you that he was for on are with as his they be at one have this from or "
     "had by word but what some we can out other were all there when up use your how said an each "

@@ -73,7 +73,7 @@ Length = Annotated[Fixed | Uniform | LogNormal, Field(discriminator="dist")]
 
 
 class Synthetic(_Model):
-    """Random words; about one token per word on common tokenizers (the server's usage is truth)."""
+    """Random words; `inputTokens` counts words, 1–2 tokens each by tokenizer (usage is the truth)."""
 
     kind: Literal["synthetic"]
     input_tokens: Length
