@@ -640,6 +640,8 @@ def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict
             agg[f"{n}.{key}"] = _mean_ci(values(lambda r, n=n, key=key: r["classes"][n][key]))
         waits = values(lambda r, n=n: r["classes"][n]["max_wait"])
         agg[f"{n}.max_wait"] = max(waits) if waits else None
+        engine_waits = values(lambda r, n=n: (r.get("server_max_wait_le_s") or {}).get(n))
+        agg[f"{n}.engine_max_wait"] = max(engine_waits) if engine_waits else None
         agg[f"{n}.rejected"] = sum(values(lambda r, n=n: r["classes"][n]["rejected"]))
         agg[f"{n}.requests"] = sum(values(lambda r, n=n: r["classes"][n]["requests"]))
     for key in ("jain", "output_tok_per_s", "req_per_s", "preemptions"):
@@ -681,7 +683,11 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"{n} P50 / P99 TPOT",
                     lambda a, n=n: f"{_ci(a[f'{n}.tpot_p50'], _ms)} / {_ci(a[f'{n}.tpot_p99'], _ms)}",
                 ),
-                (f"{n} max wait (all seeds)", lambda a, n=n: _s(a[f"{n}.max_wait"])),
+                (f"{n} max wait to first token (all seeds)", lambda a, n=n: _s(a[f"{n}.max_wait"])),
+                (
+                    f"{n} max queue wait in the engine (bucket bound)",
+                    lambda a, n=n: _s(a[f"{n}.engine_max_wait"]) if a[f"{n}.engine_max_wait"] else "n/a",
+                ),
                 (
                     f"{n} rejected / requests",
                     lambda a, n=n: f"{a[f'{n}.rejected']:.0f} / {a[f'{n}.requests']:.0f}",

@@ -264,3 +264,16 @@ def test_driver_records_tokens_rejections_and_errors(monkeypatch: pytest.MonkeyP
     assert cutoff >= 0.0
     rate = asyncio.run(sb.saturate("http://fake", "m", concurrency=1, seconds=0.2, seed=1))
     assert rate > 0
+
+
+def test_histogram_bound_filters_labels() -> None:
+    before = sb.parse_metrics('tokenfleet_scheduler_wait_seconds_bucket{le="1.0",slo_class="batch"} 1.0\n')
+    after = sb.parse_metrics(
+        'tokenfleet_scheduler_wait_seconds_bucket{le="1.0",slo_class="batch"} 3.0\n'
+        'tokenfleet_scheduler_wait_seconds_bucket{le="5.0",slo_class="batch"} 4.0\n'
+        'tokenfleet_scheduler_wait_seconds_bucket{le="+Inf",slo_class="batch"} 4.0\n'
+        'tokenfleet_scheduler_wait_seconds_bucket{le="+Inf",slo_class="interactive"} 9.0\n'
+    )
+    assert sb.histogram_quantile_upper(before, after, sb.WAIT_METRIC, 1.0, 'slo_class="batch"') == 5.0
+    assert sb.histogram_quantile_upper(before, after, sb.WAIT_METRIC, 0.5, 'slo_class="batch"') == 1.0
+    assert sb.histogram_quantile_upper(before, after, sb.WAIT_METRIC, 1.0, 'slo_class="standard"') is None
