@@ -319,7 +319,7 @@ class Gateway:
         self._refresh_slots()
         streaming = document.get("stream") is True
         return await self._forward(
-            call, "POST", payload, request, streaming=streaming, release=self._release_slot
+            call, "POST", payload, request, streaming=streaming, release=self._release_slot, document=document
         )
 
     def _release_slot(self) -> None:
@@ -409,19 +409,17 @@ class Gateway:
         PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.span))
         return headers
 
-    def _pick(
-        self, call: Call, exclude: list[str], request: Request, document: bytes | None
-    ) -> Replica | None:
+    def _route_key(self, request: Request, document: Mapping[str, Any] | None) -> routing.RouteKey:
+        if self.routing.policy == "prefix_affinity" and document is not None:
+            return routing.RouteKey(prefix=routing.prompt_prefix(document, self.routing.prefix_chars))
+        if self.routing.policy == "session_affinity":
+            return routing.RouteKey(session=request.headers.get(self.routing.session_header))
+        return routing.RouteKey()
+
+    def _pick(self, key: routing.RouteKey, exclude: list[str]) -> Replica | None:
         candidates = self.replicas.routable(exclude)
         if not candidates:
             return None
-        key = routing.RouteKey()
-        if self.routing.policy == "prefix_affinity" and document is not None:
-            key = routing.RouteKey(
-                prefix=routing.prompt_prefix(json.loads(document), self.routing.prefix_chars)
-            )
-        elif self.routing.policy == "session_affinity":
-            key = routing.RouteKey(session=request.headers.get(self.routing.session_header))
         view = routing.choose(
             self.routing.policy,
             [r.view() for r in candidates],
@@ -441,14 +439,16 @@ class Gateway:
         *,
         streaming: bool,
         release: Callable[[], None] | None,
+        document: Mapping[str, Any] | None = None,
     ) -> Response:
         assert self.client is not None, "gateway not started"
         headers = self._upstream_headers(request, call)
+        key = self._route_key(request, document)
         tried: list[str] = []
         last_error = "no ready replica"
         try:
             for attempt in range(1 + self.routing.retries):
-                replica = self._pick(call, tried, request, body)
+                replica = self._pick(key, tried)
                 if replica is None:
                     break
                 tried.append(replica.id)
