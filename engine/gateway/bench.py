@@ -219,7 +219,7 @@ def compare_policies(
         results[policy] = {
             "ttft": overall.get("ttft"),
             "requests": overall.get("requests", overall.get("count")),
-            "errors": overall.get("errors"),
+            "errors": overall.get("failed"),
             "prefix_cache_hit_rate": round((hits1 - hits0) / queries, 4) if queries else None,
             "results_dir": str(result.dir),
         }
