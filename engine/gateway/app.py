@@ -313,6 +313,7 @@ class Gateway:
             await self.admission.acquire(slo_class.name)
         except ShedError as exc:
             self._refresh_slots()
+            self._refund(tenant, call.estimate)  # a shed request did not use its allowance
             return self._refuse(
                 call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
             )
@@ -386,6 +387,13 @@ class Gateway:
             takes.append((key, result))
         for key, result in takes:  # commit only when every bucket agreed
             self.buckets[key] = result.bucket
+
+    def _refund(self, tenant: Tenant, tokens: int) -> None:
+        now = time.monotonic()
+        for kind, amount in (("requests", 1), ("tokens", tokens)):
+            key = (tenant.name, kind)
+            if key in self.buckets:
+                self.buckets[key] = limits.adjust(self.buckets[key], -amount, now)
 
     def _settle_tokens(self, call: Call, content: bytes) -> None:
         """Post-pay: correct the tokens bucket with the response's real usage."""
