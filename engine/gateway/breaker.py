@@ -43,7 +43,8 @@ def on_request_failure(breaker: Breaker, now: float, threshold: int) -> Breaker:
 
 def on_probe(breaker: Breaker, ok: bool, now: float, cooldown_s: float) -> Breaker:
     if not ok:
-        return breaker if breaker.state == "open" else _open(breaker, now)
+        # A replica still starting stays "unknown" (status shows it as starting, not ejected).
+        return breaker if breaker.state in ("open", "unknown") else _open(breaker, now)
     if breaker.state == "unknown":
         return replace(breaker, state="closed", failures=0)
     if breaker.state == "open" and now - breaker.opened_at >= cooldown_s:
