@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -89,8 +90,6 @@ def sse_error(message: str) -> bytes:
 
 class Gateway:
     def __init__(self, service: LLMService, *, environ: Mapping[str, str] | None = None) -> None:
-        import os
-
         self.service = service
         spec = service.spec
         self.spec = spec
