@@ -206,6 +206,14 @@ CATALOGUE: tuple[Metric, ...] = (
         "Wall time of one schedule() call (policy work plus vLLM's own).",
         "seconds",
     ),
+    _m(
+        "tokenfleet_scheduler_policy_seconds",
+        "histogram",
+        SCHED,
+        (),
+        "Wall time of the SLA policy's own work in one schedule() call (vLLM's excluded).",
+        "seconds",
+    ),
     # -- control loop (operator on a cluster, local loop in `tokenfleet up`) --------------------
     _m(
         "tokenfleet_control_desired_replicas",

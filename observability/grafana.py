@@ -321,8 +321,12 @@ def scheduler() -> dict[str, Any]:
             description="1 = burning exactly the 1% budget; the fast-burn alert pages at 14.4.",
         ),
         Panel(
-            "schedule() time",
-            quantiles("tokenfleet_scheduler_schedule_seconds", "instance"),
+            "schedule() time, and the SLA policy's share (p95, p99)",
+            quantiles("tokenfleet_scheduler_schedule_seconds", "instance")
+            + tuple(
+                (expr, f"policy {legend}")
+                for expr, legend in quantiles("tokenfleet_scheduler_policy_seconds", "instance")[1:]
+            ),
             "s",
         ),
     ]

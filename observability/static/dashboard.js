@@ -69,8 +69,7 @@
     const pw = w - left - right, ph = hgt - top - bottom;
     let max = 0;
     for (const values of Object.values(h.series)) for (const v of values) if (v !== null && v > max) max = v;
-    if (h.unit === "ratio") max = Math.max(max, 1);
-    max = max > 0 ? max * 1.1 : 1;
+    max = h.unit === "ratio" ? 1 : max > 0 ? max * 1.1 : 1;
     ctx.font = "10px system-ui, sans-serif";
     ctx.strokeStyle = "#26323d"; ctx.fillStyle = "#8796a5"; ctx.lineWidth = 1;
     for (let i = 0; i <= 4; i++) {
@@ -90,7 +89,8 @@
       let pen = false;
       values.forEach((v, j) => {
         if (v === null) { pen = false; return; }
-        const x = left + (n > 1 ? (pw * j) / (KEEP - 1) + (pw * (KEEP - n)) / (KEEP - 1) : pw);
+        // Until the window is full the points spread over the whole width.
+        const x = left + (n > 1 ? (pw * j) / (n - 1) : pw);
         const y = top + ph - (ph * v) / max;
         if (pen) ctx.lineTo(x, y); else ctx.moveTo(x, y);
         pen = true;
