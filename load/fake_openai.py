@@ -25,9 +25,15 @@ class FakeConfig:
     itl_s: float = 0.01
     fail_after_tokens: int | None = None  # send an error event mid-stream after this many tokens
     status: int = 200  # answer every generation request with this status (e.g. 500)
+    capacity: int | None = None  # at most this many generations at once; others queue (saturation)
     ttft_sum: float = 0.0
     ttft_count: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    slots: threading.Semaphore | None = None
+
+    def __post_init__(self) -> None:
+        if self.capacity is not None:
+            self.slots = threading.Semaphore(self.capacity)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -74,6 +80,13 @@ class _Handler(BaseHTTPRequestHandler):
         if config.status != 200:
             self._json(config.status, {"error": {"message": f"fake status {config.status}"}})
             return
+        if config.slots is None:
+            self._generate(config, request, arrival)
+            return
+        with config.slots:
+            self._generate(config, request, arrival)
+
+    def _generate(self, config: FakeConfig, request: dict[str, Any], arrival: float) -> None:
         n = int(request.get("max_tokens", 16))
         chat = self.path.endswith("/chat/completions")
         if not request.get("stream"):
@@ -123,6 +136,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout test, Ctrl-C) closes mid-stream: not worth a traceback.
         return
+
     config: FakeConfig
 
 

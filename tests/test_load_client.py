@@ -258,3 +258,22 @@ def test_locust_command_and_machine_info(tmp_path: Path) -> None:
     info = machine_info()
     assert info["cpus"] >= 1
     assert "locust_version" in info
+
+
+def test_sweep_stops_when_the_server_saturates(tmp_path: Path) -> None:
+    # Capacity 2 × (50 ms + 4 × 10 ms) per request ≈ 22 req/s: 4 req/s is served, 60 req/s is not.
+    workload = tmp_path / "sweep.yaml"
+    workload.write_text(
+        "name: sweep\nseed: 2\noutputTokens: {dist: fixed, value: 5}\n"
+        "arrival: {mode: open, maxConcurrency: 200, shape: {kind: sweep, rates: [4, 60, 120], stepS: 3}}\n"
+    )
+    with FakeOpenAI(FakeConfig(ttft_s=0.05, itl_s=0.01, capacity=2)) as fake:
+        result = run_repeated(workload, fake.url, 30, tmp_path / "out", stop_timeout_s=2)
+    sweep = result.summary["sweep"]
+    assert not sweep[0]["saturated"]
+    assert sweep[0]["achieved_rate"] == pytest.approx(4, rel=0.5)
+    assert sweep[1]["saturated"]
+    # The run stopped after the saturated step instead of going on to 120 req/s.
+    assert len(sweep) == 2
+    assert result.summary["run"]["duration_s"] < 9
+    assert "## Sweep" in (result.dir / "report.md").read_text()

@@ -84,9 +84,18 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     STATE = ProcessState(t0, worker, RequestFactory(WORKLOAD, worker), pacer, log, http)
 
 
+def mark_stop() -> None:
+    """When the load ended: the shape's decision (duration or saturation), else Locust's stop
+    (Ctrl-C). In-flight requests may finish later; the measured window ends here."""
+    path = RAW_DIR / "stop.json"
+    if not path.exists():
+        RAW_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"t": time.time()}))
+
+
 def _on_test_stop(environment: Any, **_: Any) -> None:
     if not isinstance(environment.runner, WorkerRunner):
-        (RAW_DIR / "stop.json").write_text(json.dumps({"t": time.time()}))
+        mark_stop()
     if STATE is not None:
         STATE.log.flush()
 
@@ -184,8 +193,10 @@ class BenchShape(LoadTestShape):  # type: ignore[misc]
                 self._step, self._completed_at_step = step, done
                 if saturated(offered, achieved, SHAPE.min_achieved_ratio):
                     self.saturated_at = step - 1
+                    mark_stop()
                     return None
         if value is None:
+            mark_stop()
             return None
         if OPEN_LOOP:
             users = WORKLOAD.arrival.max_concurrency
