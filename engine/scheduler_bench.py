@@ -521,44 +521,49 @@ def summarize_run(
 def run_bench(
     config: BenchConfig, out_dir: Path, log: Any = print
 ) -> dict[str, Any]:  # pragma: no cover - engines
+    """All policies' engines up at once, runs interleaved (profile → seed → policy), so that
+    drift in the machine's background load hits every policy alike (a shared 2-core box)."""
     from tokenfleet.engine.launch import EngineProcess, engine_command
     from tokenfleet.models import resolve_model
     from tokenfleet.spec import parse_service
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config), "runs": []}
-    lam = config.lam
-    for policy in config.policies:
-        service = parse_service(
-            {
-                "apiVersion": "tokenfleet.dev/v1alpha1",
-                "kind": "LLMService",
-                "metadata": {"name": "bench"},
-                "spec": service_spec(policy, config),
-            }
-        )
-        model_path = resolve_model(service.spec.model)
-        port = _free_port()
-        engine = EngineProcess(
-            engine_command(service.spec, model_path, port=port),
-            port=port,
-            log_path=out_dir / f"engine-{policy}.log",
-        )
-        engine.start()
-        try:
-            log(f"[{policy}] engine ready in {engine.wait_ready(600):.0f}s")
+    engines: dict[str, EngineProcess] = {}
+    try:
+        for policy in config.policies:
+            service = parse_service(
+                {
+                    "apiVersion": "tokenfleet.dev/v1alpha1",
+                    "kind": "LLMService",
+                    "metadata": {"name": "bench"},
+                    "spec": service_spec(policy, config),
+                }
+            )
+            model_path = resolve_model(service.spec.model)
+            port = _free_port()
+            engine = EngineProcess(
+                engine_command(service.spec, model_path, port=port),
+                port=port,
+                log_path=out_dir / f"engine-{policy}.log",
+            )
+            engine.start()
+            engines[policy] = engine
+        for policy, engine in engines.items():
+            log(f"[{policy}] engine ready after {engine.wait_ready(900):.0f}s more")
             asyncio.run(saturate(engine.url, "bench", 2, 5, seed=0))  # warm-up
-            if lam is None:
-                lam = asyncio.run(
-                    saturate(engine.url, "bench", 2 * config.max_num_seqs, config.calibrate_s, seed=0)
-                )
-                results["lambda_sat"] = lam
-                log(
-                    f"[{policy}] λ_sat = {lam:.2f} req/s (closed loop, concurrency {2 * config.max_num_seqs})"
-                )
-            for profile in config.profiles:
-                for seed in config.seeds:
-                    arrivals = generate(profile, lam, config.duration_s, seed)
+        lam = config.lam
+        if lam is None:
+            first = engines.get("fcfs") or next(iter(engines.values()))
+            lam = asyncio.run(
+                saturate(first.url, "bench", 2 * config.max_num_seqs, config.calibrate_s, seed=0)
+            )
+            log(f"λ_sat = {lam:.2f} req/s (FCFS, closed loop, concurrency {2 * config.max_num_seqs})")
+        results["lambda_sat"] = lam
+        for profile in config.profiles:
+            for seed in config.seeds:
+                arrivals = generate(profile, lam, config.duration_s, seed)
+                for policy, engine in engines.items():
                     before = parse_metrics(httpx.get(f"{engine.url}/metrics", timeout=10).text)
                     outcomes, cutoff = asyncio.run(
                         drive(engine.url, "bench", arrivals, drain_s=config.drain_s, seed=seed)
@@ -568,6 +573,7 @@ def run_bench(
                         "policy": policy,
                         "profile": profile,
                         "seed": seed,
+                        "started": time.time(),
                         **summarize_run(outcomes, cutoff, config.duration_s, before, after),
                     }
                     results["runs"].append(run)
@@ -579,8 +585,9 @@ def run_bench(
                         f"{run['output_tok_per_s']:.1f} tok/s"
                     )
                     (out_dir / "scheduler.json").write_text(json.dumps(results, indent=1))
-                    time.sleep(2)  # let the engine go idle between runs
-        finally:
+                    time.sleep(2)  # let the engine go idle before the next policy's run
+    finally:
+        for engine in engines.values():
             engine.stop(timeout_s=30)
     return results
 
