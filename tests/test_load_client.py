@@ -271,7 +271,7 @@ def test_sweep_stops_when_the_server_saturates(tmp_path: Path) -> None:
         result = run_repeated(workload, fake.url, 30, tmp_path / "out", stop_timeout_s=2)
     sweep = result.summary["sweep"]
     assert not sweep[0]["saturated"]
-    assert sweep[0]["achieved_rate"] == pytest.approx(4, rel=0.5)
+    assert sweep[0]["achieved_rate"] > 1  # 3 s of Poisson arrivals at 4/s: noisy, but all served
     assert sweep[1]["saturated"]
     # The run stopped after the saturated step instead of going on to 120 req/s.
     assert len(sweep) == 2
