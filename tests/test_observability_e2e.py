@@ -245,7 +245,7 @@ def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
                 alert = page.locator('.alert.firing[data-alertname="TokenfleetReplicaDown"]')
                 alert.first.wait_for(timeout=30_000)
                 assert "Replica r1 receives no traffic" in alert.first.inner_text()
-                page.wait_for_timeout(1500)  # let a few more points land for the screenshot
+                page.wait_for_timeout(5000)  # let more points land for the screenshot
                 page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
                 if os.environ.get("TOKENFLEET_UPDATE_SCREENSHOTS"):
                     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
