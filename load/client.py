@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import httpx
 
+from tokenfleet.load import rxclock
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.sse import SSEDecoder, StreamTimer
 
@@ -90,6 +91,7 @@ def send(
         worker=worker,
     )
     start = time.perf_counter()
+    rxclock.reset()
     try:
         with client.stream(
             "POST", base_url.rstrip("/") + path, json=body, headers=headers, timeout=timeout_s
@@ -112,13 +114,25 @@ def send(
     return record
 
 
+def arrival_offset(read_at_s: float, kernel_rx: float | None, send_wall: float) -> float:
+    """Seconds since send at which a read's bytes arrived: the kernel's receive stamp when there
+    is one (it excludes the time this process waited for a CPU), else when we read them."""
+    if kernel_rx is None:
+        return read_at_s
+    kernel_s = kernel_rx - send_wall
+    # The two clocks differ (wall vs monotonic); a stamp outside [0, read time] is not trusted.
+    return kernel_s if 0.0 <= kernel_s <= read_at_s else read_at_s
+
+
 def _read_stream(response: httpx.Response, start: float, record: RequestRecord) -> None:
     decoder, timer = SSEDecoder(), StreamTimer()
+    t_end = 0.0
     for raw in response.iter_raw():
-        t = time.perf_counter() - start  # socket arrival, before parsing
+        # Socket arrival, before parsing.
+        t_end = arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send)
         for data in decoder.feed(raw):
-            timer.on_event(data, t)
-    t_end = time.perf_counter() - start
+            timer.on_event(data, t_end)
+    t_end = max(t_end, arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send))
     for data in decoder.flush():
         timer.on_event(data, t_end)
     record.e2e_s = t_end

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from tokenfleet.cli import main
+from tokenfleet.load import rxclock
 from tokenfleet.load.bench import BenchError, locust_command, machine_info, preflight, run_repeated
-from tokenfleet.load.client import LLMRequest, send
+from tokenfleet.load.client import LLMRequest, arrival_offset, send
 from tokenfleet.load.fake_openai import MODEL, FakeConfig, FakeOpenAI
 
 FAST_WORKLOAD = """
@@ -277,3 +278,32 @@ def test_sweep_stops_when_the_server_saturates(tmp_path: Path) -> None:
     assert len(sweep) == 2
     assert result.summary["run"]["duration_s"] < 9
     assert "## Sweep" in (result.dir / "report.md").read_text()
+
+
+def test_kernel_receive_stamp_excludes_reader_delay(fake: FakeOpenAI) -> None:
+    fake.config.ttft_s = 0.05
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "stream": True}
+    with rxclock.stamping_client(10) as client:
+        send_wall = time.time()
+        with client.stream("POST", fake.url + "/v1/completions", json=body) as response:
+            time.sleep(0.4)  # the reader is busy elsewhere while the first token arrives
+            first = next(response.iter_raw())
+            read_at = time.time() - send_wall
+            stamp = rxclock.last_receive()
+        assert b"data:" in first
+        assert stamp is not None
+        assert read_at >= 0.4
+        assert 0.04 <= stamp - send_wall < 0.3
+        # And through the harness's own timing path.
+        record = send(client, fake.url, LLMRequest(id="r", prompt="x", max_tokens=3), MODEL)
+        assert record.ok
+        assert record.ttft_s is not None
+        assert 0.05 <= record.ttft_s < 0.4
+
+
+def test_arrival_offset_trusts_only_plausible_stamps() -> None:
+    assert arrival_offset(0.5, None, 100.0) == 0.5
+    assert arrival_offset(0.5, 100.2, 100.0) == pytest.approx(0.2)
+    assert arrival_offset(0.5, 100.9, 100.0) == 0.5  # after the read: clocks disagree
+    assert arrival_offset(0.5, 99.0, 100.0) == 0.5  # before the send: a stale stamp
+    assert rxclock.parse_timestamp([]) is None

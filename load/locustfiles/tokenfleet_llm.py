@@ -25,6 +25,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from tokenfleet.load.client import send
 from tokenfleet.load.pacer import Pacer
 from tokenfleet.load.record import RequestRecord
+from tokenfleet.load.rxclock import stamping_client
 from tokenfleet.load.shapes import Sweep, bounded, saturated
 from tokenfleet.load.traffic import RequestFactory
 from tokenfleet.load.workload import Workload, shape_of
@@ -79,8 +80,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     RAW_DIR.mkdir(parents=True, exist_ok=True)
     (RAW_DIR / f"start-{os.getpid()}.json").write_text(json.dumps({"t0": t0, "worker": worker}))
     log = (RAW_DIR / f"raw-{os.getpid()}.jsonl").open("a", encoding="utf-8", buffering=1)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    http = httpx.Client(timeout=WORKLOAD.timeout_s, limits=limits)
+    http = stamping_client(WORKLOAD.timeout_s)
     STATE = ProcessState(t0, worker, RequestFactory(WORKLOAD, worker), pacer, log, http)
 
 
