@@ -19,8 +19,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 WINDOW = "30s"  # rate window for the live charts: short, scrapes are every second
 COMPLETIONS = 'route=~"/v1/(chat/)?completions"'
+WEBHOOK_ENV = "TOKENFLEET_ALERT_WEBHOOK_URL"
 SLO = "tokenfleet_scheduler_slo_requests_total"
 
 
@@ -198,6 +200,9 @@ class LocalMonitor:
     charts: tuple[Chart, ...] = CHARTS
     clock: Callable[[], float] = time.time
     db: TSDB = field(default_factory=lambda: TSDB(max_samples=1800))
+    # Scrape and evaluate only while someone watches, a webhook wants alerts, or always_on:
+    # a gateway nobody looks at pays nothing for its dashboard.
+    always_on: bool = False
     snapshot: dict[str, Any] | None = None
     ticks: int = 0
     _subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
@@ -217,10 +222,13 @@ class LocalMonitor:
         interval_s: float = 1.0,
         for_scale: float = 1.0,
         receiver: OTLPReceiver | None = None,
+        always_on: bool = False,
+        environ: Mapping[str, str] = os.environ,
     ) -> LocalMonitor:
         """Scrape the gateway's registry and each replica it knows; show its in-memory traces,
         or, with `receiver` (a local OTLP endpoint the gateway and engines export to), the
-        joined gateway + engine traces."""
+        joined gateway + engine traces. The webhook defaults to $TOKENFLEET_ALERT_WEBHOOK_URL."""
+        webhook_url = webhook_url or environ.get(WEBHOOK_ENV) or None
         from prometheus_client import generate_latest
 
         monitor: LocalMonitor
@@ -245,6 +253,7 @@ class LocalMonitor:
             traces=traces,
             webhook=WebhookNotifier(webhook_url) if webhook_url else None,
             interval_s=interval_s,
+            always_on=always_on,
         )
         return monitor
 
@@ -298,13 +307,18 @@ class LocalMonitor:
             queue.put_nowait(self.snapshot)
         return self.snapshot
 
+    @property
+    def active(self) -> bool:
+        return self.always_on or self.webhook is not None or bool(self._subscribers)
+
     async def run(self) -> None:
         while True:
             started = time.monotonic()
-            try:
-                await self.tick()
-            except Exception:  # the dashboard must never take the gateway down
-                log.exception("dashboard tick failed")
+            if self.active:
+                try:
+                    await self.tick()
+                except Exception:  # the dashboard must never take the gateway down
+                    log.exception("dashboard tick failed")
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - started)))
 
     async def close(self) -> None:
@@ -328,8 +342,22 @@ def _static(name: str) -> str:
     return (STATIC / name).read_text()
 
 
+@dataclass
+class _Mounted:
+    monitor: LocalMonitor
+
+
 def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboard") -> None:
-    """Add the dashboard routes and run `monitor` for the app's lifetime (wraps its lifespan)."""
+    """Add the dashboard routes and run `monitor` for the app's lifetime (wraps its lifespan).
+
+    Mounting again swaps the monitor (routes and lifespan read it through one holder), so a
+    test or `tokenfleet up` can replace the gateway's default monitor before the app starts.
+    """
+    existing = getattr(app.state, "tokenfleet_dashboard", None)
+    if isinstance(existing, _Mounted):
+        existing.monitor = monitor
+        return
+    mounted = app.state.tokenfleet_dashboard = _Mounted(monitor)
 
     async def page() -> HTMLResponse:
         return HTMLResponse(_static("dashboard.html").replace("{{PREFIX}}", prefix))
@@ -338,11 +366,14 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
         return Response(_static("dashboard.js"), media_type="text/javascript")
 
     async def snapshot() -> JSONResponse:
-        return JSONResponse(monitor.snapshot or {"tick": 0})
+        current = mounted.monitor
+        if current.snapshot is None or not current.active:
+            await current.tick()  # on demand when idle: a curl gets fresh numbers too
+        return JSONResponse(current.snapshot or {"tick": 0})
 
     async def events(request: Request) -> StreamingResponse:
         async def stream() -> AsyncIterator[bytes]:
-            async with monitor.subscribe() as queue:
+            async with mounted.monitor.subscribe() as queue:
                 yield b"retry: 2000\n\n"
                 while not await request.is_disconnected():
                     try:
@@ -366,6 +397,7 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[Any]:
         async with inner(application) as state:
+            monitor = mounted.monitor
             task = asyncio.create_task(monitor.run())
             try:
                 yield state

@@ -199,3 +199,29 @@ def test_traces_from_received_joins_services() -> None:
     assert first["duration_ms"] == 5.0
     assert first["error"] is True
     assert second["name"] == "older"
+
+
+def test_idle_monitor_costs_nothing_and_remount_swaps_it() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    calls: list[int] = []
+
+    async def source() -> str:
+        calls.append(1)
+        return '# TYPE tokenfleet_gateway_queued gauge\ntokenfleet_gateway_queued{class="batch"} 2\n'
+
+    app = FastAPI()
+    first = LocalMonitor(sources=lambda: [Source("gateway", source)], interval_s=0.05)
+    second = LocalMonitor(sources=lambda: [Source("gateway", source)], interval_s=0.05)
+    mount_dashboard(app, first)
+    mount_dashboard(app, second)  # swaps the monitor, no duplicate routes
+    assert sum(1 for r in app.routes if getattr(r, "path", "") == "/dashboard") == 1
+    with TestClient(app) as client:
+        time.sleep(0.3)
+        assert calls == []  # nobody watching, no webhook: no scraping
+        snap = client.get("/dashboard/api/snapshot").json()  # ticks on demand
+        assert snap["charts"]["queue"]["points"] == {"gateway batch": 2}
+        assert first.ticks == 0
+        assert second.ticks == 1
+    assert LocalMonitor(sources=list, always_on=True).active
