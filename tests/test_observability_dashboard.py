@@ -68,7 +68,7 @@ def fleet() -> Iterator[tuple[Gateway, ServerThread, LocalMonitor, Hook, ServerT
         hook.server.server_close()
 
 
-def _wait(predicate: Any, timeout_s: float = 15.0) -> None:
+def _wait(predicate: Any, timeout_s: float = 40.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -153,7 +153,7 @@ def test_replica_down_fires_and_resolves_through_the_webhook(
         )
 
     try:
-        _wait(lambda: r1("resolved"), timeout_s=30)
+        _wait(lambda: r1("resolved"), timeout_s=60)
     finally:
         sick.stop()
     assert r1("firing")

@@ -56,6 +56,7 @@ from tokenfleet.engine.gateway.validation import (
     parse_json,
     validate_body,
 )
+from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 CLASS_HEADER = "x-tokenfleet-class"
@@ -198,6 +199,8 @@ class Gateway:
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
         app.add_api_route("/admin/status", self._admin_status, methods=["GET"], include_in_schema=False)
+        # The built-in live dashboard (observability issue): idle until a browser or webhook asks.
+        mount_dashboard(app, LocalMonitor.for_gateway(self))
 
         def custom_openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
