@@ -86,8 +86,8 @@ def test_quick_build_saves_a_loadable_model(quick_build: tuple[Path, BuildReport
     assert report.val_ppl == pytest.approx(math.exp(report.val_loss))
     assert report.unigram_ppl > 1.0
     assert json.loads((out / REPORT_NAME).read_text())["params"] == report.params
-    # No temporary directory is left next to the model.
-    assert [p.name for p in out.parent.iterdir()] == [out.name]
+    # No temporary or old directory is left next to the model (only the lock file).
+    assert sorted(p.name for p in out.parent.iterdir()) == [".tiny-code.lock", out.name]
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -131,6 +131,7 @@ def test_reuse_skips_training(
 def test_force_rebuild_is_deterministic(tmp_path: Path, quick_build: tuple[Path, BuildReport]) -> None:
     report = quick_build[1]
     copy = tmp_path / "tiny-code"
+    (tmp_path / ".tiny-code.tmp-999999").mkdir()  # left by a killed build
     rebuilt = build_tiny_code(copy, quick=True)
     assert rebuilt.val_loss == pytest.approx(report.val_loss, rel=1e-4)
     assert rebuilt.unigram_ppl == pytest.approx(report.unigram_ppl)
@@ -138,7 +139,7 @@ def test_force_rebuild_is_deterministic(tmp_path: Path, quick_build: tuple[Path,
     forced = build_tiny_code(copy, quick=True, force=True)
     assert not forced.cached
     assert is_complete(copy)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-code"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-code.lock", "tiny-code"]
 
 
 def test_time_budget_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,3 +152,24 @@ def test_time_budget_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report.stopped_by == "time"
     assert report.steps == 0
     assert report.tokens_seen == 0
+
+
+def test_spread_covers_the_range_evenly() -> None:
+    from tokenfleet.modelbuild import spread
+
+    assert spread(10, 5) == [0, 2, 4, 6, 8]
+    assert spread(3, 5) == [0, 1, 2]
+    picked = spread(1000, 64)
+    assert len(set(picked)) == 64
+    assert picked[0] == 0
+    assert picked[-1] == 63 * 1000 // 64
+
+
+def test_concurrent_builds_train_once(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "tiny-code"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reports = list(pool.map(lambda _: build_tiny_code(out, quick=True), range(2)))
+    assert sorted(r.cached for r in reports) == [False, True]
+    assert reports[0].to_json() == reports[1].to_json()
