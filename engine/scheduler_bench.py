@@ -239,7 +239,11 @@ def class_report(outcomes: Sequence[Outcome], cls: ClassLoad, end_s: float) -> d
 
     ttfts = [t for o in served if (t := o.ttft) is not None]
     tpots = [t for o in served if (t := o.tpot) is not None]
-    waits = [(o.first_token if o.first_token is not None else end_s) - o.sent for o in mine if not o.rejected]
+    waits = [
+        (o.first_token if o.first_token is not None else (o.done if o.served and o.done else end_s)) - o.sent
+        for o in mine
+        if not o.rejected
+    ]
     return {
         "requests": len(mine),
         "served": len(served),
@@ -375,16 +379,18 @@ async def send(client: httpx.AsyncClient, body: dict[str, Any], outcome: Outcome
                 chunk = json.loads(line[6:])
                 now = time.monotonic() - t0
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
-                        outcome.chunks.append(now)
-                        if outcome.first_token is None:
-                            outcome.first_token = now
                     if choice.get("finish_reason") == "abort":
                         outcome.rejected = str(choice.get("stop_reason") or "").startswith(
                             "tokenfleet:rejected"
                         )
                         if not outcome.rejected:
                             outcome.error = "aborted"
+                        continue
+                    # vLLM holds back text that does not decode yet (partial UTF-8), so a chunk's
+                    # text may be empty or cover several tokens: any chunk is a token event.
+                    outcome.chunks.append(now)
+                    if outcome.first_token is None:
+                        outcome.first_token = now
                 usage = chunk.get("usage")
                 if usage:
                     outcome.tokens = int(usage.get("completion_tokens") or 0)
@@ -577,6 +583,9 @@ def run_bench(
                         **summarize_run(outcomes, cutoff, config.duration_s, before, after),
                     }
                     results["runs"].append(run)
+                    raw = out_dir / "raw" / f"{policy}-{profile}-{seed}.jsonl"
+                    raw.parent.mkdir(exist_ok=True)
+                    raw.write_text("".join(json.dumps(asdict(o)) + "\n" for o in outcomes))
                     inter = run["classes"]["interactive"]
                     log(
                         f"[{policy}] {profile} seed {seed}: {len(arrivals)} req, interactive SLO "
