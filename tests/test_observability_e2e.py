@@ -42,7 +42,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     receiver = OTLPReceiver().start()
-    service = tiny_service()
+    # The SLA scheduler too, so its series are on the engine's /metrics (multiprocess mode).
+    service = tiny_service(scheduler={"policy": "sla"})
     model = ensure_builtin("tiny-random")
     port = free_port()
     logs = tmp_path_factory.mktemp("traced-engine")
@@ -127,7 +128,7 @@ def test_every_referenced_metric_is_served_live(stack: Stack) -> None:
     assert _completion(stack, "fill the histograms").status_code == 200
     engine = _declared_families(httpx.get(f"{stack.engine.url}/metrics", timeout=10).text)
     gateway = _declared_families(httpx.get(f"{stack.server.url}/metrics", timeout=10).text)
-    live = {"vllm": engine, "gateway": gateway}
+    live = {"vllm": engine, "gateway": gateway, "scheduler": engine}
     index = series_index()
     referenced: set[str] = set()
     for path in sorted(grafana.OUT_DIR.glob("*.json")):
@@ -140,12 +141,12 @@ def test_every_referenced_metric_is_served_live(stack: Stack) -> None:
     for name in sorted(referenced):
         metric = index.get(name)
         if metric is None or metric.source not in live:
-            continue  # recording rules; scheduler and control-loop series are checked in-process
+            continue  # recording rules; control-loop series are checked in-process
         checked += 1
         # prometheus_client's parser names counter families without `_total`.
         if metric.family.removesuffix("_total") not in live[metric.source]:
             missing.append(name)
-    assert checked >= 20
+    assert checked >= 30
     assert not missing, f"referenced but not served by the running gateway/engine: {missing}"
     # vLLM's series carry samples after a request (not just declarations).
     for family in (
@@ -154,6 +155,16 @@ def test_every_referenced_metric_is_served_live(stack: Stack) -> None:
         "vllm:time_to_first_token_seconds",
     ):
         assert engine[family] > 0, family
+    # The scheduler counted the finished requests against their class targets (the SLI).
+    slo = httpx.get(f"{stack.engine.url}/metrics", timeout=10).text
+    met = [
+        s.value
+        for f in text_string_to_metric_families(slo)
+        if f.name == "tokenfleet_scheduler_slo_requests"
+        for s in f.samples
+        if s.name.endswith("_total")
+    ]
+    assert sum(met) > 0
 
 
 def test_engine_command_passes_the_otlp_endpoint() -> None:
