@@ -149,3 +149,21 @@ def test_json_logs_carry_trace_and_span_ids() -> None:
 def test_formatter_levels(level: str) -> None:
     record = logging.LogRecord("n", getattr(logging, level.upper()), "f", 1, "m", (), None)
     assert json.loads(JsonFormatter("cli").format(record))["level"] == level
+
+
+def test_cli_log_format_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenfleet.cli import main
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        assert main(["--log-format", "json", "spec", "schema"]) == 0
+        logging.getLogger("tokenfleet.cli").warning("hello", extra={"service": "svc"})
+    finally:
+        for handler in root.handlers:
+            if handler not in before:
+                root.removeHandler(handler)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["component"] == "tokenfleet-spec"
+    assert line["message"] == "hello"
+    assert line["service"] == "svc"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfleet", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("TOKENFLEET_LOG_FORMAT", "text"),
+        help="json: JSON log lines with trace/span ids (default: $TOKENFLEET_LOG_FORMAT or text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="validate LLMService files; print every error with its field")
@@ -152,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_format == "json":
+        from tokenfleet.observability.logs import setup_logging
+
+        # `up` runs the gateway and the control loop in this process: their logs go JSON too.
+        setup_logging(f"tokenfleet-{args.command}")
     handler: Handler = args.handler
     try:
         return handler(args)
