@@ -126,21 +126,31 @@ def server_stats(samples: Sequence[tuple[float, dict[str, float]]], window: Wind
     return out
 
 
-def sweep_table(records: Sequence[RequestRecord], sweep: Sweep, run_start: float) -> list[dict[str, Any]]:
-    """Per sweep step: offered vs achieved rate and latencies (a request belongs to its send's step)."""
+def sweep_table(
+    records: Sequence[RequestRecord], sweep: Sweep, run_start: float, end: float | None = None
+) -> list[dict[str, Any]]:
+    """Per sweep step: offered vs achieved rate and latencies (a request belongs to its send's step).
+
+    A step that ran less than half its length before the run ended is left out: the pacer enters
+    the next step on its own clock a moment before the shape stops the run at saturation."""
     rows = []
     for index, rate in enumerate(sweep.rates):
         lo, hi = run_start + index * sweep.step_s, run_start + (index + 1) * sweep.step_s
+        if end is not None:
+            if end - lo < sweep.step_s / 2:
+                break
+            hi = min(hi, end)
         step = [r for r in records if lo <= r.send < hi]
         if not step:
             break
+        length = hi - lo
         done = [r for r in step if r.ok and r.end is not None and r.end < hi + sweep.step_s]
-        achieved = len([r for r in step if r.ok]) / sweep.step_s
+        achieved = len([r for r in step if r.ok]) / length
         rows.append(
             {
                 "step": index,
                 "offered_rate": rate,
-                "sent_rate": len(step) / sweep.step_s,
+                "sent_rate": len(step) / length,
                 "achieved_rate": achieved,
                 "ttft_p50_s": describe([r.ttft_s for r in done if r.ttft_s is not None])["p50"],
                 "tpot_p50_s": describe([t for r in done if (t := r.tpot_s) is not None])["p50"],
@@ -190,7 +200,7 @@ def summarize(
     shape = shape_of(workload)
     if isinstance(shape, Sweep):
         origin = run_start if run_start is not None else window.start
-        summary["sweep"] = sweep_table(all_records, shape, origin)
+        summary["sweep"] = sweep_table(all_records, shape, origin, window.end)
     summary["warnings"] = warnings_for(summary)
     return summary
 

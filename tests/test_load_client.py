@@ -4,6 +4,7 @@ fast, Ctrl-C keeps partial results, repeats and compare work end to end."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -59,8 +60,9 @@ def test_streaming_timings_match_server_delays(fake: FakeOpenAI) -> None:
             # (the bound leaves room for a CPU-starved shared test machine).
             assert 0.1 <= record.ttft_s < 0.4
             assert len(record.chunk_s) == 6
-            assert all(gap > 0.015 for gap in record.itl_s)
-            assert sorted(record.itl_s)[2] < 0.06
+            # Chunks read together share a timestamp (a late read), but the gaps add up.
+            assert sum(record.itl_s) >= 5 * 0.02 - 0.005
+            assert 0.015 < sorted(record.itl_s)[2] < 0.06
             assert record.tpot_s is not None
             assert 0.019 < record.tpot_s < 0.06
             assert record.e2e_s is not None
@@ -163,7 +165,9 @@ def test_bench_repeat_and_compare(
 ) -> None:
     fake.config.ttft_s, fake.config.itl_s = 0.05, 0.01
     a = tmp_path / "a"
-    result = run_repeated(workload_file, fake.url, 4, a, repeat=2, workers=1)
+    progress = io.StringIO()
+    result = run_repeated(workload_file, fake.url, 4, a, repeat=2, workers=1, progress=progress)
+    assert "done" in progress.getvalue()  # the progress display: "[  2/4 s] done N failed 0 ..."
     assert [p.name for p in result.runs] == ["run-1", "run-2"]
     agg = json.loads((a / "summary.json").read_text())["aggregate"]
     assert agg["TTFT mean (ms)"]["n"] == 2

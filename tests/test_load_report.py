@@ -178,6 +178,11 @@ def test_sweep_table_and_warnings() -> None:
     assert sweep[1]["saturated"]
     assert any("pacer fell behind" in w for w in summary["warnings"])
     assert "## Sweep" in render_markdown(summary)
+    # Stopped 2 s into the 10 s second step: that step is too short to report.
+    cut = summarize(records, workload, Window(T0, T0 + 12), run_start=T0)
+    assert [row["step"] for row in cut["sweep"]] == [0]
+    half = summarize(records, workload, Window(T0, T0 + 16), run_start=T0)
+    assert half["sweep"][1]["sent_rate"] == pytest.approx(60 / 6)
     empty = summarize([], workload, Window(T0, T0 + 1))
     assert "no request was sent in the measured window" in empty["warnings"]
     assert empty["sweep"] == []

@@ -57,6 +57,9 @@ class ProcessState:
 
 
 STATE: ProcessState | None = None
+# Set when Locust starts stopping: users that wake for a slot then must not send (the stop
+# timeout is for requests in flight, not for new ones).
+STOPPING = False
 
 
 def _on_test_start(environment: Any, **_: Any) -> None:
@@ -100,7 +103,13 @@ def _on_test_stop(environment: Any, **_: Any) -> None:
         STATE.log.flush()
 
 
+def _on_test_stopping(**_: Any) -> None:
+    global STOPPING
+    STOPPING = True
+
+
 events.test_start.add_listener(_on_test_start)
+events.test_stopping.add_listener(_on_test_stopping)
 events.test_stop.add_listener(_on_test_stop)
 
 
@@ -150,6 +159,8 @@ class LLMUser(User):  # type: ignore[misc]  # locust is untyped here
             if delay > 0:
                 gevent.sleep(delay)
         elif level(time.time() - state.t0) is None:
+            raise StopUser()
+        if STOPPING:
             raise StopUser()
         request = state.factory.next(time.time() - state.t0)
         record = send(
