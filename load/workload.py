@@ -6,6 +6,7 @@ before any traffic is sent). `tokenfleet.load.requests` turns a workload into re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from tokenfleet.load import shapes
+from tokenfleet.spec import SchedulerSpec, SpecError, load_service
 
 
 class WorkloadError(ValueError):
@@ -208,6 +210,10 @@ class Workload(_Model):
     arrival: Arrival = Field(default_factory=Arrival)
     classes: list[ClassMix] = Field(default_factory=lambda: [ClassMix(name="standard")], min_length=1)
     tenants: list[TenantMix] = Field(default_factory=lambda: [TenantMix(name="default")], min_length=1)
+    classes_from: str | None = Field(
+        None,
+        description="An LLMService YAML whose scheduler classes replace `classes` (shares kept by name).",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:
@@ -219,6 +225,24 @@ class Workload(_Model):
 
     def class_named(self, name: str) -> ClassMix | None:
         return next((c for c in self.classes if c.name == name), None)
+
+
+def classes_from_scheduler(
+    scheduler: SchedulerSpec, shares: Mapping[str, float] | None = None
+) -> list[ClassMix]:
+    """A service's SLO classes as a class mix: the benchmark sends exactly the classes the
+    scheduler knows, with their priorities, and judges them by the same TTFT/TPOT targets."""
+    shares = shares or {}
+    return [
+        ClassMix(
+            name=c.name,
+            share=shares.get(c.name, 1.0),
+            priority=c.priority,
+            ttft_ms=c.ttft_ms,
+            tpot_ms=c.tpot_ms,
+        )
+        for c in scheduler.classes
+    ]
 
 
 def shape_of(workload: Workload) -> shapes.Shape:
@@ -279,4 +303,19 @@ def load_workload(path: str | Path) -> Workload:
         workload = workload.model_copy(update={"prompts": prompts.model_copy(update={"path": str(resolved)})})
     if isinstance(workload.prompts, ShareGPT) and not Path(workload.prompts.path).is_file():
         raise WorkloadError(source, [("prompts.path", f"no such file: {workload.prompts.path}")])
+    if workload.classes_from is not None:
+        service_path = Path(path).parent / workload.classes_from
+        try:
+            service = load_service(service_path)
+        except SpecError as exc:
+            raise WorkloadError(source, [(f"classesFrom ({p})", r) for p, r in exc.errors]) from None
+        except OSError as exc:
+            raise WorkloadError(
+                source, [("classesFrom", f"cannot read {service_path}: {exc.strerror}")]
+            ) from None
+        shares = {c.name: c.share for c in workload.classes}
+        classes = classes_from_scheduler(service.spec.scheduler, shares)
+        workload = workload.model_copy(
+            update={"classes": classes, "classes_from": str(service_path.resolve())}
+        )
     return workload

@@ -27,6 +27,7 @@ from tokenfleet.load.workload import (
     parse_workload,
     shape_of,
 )
+from tokenfleet.spec import load_service
 
 WORKLOADS = Path(__file__).resolve().parent.parent / "load" / "workloads"
 
@@ -190,3 +191,29 @@ def test_shape_of_every_kind() -> None:
         shape = shape_of(parse_workload({"arrival": {"shape": spec}}))
         assert isinstance(shape, kind)
         assert shape.level(0.5) is not None
+
+
+def test_classes_from_a_service_spec(tmp_path: Path) -> None:
+    service = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
+    workload_path = tmp_path / "w.yaml"
+    workload_path.write_text(f"classesFrom: {service}\nclasses: [{{name: interactive, share: 3}}]\n")
+    workload = load_workload(workload_path)
+    by_name = {c.name: c for c in workload.classes}
+    spec_classes = load_service(service).spec.scheduler.classes
+    assert list(by_name) == [c.name for c in spec_classes]
+    for spec_class in spec_classes:
+        mix = by_name[spec_class.name]
+        assert (mix.priority, mix.ttft_ms, mix.tpot_ms) == (
+            spec_class.priority,
+            spec_class.ttft_ms,
+            spec_class.tpot_ms,
+        )
+    assert by_name["interactive"].share == 3
+    assert by_name["batch"].share == 1
+    (tmp_path / "bad.yaml").write_text("kind: LLMService\n")
+    workload_path.write_text("classesFrom: bad.yaml\n")
+    with pytest.raises(WorkloadError, match="classesFrom"):
+        load_workload(workload_path)
+    workload_path.write_text("classesFrom: missing.yaml\n")
+    with pytest.raises(WorkloadError, match="cannot read"):
+        load_workload(workload_path)
