@@ -167,15 +167,6 @@ def test_every_referenced_metric_is_served_live(stack: Stack) -> None:
     assert sum(met) > 0
 
 
-def test_engine_command_passes_the_otlp_endpoint() -> None:
-    spec = tiny_service().spec
-    command = engine_command(spec, "m", port=1, otlp_traces_endpoint="http://127.0.0.1:4318/v1/traces")
-    argv = command.argv
-    assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
-    assert command.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
-    assert "--otlp-traces-endpoint" not in engine_command(spec, "m", port=1).argv
-
-
 CHROMIUM = shutil.which("chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "results" / "dashboard.png"
 

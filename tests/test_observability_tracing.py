@@ -167,3 +167,16 @@ def test_cli_log_format_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert line["component"] == "tokenfleet-spec"
     assert line["message"] == "hello"
     assert line["service"] == "svc"
+
+
+def test_engine_command_passes_the_otlp_endpoint() -> None:
+    from conftest import tiny_service
+
+    from tokenfleet.engine.launch import engine_command
+
+    spec = tiny_service().spec
+    command = engine_command(spec, "m", port=1, otlp_traces_endpoint="http://127.0.0.1:4318/v1/traces")
+    argv = command.argv
+    assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
+    assert command.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    assert "--otlp-traces-endpoint" not in engine_command(spec, "m", port=1).argv
