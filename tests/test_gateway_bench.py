@@ -28,6 +28,7 @@ def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
         result = bench.paired_latency(fake, via, body, pairs=20, warmup=2)
     assert result["direct"]["n"] == result["gateway"]["n"] == 20
     assert result["gateway"]["p50_ms"] > 0
+    assert result["gateway_cpu_ms_per_request"] >= 0
     report = bench.render(
         {
             "machine": "test",
@@ -40,7 +41,7 @@ def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
         }
     )
     assert "| fake |" in report
-    assert "| round_robin | None | None | 100 ms | 100 ms | 200 ms | 50.0% |" in report
+    assert "| round_robin | None | None | 100 ms | 100 ms | 200 ms | 50.0% | 0.0 |" in report
     assert "- lost before streaming: 0" in report
 
 

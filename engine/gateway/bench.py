@@ -108,8 +108,20 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
+class Handle(str):
+    """A server's base URL that also knows its process id (for CPU accounting)."""
+
+    pid: int = 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def gateway_process(service: LLMService, replicas: Sequence[tuple[str, str]], work: Path) -> Iterator[str]:
+def gateway_process(service: LLMService, replicas: Sequence[tuple[str, str]], work: Path) -> Iterator[Handle]:
     spec = work / f"gateway-{service.spec.routing.policy}.yaml"
     spec.write_text(yaml.safe_dump(service.model_dump(by_alias=True, exclude_none=True, mode="json")))
     port = free_port()
@@ -117,7 +129,8 @@ def gateway_process(service: LLMService, replicas: Sequence[tuple[str, str]], wo
     for rid, url in replicas:
         argv += ["--replica", f"{rid}={url}"]
     process = subprocess.Popen(argv, env={**os.environ, "PYTHONSAFEPATH": "1"}, cwd=work)
-    url = f"http://127.0.0.1:{port}"
+    url = Handle(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     try:
         wait_http(f"{url}/ready", 60, process)
         yield url
@@ -157,8 +170,12 @@ def paired_latency(
     """Alternate direct and gateway calls (random order per pair) so drift hits both equally."""
     rng = random.Random(0)
     samples: dict[str, list[float]] = {"direct": [], "gateway": []}
+    pid = getattr(via, "pid", 0)
+    cpu_start = 0.0
     with httpx.Client(trust_env=False, timeout=60) as client:
         for i in range(warmup + pairs):
+            if i == warmup and pid:
+                cpu_start = cpu_seconds(pid)
             order = [("direct", direct), ("gateway", via)]
             rng.shuffle(order)
             for side, base in order:
@@ -169,8 +186,13 @@ def paired_latency(
                     raise RuntimeError(f"{side} answered {reply.status_code}: {reply.text[:200]}")
                 if i >= warmup:
                     samples[side].append(elapsed)
+    # CPU the gateway process spent per request: independent of how busy the machine is,
+    # unlike wall-clock latency on a shared 2-core box.
+    cpu_ms = round((cpu_seconds(pid) - cpu_start) * 1000 / pairs, 3) if pid else None
     diffs = [g - d for g, d in zip(samples["gateway"], samples["direct"], strict=True)]
     return {
+        "gateway_cpu_ms_per_request": cpu_ms,
+        "load_average": os.getloadavg()[0],
         "direct": describe_ms(samples["direct"]),
         "gateway": describe_ms(samples["gateway"]),
         "added": describe_ms(diffs),
@@ -221,6 +243,7 @@ def compare_policies(
             "requests": overall.get("requests", overall.get("count")),
             "errors": overall.get("failed"),
             "prefix_cache_hit_rate": round((hits1 - hits0) / queries, 4) if queries else None,
+            "load_average": os.getloadavg()[0],
             "results_dir": str(result.dir),
         }
     return results
@@ -317,31 +340,34 @@ def render(results: dict[str, Any]) -> str:
         "## Added latency (paired, sequential, non-streaming, max_tokens=1)",
         "",
         "| upstream | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 | "
-        "per-pair diff p50 / p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        "per-pair diff p50 / p99 | gateway CPU / request | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.get("overhead", {}).items():
         lines.append(
             f"| {name} | {row['direct']['p50_ms']:.2f} ms | {row['gateway']['p50_ms']:.2f} ms | "
             f"**{row['added_p50_ms']:.2f} ms** | {row['direct']['p99_ms']:.2f} ms | "
             f"{row['gateway']['p99_ms']:.2f} ms | **{row['added_p99_ms']:.2f} ms** | "
-            f"{row['added']['p50_ms']:.2f} / {row['added']['p99_ms']:.2f} ms |"
+            f"{row['added']['p50_ms']:.2f} / {row['added']['p99_ms']:.2f} ms | "
+            f"{row.get('gateway_cpu_ms_per_request')} ms | {row.get('load_average', 0):.1f} |"
         )
     policies = results.get("policies")
     if policies:
         lines += [
             "",
-            "## Routing policies, 2 replicas, shared-prefix workload",
+            "## Routing policies, 2 replicas, prefix workload (48 prefixes of ~320 tokens)",
             "",
-            "| policy | requests | errors | mean TTFT | p50 TTFT | p99 TTFT | prefix-cache hit rate |",
-            "|---|---|---|---|---|---|---|",
+            "| policy | requests | errors | mean TTFT | p50 TTFT | p99 TTFT | prefix-cache hit rate "
+            "| load avg |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for policy, row in policies.items():
             ttft = row.get("ttft") or {}
             hit = row.get("prefix_cache_hit_rate")
             lines.append(
                 f"| {policy} | {row.get('requests')} | {row.get('errors')} | {_ms(ttft.get('mean'))} | "
-                f"{_ms(ttft.get('p50'))} | {_ms(ttft.get('p99'))} | {'-' if hit is None else f'{hit:.1%}'} |"
+                f"{_ms(ttft.get('p50'))} | {_ms(ttft.get('p99'))} | {'-' if hit is None else f'{hit:.1%}'} | "
+                f"{row.get('load_average', 0):.1f} |"
             )
     failover = results.get("failover")
     if failover:
@@ -393,7 +419,7 @@ def run_bench(
                     log(f"bench gateway: added latency vs vLLM (tiny-random), {pairs} pairs")
                     results["overhead"]["vLLM replica"] = paired_latency(engines[0].url, via, body, pairs)
             if "policies" not in skip:
-                workload = Path(__file__).resolve().parents[2] / "load" / "workloads" / "shared-prefix.yaml"
+                workload = Path(__file__).resolve().parent / "workloads" / "prefix-affinity.yaml"
                 results["policies"] = compare_policies(
                     [e.url for e in engines], work, policy_duration_s, log, workload
                 )
