@@ -38,6 +38,11 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
         || echo "install: promtool unavailable (apt failed); alert-rule tests will say so" >&2
 fi
+# amtool (Alertmanager config check and routing tests) from Debian's prometheus-alertmanager.
+if ! command -v amtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-alertmanager >/dev/null) \
+        || echo "install: amtool unavailable (apt failed); Alertmanager config tests will skip" >&2
+fi
 # Debian's chromium drives the built-in /dashboard's browser test (Playwright with
 # executable_path: no browser download).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then

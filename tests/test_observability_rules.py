@@ -120,3 +120,24 @@ def test_alertmanager_config_routes_to_defined_receivers() -> None:
         path = prometheusrule.ROOT / "alertmanager" / "alertmanager.yaml"
         result = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool missing: Debian's prometheus-alertmanager")
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (["alertname=TokenfleetSLOBurnRateFast", "severity=page"], "oncall"),
+        (["alertname=TokenfleetQueueGrowing", "severity=warning"], "team"),
+        (["alertname=TokenfleetSLOBurnRateSlow", "severity=ticket"], "team"),
+    ],
+)
+def test_alertmanager_routes_by_severity(labels: list[str], receiver: str) -> None:
+    path = prometheusrule.ROOT / "alertmanager" / "alertmanager.yaml"
+    result = subprocess.run(
+        [str(shutil.which("amtool")), "config", "routes", "test", f"--config.file={path}", *labels],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receiver
