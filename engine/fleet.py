@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,16 +154,21 @@ class LocalFleet:
         return actions
 
     def apply(self, action: Action, now: float) -> None:
+        # This runs on the gateway's event loop: nothing here may block for long.
         if action.kind == "stop":
             stopped = self.slots.pop(action.slot)
-            if stopped.process is not None:
-                stopped.process.stop(timeout_s=self.gateway.spec.engine.shutdown_timeout_s + 10)
+            if stopped.process is not None:  # drain in the background (SIGTERM, then wait)
+                timeout = self.gateway.spec.engine.shutdown_timeout_s + 10
+                threading.Thread(target=stopped.process.stop, args=(timeout,), daemon=True).start()
             return
         slot = self.slots.get(action.slot) or Slot(action.slot, free_port())
         self.slots[action.slot] = slot
         if action.kind == "restart":
-            if slot.process is not None:
-                slot.process.stop(timeout_s=5)  # a hung start: make sure it is gone
+            old = slot.process.process if slot.process is not None else None
+            if old is not None and old.poll() is None:  # a hung start: no drain, just gone
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(old.pid, signal.SIGKILL)
+                old.wait(timeout=10)
             slot.restarts += 1
         slot.process = self.launcher(slot.index, slot.port)
         slot.process.start()

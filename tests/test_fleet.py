@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from tokenfleet.engine.fleet import (
     Action,
+    LocalFleet,
     Policy,
     SlotView,
     decide,
@@ -29,6 +30,7 @@ from tokenfleet.engine.fleet import (
     restart_delay,
     serve_fleet,
 )
+from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess
 from tokenfleet.models import ensure_builtin
 
@@ -210,6 +212,34 @@ def test_fleet_reports_a_port_in_use(tmp_path: Path) -> None:
         )
     assert code == 1
     assert any("could not listen" in line for line in logs)
+
+
+def test_local_fleet_restarts_a_hung_start_and_stops_surplus_without_blocking() -> None:
+    gateway = Gateway(tiny_service())
+    logs: list[str] = []
+
+    def sleeper(slot: int, port: int) -> EngineProcess:  # never serves: a start that hangs
+        return EngineProcess(
+            EngineCommand([sys.executable, "-c", "import time; time.sleep(60)"], {}), port=port
+        )
+
+    fleet = LocalFleet(gateway, sleeper, desired=2, policy=Policy(startup_timeout_s=0.5), log=logs.append)
+    try:
+        assert [a.kind for a in fleet.tick(now=0.0)] == ["start", "start"]
+        assert set(gateway.replicas.replicas) == {"replica-0", "replica-1"}
+        first = [s.process.process for s in fleet.slots.values()]  # type: ignore[union-attr]
+        assert [a.kind for a in fleet.tick(now=1.0)] == ["restart", "restart"]
+        assert all(p is not None and p.poll() is not None for p in first)  # killed, not leaked
+        assert [s["restarts"] for s in fleet.status()["slots"]] == [1, 1]  # type: ignore[index]
+        fleet.desired = 1
+        started = time.monotonic()
+        assert [a.kind for a in fleet.tick(now=1.1)] == ["stop"]
+        assert time.monotonic() - started < 1.0  # the drain happens off the event loop
+        assert set(gateway.replicas.replicas) == {"replica-0"}
+        assert gateway.status()["fleet"]["slots"][0]["phase"] == "starting"
+    finally:
+        fleet.stop_all()
+    assert not fleet.slots
 
 
 # -- `tokenfleet up` end to end ------------------------------------------------------------------
