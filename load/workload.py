@@ -195,7 +195,7 @@ class Arrival(_Model):
 
 class Workload(_Model):
     name: str = "workload"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: str | None = Field(None, description="Served model name; default: the first on /v1/models.")
     api: Literal["completions", "chat"] = "completions"
     stream: bool = True

@@ -63,7 +63,8 @@ STOPPING = False
 
 
 def _on_test_start(environment: Any, **_: Any) -> None:
-    global STATE
+    global STATE, STOPPING
+    STOPPING = False  # a new test started from the web UI after an earlier one stopped
     runner = environment.runner
     if isinstance(runner, MasterRunner):
         return
