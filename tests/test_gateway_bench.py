@@ -49,3 +49,24 @@ def test_parse_replica_argument() -> None:
     assert parse_replica("r0=http://127.0.0.1:8001") == ("r0", "http://127.0.0.1:8001")
     with pytest.raises(Exception, match="expected id=http"):
         parse_replica("r0:8001")
+
+
+def test_cli_wires_bench_gateway(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenfleet.cli import main
+
+    seen: dict[str, object] = {}
+
+    def fake_run(out: Path, **kwargs: object) -> dict[str, object]:
+        seen.update(kwargs, out=out)
+        return {"machine": "m", "date": "d", "overhead": {}}
+
+    monkeypatch.setattr(bench, "run_bench", fake_run)
+    assert main(["bench", "gateway", "--out", "somewhere", "--pairs", "7", "--skip", "failover"]) == 0
+    assert seen == {
+        "out": Path("somewhere"),
+        "pairs": 7,
+        "policy_duration_s": 40.0,
+        "failover_requests": 60,
+        "skip": ["failover"],
+    }
+    assert "# Gateway benchmark" in capsys.readouterr().out
