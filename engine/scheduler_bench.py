@@ -527,8 +527,8 @@ def summarize_run(
 def run_bench(
     config: BenchConfig, out_dir: Path, log: Any = print
 ) -> dict[str, Any]:  # pragma: no cover - engines
-    """All policies' engines up at once, runs interleaved (profile → seed → policy), so that
-    drift in the machine's background load hits every policy alike (a shared 2-core box)."""
+    """All policies' engines up at once, runs interleaved (profile → seed → policy, the policy
+    order rotating), so that drift in the machine's background load hits every policy alike."""
     from tokenfleet.engine.launch import EngineProcess, engine_command
     from tokenfleet.models import resolve_model
     from tokenfleet.spec import parse_service
@@ -566,10 +566,13 @@ def run_bench(
             )
             log(f"λ_sat = {lam:.2f} req/s (FCFS, closed loop, concurrency {2 * config.max_num_seqs})")
         results["lambda_sat"] = lam
+        order = list(engines)
         for profile in config.profiles:
             for seed in config.seeds:
                 arrivals = generate(profile, lam, config.duration_s, seed)
-                for policy, engine in engines.items():
+                order = order[1:] + order[:1]  # rotate: no policy always runs first or last
+                for policy in order:
+                    engine = engines[policy]
                     before = parse_metrics(httpx.get(f"{engine.url}/metrics", timeout=10).text)
                     outcomes, cutoff = asyncio.run(
                         drive(engine.url, "bench", arrivals, drain_s=config.drain_s, seed=seed)

@@ -13,14 +13,14 @@ Ordering of waiting requests (smallest key first, see `SLAPolicy.key`):
    weighted virtual token counter inside that class (VTC: the least-served backlogged tenant
    first), then by deadline slack (earliest `deadline - estimated prefill time` first).
 
-Keys depend on the clock and on the VTC counters, so they are computed against a frozen `now`
+Keys depend on the clock and on the VTC counters, so they are read against a frozen `now`
 (`SLAPolicy.advance`, once per engine step): vLLM peeks a queue and then pops it, and the two
-must agree.
+must agree. `SLAQueue` keeps only the static parts of the key in heaps, so it never re-sorts.
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +161,7 @@ class Ticket:
     deadline: float  # arrival + TTFT target (arrival + max wait for classes without one)
     promote_at: float  # arrival + max wait: from then on it outranks every un-aged request
     seq: int  # admission order; the last tie-break, so keys are unique
+    latest_start: float = 0.0  # deadline - estimated prefill time (the estimate at arrival)
     first_scheduled: float | None = None
     last_admitted: float | None = None
     admitted_aged: bool = False  # admitted after aging: never chosen as a preemption victim
@@ -268,7 +269,6 @@ class SLAPolicy:
         self.config = config
         self.fair = FairShare(config)
         self.now = 0.0
-        self.version = 0  # bumped by advance(); queues re-sort when it changes
         # Estimates used for slack and the "would miss" test; refreshed by the adapter.
         self.s_per_prefill_token = 0.0
         self.step_s = 0.05
@@ -289,6 +289,7 @@ class SLAPolicy:
         if isinstance(override, int | float) and not isinstance(override, bool) and override > 0:
             ttft_s = float(override) / 1000
         self._seq += 1
+        deadline = arrival + (ttft_s if ttft_s is not None else slo_class.max_wait_s)
         return Ticket(
             request_id=request_id,
             slo_class=slo_class,
@@ -296,25 +297,25 @@ class SLAPolicy:
             arrival=arrival,
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
-            deadline=arrival + (ttft_s if ttft_s is not None else slo_class.max_wait_s),
+            deadline=deadline,
             promote_at=arrival + slo_class.max_wait_s,
             seq=self._seq,
+            # Frozen at arrival so that the key's within-tenant part never needs re-sorting.
+            latest_start=deadline - prompt_tokens * self.s_per_prefill_token,
         )
 
     def advance(self, now: float) -> None:
         """Freeze the clock for one scheduling step (keys depend on it)."""
         self.now = now
-        self.version += 1
 
     def key(self, ticket: Ticket) -> Key:
         if ticket.aged(self.now):
             return (0, ticket.promote_at, 0.0, 0.0, ticket.seq)
-        latest_start = ticket.deadline - ticket.prompt_tokens * self.s_per_prefill_token
         return (
             1,
             float(ticket.slo_class.priority),
             self.fair.counter(ticket.slo_class.name, ticket.tenant),
-            latest_start,
+            ticket.latest_start,
             ticket.seq,
         )
 
@@ -352,42 +353,88 @@ T = TypeVar("T")
 
 
 class SLAQueue(Generic[T]):
-    """A waiting queue ordered by `SLAPolicy.key`, with vLLM's `RequestQueue` method names.
+    """A waiting queue in `SLAPolicy.key` order, with vLLM's `RequestQueue` method names.
 
     Items are whatever the caller stores (vLLM `Request`s in the engine, tickets in tests);
-    `ticket_of` maps an item to its ticket. Kept sorted; re-sorted lazily after the policy's
-    clock advances, so `peek_request` and the following `pop_request` always agree.
+    `ticket_of` maps an item to its ticket. The key changes with the clock (aging) and with the
+    VTC counters, but only through two static parts, so no step ever re-sorts the queue:
+
+    - one heap of every request by `promote_at` — its top is the oldest aged request, if any;
+    - one heap per (class, tenant) by `(latest_start, seq)` — static per ticket.
+
+    The head is the aging heap's top if it has aged, else, in the most important non-empty class,
+    the top of the sub-heap of the tenant with the smallest counter. O(log n) per operation,
+    O(classes × tenants) per peek. Removal is lazy (entries of removed items are skipped).
+    `peek_request` and the following `pop_request` agree because both read the policy's
+    frozen clock and counters, which only change between steps.
     """
 
     def __init__(self, policy: SLAPolicy, ticket_of: Callable[[T], Ticket]) -> None:
         self._policy = policy
         self._ticket_of = ticket_of
-        self._entries: list[tuple[Key, T]] = []
-        self._version = policy.version
+        self._live: dict[int, tuple[int, T]] = {}  # id(item) -> (entry token, item)
+        self._token = 0
+        self._aging: list[tuple[float, int, int, int]] = []  # (promote_at, seq, token, id)
+        self._heaps: dict[tuple[int, str, str], list[tuple[float, int, int, int]]] = {}
+        self._counts: dict[tuple[int, str, str], int] = {}
 
-    def _fresh(self) -> list[tuple[Key, T]]:
-        if self._version != self._policy.version:
-            key = self._policy.key
-            self._entries = sorted(((key(self._ticket_of(item)), item) for _, item in self._entries), key=_k)
-            self._version = self._policy.version
-        return self._entries
+    def _alive(self, token: int, ident: int) -> bool:
+        entry = self._live.get(ident)
+        return entry is not None and entry[0] == token
+
+    def _head(self) -> int | None:
+        """id() of the head item, or None when empty."""
+        aging = self._aging
+        while aging and not self._alive(aging[0][2], aging[0][3]):
+            heapq.heappop(aging)
+        if not aging:
+            return None
+        if aging[0][0] <= self._policy.now:
+            return aging[0][3]
+        best: tuple[int, float, str] | None = None
+        best_key: tuple[int, str, str] | None = None
+        fair = self._policy.fair
+        for key, count in self._counts.items():
+            if count <= 0:
+                continue
+            rank = (key[0], fair.counter(key[1], key[2]), key[2])
+            if best is None or rank < best:
+                best, best_key = rank, key
+        assert best_key is not None  # the aging heap holds a live item, so some count is > 0
+        heap = self._heaps[best_key]
+        while not self._alive(heap[0][2], heap[0][3]):
+            heapq.heappop(heap)
+        return heap[0][3]
+
+    def _forget(self, ident: int) -> T:
+        _, item = self._live.pop(ident)
+        t = self._ticket_of(item)
+        self._counts[(t.slo_class.priority, t.slo_class.name, t.tenant)] -= 1
+        return item
 
     def add_request(self, request: T) -> None:
-        entries = self._fresh()
-        key = self._policy.key(self._ticket_of(request))
-        entries.insert(bisect.bisect_right(entries, key, key=_k), (key, request))
+        ident = id(request)
+        if ident in self._live:
+            self._forget(ident)
+        self._token += 1
+        t = self._ticket_of(request)
+        self._live[ident] = (self._token, request)
+        heapq.heappush(self._aging, (t.promote_at, t.seq, self._token, ident))
+        key = (t.slo_class.priority, t.slo_class.name, t.tenant)
+        heapq.heappush(self._heaps.setdefault(key, []), (t.latest_start, t.seq, self._token, ident))
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def pop_request(self) -> T:
-        entries = self._fresh()
-        if not entries:
+        ident = self._head()
+        if ident is None:
             raise IndexError("pop from an empty queue")
-        return entries.pop(0)[1]
+        return self._forget(ident)
 
     def peek_request(self) -> T:
-        entries = self._fresh()
-        if not entries:
+        ident = self._head()
+        if ident is None:
             raise IndexError("peek from an empty queue")
-        return entries[0][1]
+        return self._live[ident][1]
 
     # The order is the policy's, not the caller's: "prepending" is just adding back.
     def prepend_request(self, request: T) -> None:
@@ -398,32 +445,38 @@ class SLAQueue(Generic[T]):
             self.add_request(request)
 
     def remove_request(self, request: T) -> None:
-        for i, (_, item) in enumerate(self._entries):
-            if item is request:
-                del self._entries[i]
-                return
-        raise ValueError("request not in queue")
+        if id(request) not in self._live:
+            raise ValueError("request not in queue")
+        self._forget(id(request))
 
     def remove_requests(self, requests: Iterable[T]) -> None:
         # Absent items are ignored: vLLM removes the same list from both of its waiting queues.
-        gone = {id(r) for r in requests}
-        self._entries = [e for e in self._entries if id(e[1]) not in gone]
+        for request in requests:
+            if id(request) in self._live:
+                self._forget(id(request))
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return bool(self._live)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._live)
 
     def __iter__(self) -> Iterator[T]:
-        return iter([item for _, item in self._fresh()])
+        """In key order (O(n log n): for inspection, not for the scheduling path)."""
+        key = self._policy.key
+        return iter(sorted((item for _, item in self._live.values()), key=lambda i: key(self._ticket_of(i))))
 
     def count_class(self, slo_class: str) -> int:
-        return sum(1 for _, item in self._entries if self._ticket_of(item).slo_class.name == slo_class)
+        return sum(n for (_, name, _), n in self._counts.items() if name == slo_class)
 
+    def tenants_in_class(self, slo_class: str) -> set[str]:
+        return {tenant for (_, name, tenant), n in self._counts.items() if name == slo_class and n > 0}
 
-def _k(entry: tuple[Key, Any]) -> Key:
-    return entry[0]
+    def class_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for (_, name, _), n in self._counts.items():
+            counts[name] = counts.get(name, 0) + n
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,22 +113,17 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         ticket = self._ticket(request)
         name = ticket.slo_class.name
         waiting = self.waiting.count_class(name) + self.kv_holding_waiting.count_class(name)
+        # O(classes × tenants + running), not O(queue): this runs for every arriving request.
         reason = self.sla.admit(ticket, waiting)
         if reason is not None:
             self.sla_metrics.rejections.labels(name).inc()
             self.sla_rejected.append((request, reason))
             return
-        backlogged = {
-            self._ticket(r).tenant
-            for r in self._live_requests()
-            if self._ticket(r).slo_class is ticket.slo_class
-        }
+        backlogged = self.waiting.tenants_in_class(name) | self.kv_holding_waiting.tenants_in_class(name)
+        backlogged |= {t.tenant for t in map(self._ticket, self.running) if t.slo_class.name == name}
         if ticket.tenant not in backlogged:
             self.sla.fair.on_backlogged(name, ticket.tenant, backlogged)
         super().add_request(request)
-
-    def _live_requests(self) -> list[Any]:
-        return [*self.waiting, *self.kv_holding_waiting, *self.running]
 
     def has_requests(self) -> bool:
         # Keep the engine loop stepping until pending rejections are delivered.
@@ -247,12 +242,16 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         names = [c.name for c in self.sla.config.classes]
         waiting = dict.fromkeys(names, 0)
         running = dict.fromkeys(names, 0)
-        for r in (*self.waiting, *self.kv_holding_waiting):
-            waiting[self._ticket(r).slo_class.name] += 1
+        for queue in (self.waiting, self.kv_holding_waiting):
+            for name, n in queue.class_counts().items():
+                waiting[name] += n
         for r in self.running:
             running[self._ticket(r).slo_class.name] += 1
         self.sla_metrics.set_depths(waiting, running)
-        live = {(self._ticket(r).slo_class.name, self._ticket(r).tenant) for r in self._live_requests()}
+        live = {(t.slo_class.name, t.tenant) for t in map(self._ticket, self.running)}
+        for name in names:
+            live |= {(name, t) for t in self.waiting.tenants_in_class(name)}
+            live |= {(name, t) for t in self.kv_holding_waiting.tenants_in_class(name)}
         if len(self.sla.fair.counters_all()) > 4 * len(live) + 64:
             self.sla.fair.prune(lambda c, t: (c, t) in live)
 

@@ -178,9 +178,15 @@ def test_slack_orders_by_latest_start_within_a_tenant() -> None:
     q.add_request(long)
     policy.advance(1.0)
     assert q.peek_request() is short  # no prefill estimate yet: EDF
-    policy.s_per_prefill_token = 0.001  # 4000 tokens = 4 s of prefill: the long one must start first
-    policy.advance(1.0)
-    assert q.peek_request() is long
+    # With an estimate (taken at arrival), 4000 tokens = 4 s of prefill: the long one first.
+    policy.s_per_prefill_token = 0.001
+    q2 = ticket_queue(policy)
+    short2 = new_ticket(policy, "standard", 0.0, prompt_tokens=10)
+    long2 = new_ticket(policy, "standard", 0.5, prompt_tokens=4000)
+    q2.add_request(short2)
+    q2.add_request(long2)
+    assert q2.peek_request() is long2
+    assert long2.latest_start == pytest.approx(4.5 - 4.0)
 
 
 def test_aged_requests_outrank_everything_in_promotion_order() -> None:
