@@ -314,20 +314,21 @@ class Gateway:
         try:
             await self.admission.acquire(slo_class.name)
         except ShedError as exc:
-            self._refresh_slots()
             self._refund(tenant, call.estimate)  # a shed request did not use its allowance
             return self._refuse(
                 call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
             )
-        self._refresh_slots()
+        # Gauges (queued, routable) are refreshed by the prober's tick, not on this hot path.
         streaming = document.get("stream") is True
         return await self._forward(
-            call, "POST", payload, request, streaming=streaming, release=self._release_slot, document=document
+            call,
+            "POST",
+            payload,
+            request,
+            streaming=streaming,
+            release=self.admission.release,
+            document=document,
         )
-
-    def _release_slot(self) -> None:
-        self.admission.release()
-        self._refresh_slots()
 
     def _class_for(self, tenant: Tenant, request: Request, document: Mapping[str, Any]) -> SLOClass:
         priority = document.get("priority")
