@@ -49,7 +49,9 @@ class Action:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    startup_timeout_s: float = 300.0
+    # Like KServe's startup probe (60 x 10 s): big models on GPUs, or any model on a busy CPU
+    # box, can take minutes; restarting a slow start only makes it slower.
+    startup_timeout_s: float = 600.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 30.0
 

@@ -264,7 +264,7 @@ def test_tokenfleet_up_serves_through_the_gateway_and_stops_cleanly(tmp_path: Pa
         text=True,
     )
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         lines: list[str] = []
         assert up.stdout is not None
         while not any("ready — OpenAI API at" in line for line in lines):
