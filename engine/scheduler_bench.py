@@ -678,10 +678,17 @@ def _ci(v: tuple[float, float] | None, fmt: Any) -> str:
     return f"{fmt(mean)} ± {fmt(half).split()[0]}" if half else fmt(mean)
 
 
+def _policies(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Policies in the canonical order (baselines first), whatever order the runs took."""
+    canonical = ("fcfs", "priority", "sla")
+    seen = list(dict.fromkeys(r["policy"] for r in runs))
+    return sorted(seen, key=lambda p: (canonical.index(p) if p in canonical else len(canonical), p))
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The results tables (one per profile), FCFS and priority next to sla."""
     runs = results["runs"]
-    policies = list(dict.fromkeys(r["policy"] for r in runs))
+    policies = _policies(runs)
     profiles = list(dict.fromkeys(r["profile"] for r in runs))
     lines: list[str] = []
     for profile in profiles:
@@ -735,7 +742,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no co
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    policies = list(dict.fromkeys(r["policy"] for r in runs))
+    policies = _policies(runs)
     profiles = list(dict.fromkeys(r["profile"] for r in runs))
     paths: list[Path] = []
     figures = [
