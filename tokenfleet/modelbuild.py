@@ -178,6 +178,11 @@ class BuildReport:
             f"  wall {self.wall_s:.1f} s (tokenizer {self.tokenizer_s:.1f} s, train {self.train_s:.1f} s, "
             f"eval {self.eval_s:.1f} s)",
         ]
+        if self.stopped_by == "time":
+            lines.append(
+                "  note: stopped by the time budget (slow or busy machine), so fewer steps than planned;"
+                " rebuild with --force on a quieter machine for the full model"
+            )
         return "\n".join(lines)
 
 
