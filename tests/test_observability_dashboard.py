@@ -131,7 +131,9 @@ def test_replica_down_fires_and_resolves_through_the_webhook(
     gateway.set_replicas([("r0", engine.url), ("r1", sick.url)])
     _wait(
         lambda: any(
-            a["name"] == "TokenfleetReplicaDown" and a["state"] == "firing"
+            a["name"] == "TokenfleetReplicaDown"
+            and a["state"] == "firing"
+            and a["labels"].get("replica") == "r1"
             for a in (monitor.snapshot or {}).get("alerts", [])
         )
     )
