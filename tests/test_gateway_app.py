@@ -544,3 +544,32 @@ def test_overload_sheds_lowest_class_first_with_503(fakes: tuple[Fake, Fake]) ->
         'tokenfleet_gateway_rejected_total{class="batch",reason="unavailable",tenant="default"} 2.0'
         in metrics
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_scheduler_rejection_becomes_503_with_retry_after(
+    gateway: tuple[str, Gateway], fakes: tuple[Fake, Fake], stream: bool
+) -> None:
+    url, _ = gateway
+    for fake in fakes:
+        fake.faults.reject = "tokenfleet:rejected: queue of class 'batch' is full (4/4 waiting)"
+    response = httpx.post(f"{url}/v1/completions", json={**COMPLETION, "stream": stream}, timeout=10)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "queue of class 'batch' is full" in response.json()["error"]["message"]
+    # The replica answered: it stays routable, and normal traffic still flows.
+    for fake in fakes:
+        fake.faults.reject = None
+    assert httpx.post(f"{url}/v1/completions", json=COMPLETION, timeout=10).status_code == 200
+
+
+def test_scheduler_rejection_parser() -> None:
+    from tokenfleet.engine.gateway.app import scheduler_rejection
+
+    abort = {"finish_reason": "abort", "stop_reason": "tokenfleet:rejected: full"}
+    assert scheduler_rejection(json.dumps({"choices": [abort]}).encode()) == "full"
+    assert scheduler_rejection(f"data: {json.dumps({'choices': [abort]})}\n\n".encode()) == "full"
+    other = {"finish_reason": "length", "stop_reason": "tokenfleet:rejected: full"}
+    assert scheduler_rejection(json.dumps({"choices": [other]}).encode()) is None
+    assert scheduler_rejection(b'{"choices": [{"text": "tokenfleet:rejected"}]}') is None
+    assert scheduler_rejection(b"data: tokenfleet:rejected not json") is None

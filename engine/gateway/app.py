@@ -314,7 +314,7 @@ class Gateway:
         try:
             await self.admission.acquire(slo_class.name)
         except ShedError as exc:
-            self._refund(tenant, call.estimate)  # a shed request did not use its allowance
+            self._refund(tenant.name, call.estimate)  # a shed request did not use its allowance
             return self._refuse(
                 call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
             )
@@ -391,10 +391,10 @@ class Gateway:
         for key, result in takes:  # commit only when every bucket agreed
             self.buckets[key] = result.bucket
 
-    def _refund(self, tenant: Tenant, tokens: int) -> None:
+    def _refund(self, tenant_name: str, tokens: int) -> None:
         now = time.monotonic()
         for kind, amount in (("requests", 1), ("tokens", tokens)):
-            key = (tenant.name, kind)
+            key = (tenant_name, kind)
             if key in self.buckets:
                 self.buckets[key] = limits.adjust(self.buckets[key], -amount, now)
 
@@ -506,6 +506,9 @@ class Gateway:
             if streaming and upstream.status_code == 200:
                 chunks = upstream.aiter_raw()
                 first = await anext(chunks, b"")
+                rejection = scheduler_rejection(first)
+                if rejection is not None:
+                    return self._engine_rejected(call, replica, rejection, release)
                 self.replicas.request_succeeded(replica)
                 self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
                 headers = self._response_headers(
@@ -530,6 +533,9 @@ class Gateway:
         finally:
             if upstream is not None:
                 await upstream.aclose()
+        rejection = scheduler_rejection(content) if upstream_ok(upstream) else None
+        if rejection is not None:
+            return self._engine_rejected(call, replica, rejection, release)
         self._leave(replica)
         self.replicas.request_succeeded(replica)
         self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
@@ -544,6 +550,23 @@ class Gateway:
         )
         self._finish(call, upstream.status_code)
         return response
+
+    def _engine_rejected(
+        self, call: Call, replica: Replica, reason: str, release: Callable[[], None] | None
+    ) -> Response:
+        """The engine's scheduler refused the request (its class queue is full): 503, retry later.
+
+        The replica is healthy (it answered), so this is not a failure for the circuit breaker,
+        and it is not retried elsewhere: every replica runs the same admission limits.
+        """
+        self._leave(replica)
+        self.replicas.request_succeeded(replica)
+        self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
+        if release is not None:
+            release()
+        self._refund(call.tenant, call.estimate)  # refused work used none of the allowance
+        message = f"engine scheduler rejected the request: {reason}"
+        return self._refuse(call, RequestError(503, message, "overloaded"), retry_after=1.0)
 
     def _response_headers(self, call: Call, replica: Replica, content_type: str | None) -> dict[str, str]:
         headers = {REPLICA_HEADER: replica.id}
@@ -636,6 +659,33 @@ class Gateway:
         if status >= 500:
             call.span.set_status(StatusCode.ERROR)
         call.span.end()
+
+
+REJECTED_PREFIX = "tokenfleet:rejected"
+
+
+def scheduler_rejection(content: bytes) -> str | None:
+    """The SLA scheduler's admission rejection carried in an engine's 200 answer, if any.
+
+    vLLM cannot turn a scheduler decision into an HTTP error, so the scheduler finishes the
+    request at once with finish_reason `abort` and a stop_reason starting `tokenfleet:rejected`
+    (engine/sla_scheduler.py). `content` is a JSON body or the first bytes of an SSE stream.
+    """
+    if REJECTED_PREFIX.encode() not in content:
+        return None  # the common case costs one substring search
+    documents: list[Any] = []
+    text = content.decode(errors="replace")
+    for line in [text, *text.splitlines()]:
+        payload = line.removeprefix("data: ").strip()
+        with contextlib.suppress(ValueError):
+            documents.append(json.loads(payload))
+    for document in documents:
+        choices = document.get("choices") if isinstance(document, dict) else None
+        for choice in choices or []:
+            reason = choice.get("stop_reason") if isinstance(choice, dict) else None
+            if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECTED_PREFIX):
+                return str(reason).removeprefix(REJECTED_PREFIX).lstrip(": ") or "class queue full"
+    return None
 
 
 def upstream_ok(response: httpx.Response) -> bool:

@@ -24,6 +24,7 @@ class Faults:
     die_after_chunks: int | None = None  # break the connection mid-stream after N chunks
     delay_s: float = 0.0  # before the first byte
     waiting: int = 0  # reported as vllm:num_requests_waiting
+    reject: str | None = None  # answer as the SLA scheduler does when a class queue is full
     seen: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -59,6 +60,15 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
             return JSONResponse({"error": "injected"}, status_code=500)
         await asyncio.sleep(state.delay_s)
         n = int(body.get("max_tokens") or 4)
+        if state.reject is not None:
+            # vLLM's shape for a request the scheduler finished at once: 200, finish_reason abort.
+            choice = {"index": 0, "text": "", "finish_reason": "abort", "stop_reason": state.reject}
+            if not body.get("stream"):
+                return JSONResponse({"id": f"cmpl-{name}", "choices": [choice], "served_by": name})
+            return StreamingResponse(
+                iter([f"data: {json.dumps({'choices': [choice]})}\n\n".encode(), b"data: [DONE]\n\n"]),
+                media_type="text/event-stream",
+            )
         if not body.get("stream"):
             return JSONResponse(
                 {
