@@ -25,6 +25,7 @@ import uvicorn
 
 from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
+from tokenfleet.observability.control_metrics import ControlLoopMetrics
 from tokenfleet.spec import LLMService
 
 Phase = Literal["absent", "starting", "ready", "unready", "exited"]
@@ -45,6 +46,13 @@ class Action:
     kind: Literal["start", "restart", "stop"]
     slot: int
     reason: str
+
+    @property
+    def metric_reason(self) -> str:
+        """A fixed enum for metric labels (the free-text reason would be unbounded)."""
+        if self.kind == "restart":
+            return "crashed" if self.reason == "replica exited" else "unready"
+        return "missing" if self.kind == "start" else "surplus"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,10 @@ class LocalFleet:
         self.log = log
         self.slots: dict[int, Slot] = {}
         gateway.extra_status = self.status
+        # The control loop's own series, on the gateway's /metrics (dashboards and alerts use them).
+        self.service_name = gateway.service.metadata.name
+        self.control = ControlLoopMetrics(registry=gateway.metrics.registry)
+        self.control.init_service(self.service_name)
 
     def view(self, slot: Slot) -> SlotView:
         process = slot.process
@@ -136,7 +148,24 @@ class LocalFleet:
         return SlotView(slot.index, "unready" if slot.was_ready else "starting", slot.restarts, slot.since)
 
     def tick(self, now: float | None = None) -> list[Action]:
-        now = time.monotonic() if now is None else now
+        started = time.perf_counter()
+        try:
+            actions = self._tick(time.monotonic() if now is None else now)
+        except Exception:
+            self.control.iteration(self.service_name, ok=False, duration_s=time.perf_counter() - started)
+            raise
+        self.control.iteration(self.service_name, ok=True, duration_s=time.perf_counter() - started)
+        ready = sum(1 for slot in self.slots.values() if self.view(slot).phase == "ready")
+        self.control.replicas(self.service_name, desired=self.desired, ready=ready)
+        for action in actions:
+            if action.kind == "restart":
+                self.control.replaced(self.service_name, action.metric_reason)
+            else:
+                direction = "up" if action.kind == "start" else "down"
+                self.control.decision(self.service_name, direction, action.metric_reason)
+        return actions
+
+    def _tick(self, now: float) -> list[Action]:
         for slot in self.slots.values():
             process = slot.process
             if process is not None and process.process is not None:

@@ -18,6 +18,7 @@ import yaml
 from conftest import free_port, tiny_service
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from tokenfleet.engine.fleet import (
     Action,
@@ -237,6 +238,16 @@ def test_local_fleet_restarts_a_hung_start_and_stops_surplus_without_blocking() 
         assert time.monotonic() - started < 1.0  # the drain happens off the event loop
         assert set(gateway.replicas.replicas) == {"replica-0"}
         assert gateway.status()["fleet"]["slots"][0]["phase"] == "starting"
+        # The control loop's decisions are on the gateway's /metrics, with bounded reasons.
+        exposition = generate_latest(gateway.metrics.registry).decode()
+        service = 'service="tiny"'
+        assert f'tokenfleet_control_replacements_total{{reason="unready",{service}}} 2.0' in exposition
+        up = f'tokenfleet_control_scale_decisions_total{{direction="up",reason="missing",{service}}} 2.0'
+        assert up in exposition
+        down = f'tokenfleet_control_scale_decisions_total{{direction="down",reason="surplus",{service}}} 1.0'
+        assert down in exposition
+        assert f"tokenfleet_control_desired_replicas{{{service}}} 1.0" in exposition
+        assert f'tokenfleet_control_loop_iterations_total{{outcome="ok",{service}}} 3.0' in exposition
     finally:
         fleet.stop_all()
     assert not fleet.slots
