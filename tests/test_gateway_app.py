@@ -138,14 +138,18 @@ def test_trace_context_reaches_the_engine(gateway: tuple[str, Gateway], fakes: t
     spans = [
         s for s in gw.tracing.memory.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id
     ]
-    assert len(spans) == 2
-    span = spans[0]
-    assert span.kind.name == "SERVER"
+    servers = [s for s in spans if s.kind.name == "SERVER"]
+    clients = [s for s in spans if s.kind.name == "CLIENT"]
+    assert len(servers) == 2
+    assert len(clients) == 2
+    span = servers[0]
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 200
     assert span.attributes["tokenfleet.replica"] in {"r0", "r1"}
-    # the engine's parent is the gateway's server span, not the client's
-    assert {tp.split("-")[2] for tp in forwarded} <= {format(s.context.span_id, "016x") for s in spans}
+    # client span -> server span -> the caller's span; the engine's parent is the client span
+    server_ids = {s.context.span_id for s in servers}
+    assert all(c.parent is not None and c.parent.span_id in server_ids for c in clients)
+    assert {tp.split("-")[2] for tp in forwarded} == {format(s.context.span_id, "016x") for s in clients}
 
 
 def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:

@@ -78,6 +78,7 @@ class Call:
     tenant: str = "none"
     estimate: int = 0
     done: bool = False
+    upstream_span: Span | None = None  # the CLIENT span of the attempt now in flight
 
 
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
@@ -491,6 +492,15 @@ class Gateway:
         """One try on one replica: a Response once committed to the client, else why it failed."""
         assert self.client is not None
         call.span.set_attribute("tokenfleet.replica", replica.id)
+        # One CLIENT span per attempt, child of the server span; the engine's spans hang off it.
+        call.upstream_span = self.tracing.tracer.start_span(
+            f"{method} {call.route} -> {replica.id}",
+            context=trace.set_span_in_context(call.span),
+            kind=SpanKind.CLIENT,
+            attributes={"tokenfleet.replica": replica.id, "server.address": replica.url},
+        )
+        headers = dict(headers)
+        PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.upstream_span))
         self._enter(replica)
         upstream: httpx.Response | None = None
         try:
@@ -529,6 +539,9 @@ class Gateway:
             self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
             self.replicas.request_failed(replica, reason)
             self._leave(replica)
+            call.upstream_span.set_status(StatusCode.ERROR, reason)
+            call.upstream_span.end()
+            call.upstream_span = None
             return reason
         finally:
             if upstream is not None:
@@ -653,6 +666,9 @@ class Gateway:
         call.done = True
         self.metrics.requests.labels(call.route, call.cls, call.tenant, code_class(status)).inc()
         self.metrics.latency.labels(call.route, call.cls).observe(time.perf_counter() - call.started)
+        if call.upstream_span is not None:
+            call.upstream_span.set_attribute("http.response.status_code", status)
+            call.upstream_span.end()
         call.span.set_attribute("http.response.status_code", status)
         call.span.set_attribute("tokenfleet.class", call.cls)
         call.span.set_attribute("tokenfleet.tenant", call.tenant)
