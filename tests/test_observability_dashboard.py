@@ -89,21 +89,21 @@ def test_page_script_snapshot_and_sse(
     script = httpx.get(f"{server.url}/dashboard/app.js")
     assert script.headers["content-type"].startswith("text/javascript")
     assert "EventSource" in script.text
-    for _ in range(5):
+
+    def throughput_seen() -> bool:
+        points = (monitor.snapshot or {}).get("charts", {}).get("throughput", {}).get("points", {})
+        return bool(points.get("requests/s", 0) > 0)
+
+    # Keep traffic flowing until a rate window holds an increase: requests sent before the
+    # monitor's first scrape would leave the counter flat (rate 0) for good.
+    deadline = time.monotonic() + 40
+    while not throughput_seen():
+        assert time.monotonic() < deadline, "throughput never showed on the dashboard"
         response = httpx.post(
             f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}
         )
         assert response.status_code == 200
-    _wait(
-        lambda: (
-            (monitor.snapshot or {})
-            .get("charts", {})
-            .get("throughput", {})
-            .get("points", {})
-            .get("requests/s", 0)
-            > 0
-        )
-    )
+        time.sleep(0.2)
     snap = httpx.get(f"{server.url}/dashboard/api/snapshot").json()
     assert set(snap["charts"]) == {c.id for c in CHARTS}
     assert snap["targets"] == {"gateway": True, "r0": True}
