@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.launch import EngineProcess, engine_command
 from tokenfleet.models import ensure_builtin
 from tokenfleet.spec import LLMService, parse_service
 
 # Overridable: on a shared 2-core machine under load a CPU engine can take several minutes.
 ENGINE_START_TIMEOUT_S = float(os.environ.get("TOKENFLEET_ENGINE_START_TIMEOUT_S", "600"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tiny_service(name: str = "tiny", **spec_overrides: object) -> LLMService:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from tokenfleet.engine.launch import EngineProcess
 from tokenfleet.load.bench import BenchResult, run_workload
@@ -17,15 +18,6 @@ from tokenfleet.load.workload import parse_workload
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DURATION_S = 15.0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_bench_run_against_vllm_with_web_ui(engine: EngineProcess, tmp_path: Path) -> None:

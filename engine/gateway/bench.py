@@ -36,19 +36,11 @@ from typing import Any
 import httpx
 import yaml
 
+from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.spec import LLMService, parse_service
 
 Log = Callable[[str], None]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bench_service(policy: str = "least_outstanding", name: str = "tiny") -> LLMService:
