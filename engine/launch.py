@@ -23,6 +23,7 @@ import httpx
 from tokenfleet.spec import LLMServiceSpec
 
 SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
+TIMED_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.TimedScheduler"
 SCHEDULER_SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -130,8 +131,9 @@ class EngineProcess:
 
     def start(self, extra_env: Mapping[str, str] | None = None) -> None:
         env = {**os.environ, **self.command.env, **(extra_env or {})}
-        if SCHEDULER_SPEC_ENV in env and PROMETHEUS_MULTIPROC_ENV not in env:
-            # The SLA scheduler's metrics live in the EngineCore process; in prometheus_client's
+        ours = SCHEDULER_SPEC_ENV in env or TIMED_SCHEDULER_CLS in self.command.argv
+        if ours and PROMETHEUS_MULTIPROC_ENV not in env:
+            # Our schedulers' metrics live in the EngineCore process; in prometheus_client's
             # multiprocess mode vLLM's /metrics aggregates them (ADR 0004). Fresh dir per start.
             self._metrics_dir = tempfile.mkdtemp(prefix="tokenfleet-prom-")
             env[PROMETHEUS_MULTIPROC_ENV] = self._metrics_dir

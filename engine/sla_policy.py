@@ -34,6 +34,8 @@ DEFAULT_MAX_WAIT_S = 300.0
 VLLM_DEFAULT_PRIORITY = 0
 # Metrics label for tenants the spec does not list (bounds label cardinality).
 OTHER_TENANT = "other"
+# Past this share of a class queue's limit, a tenant already holding its share of it is turned away.
+SHARED_QUEUE_FRACTION = 0.75
 # Rejection reasons start with this, so a gateway can tell admission control from other aborts.
 REJECT_PREFIX = "tokenfleet:rejected"
 
@@ -67,6 +69,10 @@ class PolicyConfig:
     # Preemption hysteresis: a victim must have run this long since it was (re)admitted, may be
     # preempted at most this many times in its life, and at most this many victims per step.
     min_run_s: float = 1.0
+    # Share of a TTFT target kept back when deciding to preempt: the head must be able to start
+    # by arrival + (1 - headroom) × target. The rest absorbs what the estimate does not see (the
+    # first decode step, output handling, the HTTP path, step-time jitter).
+    ttft_headroom: float = 0.5
     max_preemptions_per_request: int = 2
     max_preemptions_per_step: int = 2
     _by_name: dict[str, ClassPolicy] = field(init=False, repr=False, compare=False)
@@ -222,6 +228,21 @@ class FairShare:
         self._counters = {k: v for k, v in self._counters.items() if keep(*k)}
 
 
+def shared_queue_slots(limit: int) -> int:
+    """The part of a class queue any tenant may fill; the rest is for tenants below their share."""
+    return math.ceil(SHARED_QUEUE_FRACTION * limit)
+
+
+def queue_share(
+    slots: int, tenant: str, tenant_waiting: Mapping[str, int], weight: Callable[[str], float]
+) -> int:
+    """A tenant's weighted share of `slots` queue places among the tenants waiting in the class
+    (itself included): at least 1, so every tenant can always queue something."""
+    present = {t for t, n in tenant_waiting.items() if n > 0} | {tenant}
+    total = sum(weight(t) for t in present)
+    return max(1, math.ceil(slots * weight(tenant) / total))
+
+
 def split_charge(computed_before: int, num_new: int, prompt_tokens: int, high_water: int) -> tuple[int, int]:
     """(prompt, output) tokens to charge for `num_new` tokens computed from `computed_before`.
 
@@ -319,14 +340,35 @@ class SLAPolicy:
             ticket.seq,
         )
 
-    def admit(self, ticket: Ticket, waiting_in_class: int) -> str | None:
-        """None to admit, else the rejection reason (the per-class queue limit)."""
+    def admit(
+        self, ticket: Ticket, waiting_in_class: int, tenant_waiting: Mapping[str, int] | None = None
+    ) -> str | None:
+        """None to admit, else the rejection reason.
+
+        A full class queue rejects everyone. Before that, once `shared_queue_slots(limit)` are
+        taken, a tenant that already holds its weighted share of those slots is rejected: the rest
+        of the queue is kept for tenants below their share, so a noisy tenant cannot fill it and
+        have everyone else's requests turned away. `tenant_waiting` is the class's waiting
+        requests per tenant.
+        """
         limit = ticket.slo_class.queue_limit
-        if limit is not None and waiting_in_class >= limit:
+        if limit is None:
+            return None
+        name = ticket.slo_class.name
+        if waiting_in_class >= limit:
             return (
-                f"{REJECT_PREFIX}: queue of class {ticket.slo_class.name!r} is full "
+                f"{REJECT_PREFIX}: queue of class {name!r} is full "
                 f"({waiting_in_class}/{limit} waiting); retry later"
             )
+        shared = shared_queue_slots(limit)
+        if tenant_waiting is not None and waiting_in_class >= shared:
+            share = queue_share(shared, ticket.tenant, tenant_waiting, self.config.weight)
+            held = tenant_waiting.get(ticket.tenant, 0)
+            if held >= share:
+                return (
+                    f"{REJECT_PREFIX}: tenant {ticket.tenant!r} holds its share of class {name!r}'s queue "
+                    f"({held}/{share} of {limit}); retry later"
+                )
         return None
 
     def on_scheduled(self, ticket: Ticket, now: float) -> float | None:
@@ -469,6 +511,10 @@ class SLAQueue(Generic[T]):
     def count_class(self, slo_class: str) -> int:
         return sum(n for (_, name, _), n in self._counts.items() if name == slo_class)
 
+    def tenant_counts(self, slo_class: str) -> dict[str, int]:
+        """Waiting requests per tenant in one class."""
+        return {tenant: n for (_, name, tenant), n in self._counts.items() if name == slo_class and n > 0}
+
     def tenants_in_class(self, slo_class: str) -> set[str]:
         return {tenant for (_, name, tenant), n in self._counts.items() if name == slo_class and n > 0}
 
@@ -501,11 +547,16 @@ def natural_free_eta(running: Sequence[RunningView], step_s: float) -> float:
 
 
 def would_miss(head: Ticket, now: float, running: Sequence[RunningView], policy: SLAPolicy) -> bool:
-    """Would `head` miss its TTFT deadline if it waited for a request to finish on its own?"""
+    """Would `head` miss its TTFT deadline if it waited for a request to finish on its own?
+
+    "Miss" keeps `ttft_headroom` of the target back: the head must start by
+    arrival + (1 - headroom) × (deadline - arrival).
+    """
     if head.slo_class.ttft_s is None:
         return False
     prefill = head.prompt_tokens * policy.s_per_prefill_token
-    return now + natural_free_eta(running, policy.step_s) + prefill > head.deadline
+    start_by = head.deadline - policy.config.ttft_headroom * (head.deadline - head.arrival)
+    return now + natural_free_eta(running, policy.step_s) + prefill > start_by
 
 
 def preemptible(view: RunningView, head: Ticket, now: float, config: PolicyConfig) -> bool:

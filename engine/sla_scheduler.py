@@ -112,9 +112,11 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             return
         ticket = self._ticket(request)
         name = ticket.slo_class.name
-        waiting = self.waiting.count_class(name) + self.kv_holding_waiting.count_class(name)
+        tenant_waiting = self.waiting.tenant_counts(name)
+        for tenant, n in self.kv_holding_waiting.tenant_counts(name).items():
+            tenant_waiting[tenant] = tenant_waiting.get(tenant, 0) + n
         # O(classes × tenants + running), not O(queue): this runs for every arriving request.
-        reason = self.sla.admit(ticket, waiting)
+        reason = self.sla.admit(ticket, sum(tenant_waiting.values()), tenant_waiting)
         if reason is not None:
             self.sla_metrics.rejections.labels(name).inc()
             self.sla_rejected.append((request, reason))
@@ -298,3 +300,20 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             ]
             if self.finished_req_ids_dict is not None:  # DP: the coordinator tracks lifetimes
                 eco.finished_requests = {*(eco.finished_requests or ()), request.request_id}
+
+
+class TimedScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
+    """vLLM's own scheduler, unchanged (FCFS or `priority`, per `--scheduling-policy`), with each
+    `schedule()` call timed into the SLA scheduler's histogram: the benchmark's baselines report
+    their scheduling cost on the same scale as ours. Not used outside the benchmark."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sla_metrics = SchedulerMetrics()
+        logger.info("tokenfleet timed scheduler (vLLM's own policy): metrics %s", export(self.sla_metrics))
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().schedule(*args, **kwargs)
+        self.sla_metrics.schedule_time.observe(time.perf_counter() - started)
+        return output

@@ -24,8 +24,10 @@ from tokenfleet.engine.sla_policy import (
     Ticket,
     choose_victims,
     natural_free_eta,
+    queue_share,
     resolve_class,
     running_rank,
+    shared_queue_slots,
     slo_met,
     split_charge,
     wait_bound_s,
@@ -147,6 +149,51 @@ def test_admission_limit_message() -> None:
     assert "'batch'" in reason
     unlimited = SLAPolicy(PolicyConfig(classes=(ClassPolicy("only", 0),), default_class="only"))
     assert unlimited.admit(new_ticket(unlimited, "only", 0.0), 10_000) is None
+
+
+def test_admission_keeps_the_last_quarter_of_a_queue_for_tenants_below_their_share() -> None:
+    policy = SLAPolicy(make_config())  # batch queue limit 8: 6 places shared, 2 kept
+    a = new_ticket(policy, "batch", 0.0, tenant="a")
+    b = new_ticket(policy, "batch", 0.0, tenant="b")
+    assert policy.admit(a, 5, {"a": 5}) is None  # fewer than 6 waiting: anyone
+    reason = policy.admit(a, 6, {"a": 6})  # alone, a's share of the 6 is all 6: it has it
+    assert reason is not None
+    assert "tenant 'a' holds its share" in reason
+    assert "(6/6 of 8)" in reason
+    assert policy.admit(b, 6, {"a": 6}) is None  # b holds nothing: the reserve is for it
+    assert policy.admit(a, 6, {"a": 2, "b": 4}) is None  # a's share among {a, b} is 3
+    assert policy.admit(a, 7, {"a": 3, "b": 4}) is not None
+    assert policy.admit(b, 8, {"a": 7, "b": 1}) is not None  # full is full
+
+
+def test_queue_share_is_weighted_and_never_zero() -> None:
+    config = make_config()
+    assert queue_share(8, "heavy", {"a": 3}, config.weight) == 6  # weight 2 of 3
+    assert queue_share(8, "a", {"heavy": 5}, config.weight) == 3
+    assert queue_share(8, "a", {}, config.weight) == 8
+    assert queue_share(1, "a", {"b": 1, "c": 1, "d": 1}, config.weight) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "heavy", "x"]), st.integers(0, 12), max_size=4),
+    st.sampled_from(["a", "b", "heavy", "x"]),
+)
+def test_a_tenant_below_its_share_is_only_turned_away_by_a_full_queue(
+    waiting: dict[str, int], tenant: str
+) -> None:
+    policy = SLAPolicy(make_config())
+    limit = 8
+    total = sum(waiting.values())
+    t = new_ticket(policy, "batch", 0.0, tenant=tenant)
+    reason = policy.admit(t, total, waiting)
+    below_share = waiting.get(tenant, 0) < queue_share(
+        shared_queue_slots(limit), tenant, waiting, policy.config.weight
+    )
+    if below_share and total < limit:
+        assert reason is None
+    if total >= limit:
+        assert reason is not None
 
 
 # -- ordering -----------------------------------------------------------------------------------
@@ -371,7 +418,7 @@ def simulate(policy: SLAPolicy, arrivals: list[tuple[float, str, str, float]], s
             i += 1
             t = new_ticket(policy, slo_class, at, tenant=tenant)
             waiting = q.count_class(slo_class)
-            if policy.admit(t, waiting) is not None:
+            if policy.admit(t, waiting, q.tenant_counts(slo_class)) is not None:
                 rejected += 1
                 continue
             service[id(t)] = service_s
@@ -486,9 +533,16 @@ def test_no_preemption_when_room_or_time_or_no_victim() -> None:
     kw = {"free_blocks": 100, "head_blocks": 1, "policy": policy}
     assert choose_victims(None, 10.0, views, free_slots=0, **kw) == []  # type: ignore[arg-type]
     assert choose_victims(head, 10.0, views, free_slots=1, **kw) == []  # a slot is free
-    # A slot frees within 0.5 s on its own, the deadline is 1 s away: wait instead.
-    soon = [running(policy, "batch", admitted=0, blocks=2, remaining=5)]
+    # A slot frees within 0.4 s on its own, the head must start within 0.5 s (half of 1 s is
+    # headroom): wait instead. 0.6 s would be too late.
+    soon = [running(policy, "batch", admitted=0, blocks=2, remaining=4)]
     assert not would_miss(head, 10.0, soon, policy)
+    assert would_miss(head, 10.0, [running(policy, "batch", admitted=0, blocks=2, remaining=6)], policy)
+    no_headroom = SLAPolicy(make_config(min_run_s=1.0, ttft_headroom=0.0))
+    no_headroom.step_s = 0.1
+    assert not would_miss(
+        head, 10.0, [running(policy, "batch", admitted=0, blocks=2, remaining=6)], no_headroom
+    )
     assert choose_victims(head, 10.0, soon, free_slots=0, **kw) == []
     # Same class is never a victim; a class without a TTFT target never preempts.
     same = [running(policy, "interactive", admitted=0, blocks=2, remaining=100)]
