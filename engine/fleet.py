@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import uvicorn
+import uvloop
 
 from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
@@ -286,6 +287,7 @@ async def serve_fleet(
             access_log=False,
             timeout_graceful_shutdown=drain_s,
             lifespan="on",
+            http="httptools",  # the loop is the caller's: run_up starts it on uvloop
         )
     )
     # Bind here rather than in uvicorn, which sys.exit()s when the port is taken.
@@ -352,7 +354,8 @@ def run_up(
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"tokenfleet: replica logs in {log_dir}", flush=True)
     launcher = engine_launcher(service, model_path, log_dir)
-    return asyncio.run(
+    # uvloop: the gateway's per-request CPU is its added latency (docs/results/gateway.md).
+    return uvloop.run(
         serve_fleet(
             service,
             launcher,

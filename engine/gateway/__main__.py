@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from tokenfleet.engine.gateway.app import create_app
+from tokenfleet.engine.gateway.server import HTTP, LOOP
 from tokenfleet.spec import SpecError, default_service, load_service
 
 
@@ -45,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=service.spec.engine.shutdown_timeout_s,
+        loop=LOOP,
+        http=HTTP,
     )
     return 0
 

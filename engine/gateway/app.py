@@ -1,4 +1,4 @@
-"""The gateway's HTTP layer: FastAPI routes, one pooled httpx client, forwarding with failover.
+"""The gateway's HTTP layer: FastAPI routes, one pooled upstream client, forwarding with failover.
 
 Order of work per request, cheapest refusal first: auth (401, nothing read) → body size (413) →
 JSON and field validation (400/404) → class → tenant rate limits (429) → admission (503) →
@@ -22,13 +22,11 @@ import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
+from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutes
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
 from tokenfleet.engine.gateway.tenancy import (
@@ -49,6 +48,7 @@ from tokenfleet.engine.gateway.tenancy import (
     resolve_class,
 )
 from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
+from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 from tokenfleet.engine.gateway.validation import (
     RequestError,
     estimated_tokens,
@@ -61,8 +61,6 @@ from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 CLASS_HEADER = "x-tokenfleet-class"
 REPLICA_HEADER = "x-tokenfleet-replica"
-# Anything httpx raises before the client saw a byte is worth one more try elsewhere.
-RETRYABLE = (httpx.HTTPError,)
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -123,7 +121,10 @@ class Gateway:
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
-        self.client: httpx.AsyncClient | None = None
+        # One pooled client for all upstream traffic (requests and probes), started with the app.
+        self.upstream = Upstream(
+            connect_timeout_s=self.routing.connect_timeout_s, read_timeout_s=self.routing.first_byte_timeout_s
+        )
         self._prober: asyncio.Task[None] | None = None
         # Whoever runs the replicas (the local fleet) adds its view to /admin/status.
         self.extra_status: Callable[[], dict[str, object]] | None = None
@@ -179,12 +180,18 @@ class Gateway:
 
         app = FastAPI(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
         refs, components = openapi_components(self.spec.model.name, self.spec.model.max_model_len)
+        # The proxied routes: registered with FastAPI (schema, 405s) and served by FastRoutes.
+        proxied: dict[str, tuple[str, Endpoint]] = {}
+
+        def proxy_route(path: str, method: str, endpoint: Endpoint, **extra: Any) -> None:
+            app.add_api_route(path, endpoint, methods=[method], **extra)
+            proxied[path] = (method, endpoint)
 
         for route in OPENAI_ROUTES:
-            app.add_api_route(
+            proxy_route(
                 route,
+                "POST",
                 self._endpoint(route),
-                methods=["POST"],
                 openapi_extra={
                     "requestBody": {
                         "required": True,
@@ -192,10 +199,11 @@ class Gateway:
                     }
                 },
             )
-        app.add_api_route("/v1/models", self._models, methods=["GET"])
+        proxy_route("/v1/models", "GET", self._models)
         for path in self.spec.gateway.expose_endpoints:
             method = "GET" if path == "/version" else "POST"
-            app.add_api_route(path, self._passthrough(path, method), methods=[method])
+            proxy_route(path, method, self._passthrough(path, method))
+        app.add_middleware(FastRoutes, routes=proxied)
         app.add_api_route("/health", self._health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
@@ -214,21 +222,10 @@ class Gateway:
         return app
 
     async def start(self) -> None:
-        # One pooled client for all upstream traffic. trust_env=False: a proxy from the
-        # environment must never sit between the gateway and its own replicas.
-        self.client = httpx.AsyncClient(
-            trust_env=False,
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-            timeout=httpx.Timeout(
-                connect=self.routing.connect_timeout_s,
-                read=self.routing.first_byte_timeout_s,
-                write=30.0,
-                pool=self.routing.connect_timeout_s,
-            ),
-        )
+        await self.upstream.start()
         self._prober = asyncio.create_task(
             probe_forever(
-                self.client,
+                self.upstream,
                 self.replicas,
                 self.routing.probe_interval_s,
                 timeout_s=min(2.0, self.routing.connect_timeout_s + 1.0),
@@ -241,8 +238,7 @@ class Gateway:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
-        if self.client is not None:
-            await self.client.aclose()
+        await self.upstream.close()
         self.tracing.shutdown()
 
     # -- small endpoints ----------------------------------------------------------------------
@@ -270,7 +266,7 @@ class Gateway:
             return self._refuse(call, exc)
         return await self._forward(call, "GET", None, request, streaming=False, release=None)
 
-    def _passthrough(self, path: str, method: str) -> Callable[[Request], Awaitable[Response]]:
+    def _passthrough(self, path: str, method: str) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             call = self._begin(path, request)
             try:
@@ -288,7 +284,7 @@ class Gateway:
 
     # -- the OpenAI endpoints -----------------------------------------------------------------
 
-    def _endpoint(self, route: str) -> Callable[[Request], Awaitable[Response]]:
+    def _endpoint(self, route: str) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             return await self._handle(route, request)
 
@@ -418,8 +414,7 @@ class Gateway:
         request_id = request.headers.get("x-request-id")
         if request_id:
             headers["x-request-id"] = request_id[:128]
-        PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.span))
-        return headers
+        return headers  # each attempt adds its own CLIENT span's traceparent
 
     def _route_key(self, request: Request, document: Mapping[str, Any] | None) -> routing.RouteKey:
         if self.routing.policy == "prefix_affinity" and document is not None:
@@ -453,7 +448,6 @@ class Gateway:
         release: Callable[[], None] | None,
         document: Mapping[str, Any] | None = None,
     ) -> Response:
-        assert self.client is not None, "gateway not started"
         headers = self._upstream_headers(request, call)
         key = self._route_key(request, document)
         tried: list[str] = []
@@ -490,7 +484,6 @@ class Gateway:
         release: Callable[[], None] | None,
     ) -> Response | str:
         """One try on one replica: a Response once committed to the client, else why it failed."""
-        assert self.client is not None
         call.span.set_attribute("tokenfleet.replica", replica.id)
         # One CLIENT span per attempt, child of the server span; the engine's spans hang off it.
         call.upstream_span = self.tracing.tracer.start_span(
@@ -502,39 +495,32 @@ class Gateway:
         headers = dict(headers)
         PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.upstream_span))
         self._enter(replica)
-        upstream: httpx.Response | None = None
+        upstream: UpstreamResponse | None = None
         try:
-            built = self.client.build_request(
-                method, f"{replica.url}{call.route}", content=body, headers=headers
-            )
-            upstream = await self.client.send(built, stream=True)
-            if upstream.status_code >= 500:
-                raise _UpstreamStatusError(upstream.status_code)
+            upstream = await self.upstream.send(method, f"{replica.url}{call.route}", body, headers)
+            if upstream.status >= 500:
+                raise _UpstreamStatusError(upstream.status)
             self.metrics.first_byte.labels(call.route, call.cls, replica.id).observe(
                 time.perf_counter() - call.started
             )
-            if streaming and upstream.status_code == 200:
-                chunks = upstream.aiter_raw()
+            if streaming and upstream.status == 200:
+                chunks = upstream.chunks()
                 first = await anext(chunks, b"")
                 rejection = scheduler_rejection(first)
                 if rejection is not None:
                     return self._engine_rejected(call, replica, rejection, release)
                 self.replicas.request_succeeded(replica)
                 self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
-                headers = self._response_headers(
-                    call, replica, upstream.headers.get("content-type", "text/event-stream")
-                )
+                headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
                 relay = self._relay(call, replica, upstream, first, chunks, release)
                 upstream = None  # the relay owns it now
                 return StreamingResponse(relay, status_code=200, media_type=None, headers=headers)
-            content = await upstream.aread()
-        except (*RETRYABLE, _UpstreamStatusError) as exc:
-            kind = (
-                "timeout"
-                if isinstance(exc, httpx.TimeoutException)
-                else ("status_5xx" if isinstance(exc, _UpstreamStatusError) else "connect")
-            )
-            reason = f"{replica.id}: {type(exc).__name__} {exc}".strip()
+            content = await upstream.read()
+        except (UpstreamError, _UpstreamStatusError) as exc:
+            kind = exc.kind if isinstance(exc, UpstreamError) else "status_5xx"
+            # UpstreamError's text starts with the cause's type name already.
+            cause = exc if isinstance(exc, UpstreamError) else f"{type(exc).__name__} {exc}"
+            reason = f"{replica.id}: {cause}"
             self.metrics.errors.labels(replica.id, call.route, kind).inc()
             self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
             self.replicas.request_failed(replica, reason)
@@ -545,23 +531,24 @@ class Gateway:
             return reason
         finally:
             if upstream is not None:
-                await upstream.aclose()
-        rejection = scheduler_rejection(content) if upstream_ok(upstream) else None
+                upstream.close()
+        ok = 200 <= upstream.status < 300
+        rejection = scheduler_rejection(content) if ok else None
         if rejection is not None:
             return self._engine_rejected(call, replica, rejection, release)
         self._leave(replica)
         self.replicas.request_succeeded(replica)
         self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
-        if upstream_ok(upstream):
+        if ok:
             self._settle_tokens(call, content)
         if release is not None:
             release()
         response = Response(
             content,
-            status_code=upstream.status_code,
-            headers=self._response_headers(call, replica, upstream.headers.get("content-type")),
+            status_code=upstream.status,
+            headers=self._response_headers(call, replica, upstream.content_type),
         )
-        self._finish(call, upstream.status_code)
+        self._finish(call, upstream.status)
         return response
 
     def _engine_rejected(
@@ -593,7 +580,7 @@ class Gateway:
         self,
         call: Call,
         replica: Replica,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         first: bytes,
         chunks: AsyncIterator[bytes],
         release: Callable[[], None] | None,
@@ -608,17 +595,17 @@ class Gateway:
                 if chunk:
                     tail = (tail + chunk)[-2:]
                     yield chunk
-        except RETRYABLE as exc:
+        except UpstreamError as exc:
             status = 502
             self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
-            self.replicas.request_failed(replica, f"{replica.id}: stream broke: {type(exc).__name__}")
+            self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
             prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
-            yield prefix + sse_error(f"the replica failed mid-stream ({type(exc).__name__}); not retried")
+            yield prefix + sse_error(f"the replica failed mid-stream ({exc.cause_name}); not retried")
         finally:
             # Closing the upstream aborts the engine's request (frees its KV cache) even when
-            # the client went away and this generator is being cancelled.
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            # the client went away and this generator is being cancelled: a plain call, no await
+            # that the cancellation could interrupt.
+            upstream.close()
             self._leave(replica)
             if release is not None:
                 release()
@@ -669,9 +656,13 @@ class Gateway:
         if call.upstream_span is not None:
             call.upstream_span.set_attribute("http.response.status_code", status)
             call.upstream_span.end()
-        call.span.set_attribute("http.response.status_code", status)
-        call.span.set_attribute("tokenfleet.class", call.cls)
-        call.span.set_attribute("tokenfleet.tenant", call.tenant)
+        call.span.set_attributes(
+            {
+                "http.response.status_code": status,
+                "tokenfleet.class": call.cls,
+                "tokenfleet.tenant": call.tenant,
+            }
+        )
         if status >= 500:
             call.span.set_status(StatusCode.ERROR)
         call.span.end()
@@ -702,10 +693,6 @@ def scheduler_rejection(content: bytes) -> str | None:
             if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECTED_PREFIX):
                 return str(reason).removeprefix(REJECTED_PREFIX).lstrip(": ") or "class queue full"
     return None
-
-
-def upstream_ok(response: httpx.Response) -> bool:
-    return 200 <= response.status_code < 300
 
 
 class _UpstreamStatusError(Exception):

@@ -9,10 +9,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import httpx
-
 from tokenfleet.engine.gateway import breaker
 from tokenfleet.engine.gateway.routing import ReplicaView
+from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError
 
 # Engine series the gateway reads (vLLM V1 names).
 WAITING = "vllm:num_requests_waiting"
@@ -142,26 +141,26 @@ class ReplicaSet:
         self._apply(replica, breaker.on_probe(replica.breaker, ok, time.monotonic(), self.cooldown_s))
 
 
-async def probe_once(client: httpx.AsyncClient, replicas: ReplicaSet, timeout_s: float) -> None:
+async def probe_once(client: Upstream, replicas: ReplicaSet, timeout_s: float) -> None:
     async def one(replica: Replica) -> None:
         try:
-            health = await client.get(f"{replica.url}/health", timeout=timeout_s)
-            ok = health.status_code == 200
-            replicas.probed(replica, ok, None if ok else f"/health answered {health.status_code}")
-        except httpx.HTTPError as exc:
-            replicas.probed(replica, False, f"/health: {type(exc).__name__}")
+            status, _ = await client.get(f"{replica.url}/health", timeout_s)
+            ok = status == 200
+            replicas.probed(replica, ok, None if ok else f"/health answered {status}")
+        except UpstreamError as exc:
+            replicas.probed(replica, False, f"/health: {exc.cause_name}")
             return
         if ok:
-            with contextlib.suppress(httpx.HTTPError):
-                metrics = await client.get(f"{replica.url}/metrics", timeout=timeout_s)
-                if metrics.status_code == 200:
-                    replica.stats = parse_engine_metrics(metrics.text)
+            with contextlib.suppress(UpstreamError):
+                status, body = await client.get(f"{replica.url}/metrics", timeout_s)
+                if status == 200:
+                    replica.stats = parse_engine_metrics(body.decode(errors="replace"))
 
     await asyncio.gather(*(one(r) for r in list(replicas.replicas.values())))
 
 
 async def probe_forever(
-    client: httpx.AsyncClient,
+    client: Upstream,
     replicas: ReplicaSet,
     interval_s: float,
     timeout_s: float,

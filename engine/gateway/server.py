@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Final
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+
+# uvloop and httptools (C) rather than asyncio's pure-Python loop internals and h11: the
+# gateway's added latency is mostly its CPU per request (docs/results/gateway.md).
+LOOP: Final = "uvloop"
+HTTP: Final = "httptools"
 
 
 class ServerThread:
@@ -22,6 +28,8 @@ class ServerThread:
             access_log=False,
             timeout_graceful_shutdown=5,
             lifespan="on",
+            loop=LOOP,
+            http=HTTP,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
