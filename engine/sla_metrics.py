@@ -101,6 +101,7 @@ class SchedulerMetrics:
             registry=r,
         )
         self._max_wait: dict[str, float] = {}
+        self._tenant_children: dict[tuple[str, str, str], Counter] = {}
 
     def init_classes(self, classes: Iterable[str]) -> None:
         """Create every per-class child at 0 so dashboards see the series before traffic."""
@@ -123,6 +124,17 @@ class SchedulerMetrics:
 
     def observe_slo(self, slo_class: str, target: str, met: bool) -> None:
         self.slo.labels(slo_class, target, "met" if met else "missed").inc()
+
+    def add_tenant_tokens(self, tenant: str, slo_class: str, prompt: int, output: int) -> None:
+        # Children cached: prometheus_client's labels() costs more than the increment itself,
+        # and this runs every engine step.
+        for kind, n in (("prompt", prompt), ("output", output)):
+            if n:
+                key = (tenant, slo_class, kind)
+                child = self._tenant_children.get(key)
+                if child is None:
+                    child = self._tenant_children[key] = self.tenant_tokens.labels(*key)
+                child.inc(n)
 
     def set_depths(self, waiting: dict[str, int], running: dict[str, int]) -> None:
         for c, n in waiting.items():

@@ -163,11 +163,17 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         if not self.waiting or not self.running:
             return
         head = self._ticket(self.waiting.peek_request())
+        if head.slo_class.ttft_s is None:
+            return  # a class without a TTFT target never preempts (choose_victims agrees)
         # Older vLLMs lack max_num_active_reqs and num_waiting_for_streaming_input.
         active_cap: int = getattr(self, "max_num_active_reqs", None) or self.max_num_running_reqs
         paused_streams: int = getattr(self, "num_waiting_for_streaming_input", 0)
         free_slots = active_cap - len(self.running) - paused_streams
         block = self.block_size
+        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        head_blocks = math.ceil((head.prompt_tokens + 1) / block)
+        if free_slots > 0 and free_blocks >= head_blocks:
+            return  # the head can start now: the common case, decided before building views
         views = [
             RunningView(
                 ticket=self._ticket(r),
@@ -181,8 +187,8 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             now,
             views,
             free_slots=free_slots,
-            free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
-            head_blocks=math.ceil((head.prompt_tokens + 1) / block),
+            free_blocks=free_blocks,
+            head_blocks=head_blocks,
             policy=self.sla,
         )
         timestamp = time.monotonic()
@@ -221,6 +227,8 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
                 ticket.num_preemptions += 1
                 self.sla_metrics.preemptions.labels(ticket.slo_class.name).inc()
         tokens = 0
+        # Summed per (tenant, class) first: one counter update per series per step, not per request.
+        served: dict[tuple[str, str], list[int]] = {}
         for req_id, num_new in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             if request is None:
@@ -229,11 +237,14 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             ticket = self._ticket(request)
             # _update_after_schedule already advanced num_computed_tokens by num_new.
             prompt_part, output_part = self.sla.charge(ticket, request.num_computed_tokens - num_new, num_new)
-            label = self.sla.config.tenant_label(ticket.tenant)
-            if prompt_part:
-                self.sla_metrics.tenant_tokens.labels(label, ticket.slo_class.name, "prompt").inc(prompt_part)
-            if output_part:
-                self.sla_metrics.tenant_tokens.labels(label, ticket.slo_class.name, "output").inc(output_part)
+            if prompt_part or output_part:
+                parts = served.setdefault((ticket.tenant, ticket.slo_class.name), [0, 0])
+                parts[0] += prompt_part
+                parts[1] += output_part
+        for (tenant, slo_class), (prompt_part, output_part) in served.items():
+            self.sla_metrics.add_tenant_tokens(
+                self.sla.config.tenant_label(tenant), slo_class, prompt_part, output_part
+            )
         self._last_scheduled_tokens = tokens
         self._last_scheduled_reqs = len(output.num_scheduled_tokens)
         if now - self._depths_at >= DEPTH_INTERVAL_S:

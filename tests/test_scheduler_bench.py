@@ -326,3 +326,25 @@ def test_baselines_run_vllms_scheduler_timed() -> None:
     assert timed.argv[-2:] == ["--scheduler-cls", TIMED_SCHEDULER_CLS]
     assert timed.argv[:3] == command.argv
     assert sb.timed_baseline("sla", command) is command
+
+
+def test_stated_wait_bounds_follow_the_adr() -> None:
+    served = outcome("batch", "t2", 0.0, 1.0, 4.0, 4)
+    unfinished = outcome("batch", "t2", 0.0, 1.0, None, 0)
+    assert sb.longest_service_s([served, unfinished]) == pytest.approx(3.0)
+    assert sb.longest_service_s([unfinished]) is None
+    bounds = sb.stated_wait_bounds(sb.DEFAULT_CLASSES, slots=8, t_max_s=3.0)
+    assert bounds is not None
+    q = sum(c.queue_limit or 0 for c in sb.DEFAULT_CLASSES) - 1
+    batch = next(c for c in sb.DEFAULT_CLASSES if c.name == "batch")
+    assert bounds["batch"] == pytest.approx(batch.max_wait_s + -(-(q + 1) // 8) * 3.0)
+    unlimited = [sb.ClassLoad("x", 0, 1.0, (1, 1), (1, 1), None, None, 5.0, None)]
+    assert sb.stated_wait_bounds(unlimited, slots=8, t_max_s=3.0) is None
+
+
+def test_driver_lag_is_the_latest_send() -> None:
+    on_time = outcome("batch", "t2", 1.0, 2.0, 3.0, 2)
+    late = outcome("batch", "t2", 5.0, 6.0, 7.0, 2)
+    late.arrival = Arrival(2.0, "batch", "t2", 10, 2)
+    assert sb.driver_lag_s([on_time, late]) == pytest.approx(3.0)
+    assert sb.driver_lag_s([]) == 0.0
