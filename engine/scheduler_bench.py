@@ -504,7 +504,7 @@ class BenchConfig:
     calibrate_s: float = 30.0
     lam: float | None = None  # skip calibration when given
     # A run whose load generator sent an arrival this late is rerun (up to max_attempts in all).
-    max_driver_lag_s: float = 0.5
+    max_driver_lag_s: float = 1.0
     max_attempts: int = 3
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
 from tokenfleet.engine.sla_metrics import SchedulerMetrics, export
@@ -313,10 +314,16 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
                 eco.finished_requests = {*(eco.finished_requests or ()), request.request_id}
 
 
-class TimedScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
+class TimedScheduler(Scheduler):  # type: ignore[misc]  # vLLM is Any to mypy
     """vLLM's own scheduler, unchanged (FCFS or `priority`, per `--scheduling-policy`), with each
     `schedule()` call timed into the SLA scheduler's histogram: the benchmark's baselines report
-    their scheduling cost on the same scale as ours. Not used outside the benchmark."""
+    their scheduling cost on the same scale as ours. Not used outside the benchmark.
+
+    It subclasses `Scheduler`, the class vLLM itself picks on CPU: vLLM 0.32's CPU platform turns
+    async scheduling off (`CpuPlatform.check_and_update_config`), so the CPU baselines run exactly
+    what they would run without us. (`SLAScheduler` subclasses `AsyncScheduler` for GPUs, where
+    async scheduling is on; on CPU the engine drives it synchronously, which its placeholder
+    bookkeeping handles: it is incremented in schedule() and settled in update_from_output.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

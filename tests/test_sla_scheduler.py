@@ -152,12 +152,8 @@ def vllm_config() -> VllmConfig:
     )
 
 
-@pytest.fixture
-def sched(vllm_config: VllmConfig, monkeypatch: pytest.MonkeyPatch) -> SLAScheduler:
-    monkeypatch.setenv(SPEC_ENV, json.dumps(SPEC))
-    monkeypatch.delenv(sla_metrics.MULTIPROC_ENV, raising=False)
-    monkeypatch.delenv(sla_metrics.PORT_ENV, raising=False)
-    kv = KVCacheConfig(
+def kv_cache_config() -> KVCacheConfig:
+    return KVCacheConfig(
         num_blocks=64,
         kv_cache_tensors=[],
         kv_cache_groups=[
@@ -167,6 +163,14 @@ def sched(vllm_config: VllmConfig, monkeypatch: pytest.MonkeyPatch) -> SLASchedu
             )
         ],
     )
+
+
+@pytest.fixture
+def sched(vllm_config: VllmConfig, monkeypatch: pytest.MonkeyPatch) -> SLAScheduler:
+    monkeypatch.setenv(SPEC_ENV, json.dumps(SPEC))
+    monkeypatch.delenv(sla_metrics.MULTIPROC_ENV, raising=False)
+    monkeypatch.delenv(sla_metrics.PORT_ENV, raising=False)
+    kv = kv_cache_config()
     return SLAScheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv,
@@ -336,3 +340,25 @@ def test_metrics_export_modes(tmp_path: Any) -> None:
                 raise
             time.sleep(0.05)
     assert 'tokenfleet_scheduler_queue_depth{slo_class="c"} 3.0' in body
+
+
+def test_timed_scheduler_is_vllms_own_with_schedule_timed(
+    vllm_config: VllmConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenfleet.engine.sla_scheduler import TimedScheduler
+
+    monkeypatch.delenv(sla_metrics.MULTIPROC_ENV, raising=False)
+    monkeypatch.delenv(sla_metrics.PORT_ENV, raising=False)
+    kv = kv_cache_config()
+    timed = TimedScheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=BLOCK,
+    )
+    assert type(timed).__mro__[1] is Scheduler  # nothing of ours between it and vLLM's scheduler
+    timed.add_request(make_request("r0", "batch", "a", max_tokens=2))
+    out = timed.schedule()
+    assert list(out.num_scheduled_tokens) == ["r0"]
+    count = timed.sla_metrics.registry.get_sample_value("tokenfleet_scheduler_schedule_seconds_count")
+    assert count == 1
