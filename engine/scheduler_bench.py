@@ -770,6 +770,90 @@ def _policies(runs: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(seen, key=lambda p: (canonical.index(p) if p in canonical else len(canonical), p))
 
 
+@dataclass(frozen=True, slots=True)
+class TargetCheck:
+    target: str
+    measured: str
+    met: bool | None  # None: not measurable in this run
+
+
+def check_targets(results: dict[str, Any], ours: str = "sla", baseline: str = "fcfs") -> list[TargetCheck]:
+    """Issue 4's targets for `ours`, from the recorded runs (means over seeds)."""
+    runs = results["runs"]
+    checks: list[TargetCheck] = []
+
+    def agg(policy: str, profile: str) -> dict[str, Any] | None:
+        a = aggregate(runs, policy, profile)
+        return a if a["seeds"] else None
+
+    high, high_base = agg(ours, "1.2x"), agg(baseline, "1.2x")
+    if high is not None and high["interactive.slo_attainment"] is not None:
+        att = high["interactive.slo_attainment"][0]
+        checks.append(
+            TargetCheck("1.2× λ_sat: interactive TTFT-SLO attainment ≥ 99 %", _pct(att), att >= 0.99)
+        )
+    if high and high_base and high["interactive.ttft_p99"] and high_base["interactive.ttft_p99"]:
+        mine, theirs = high["interactive.ttft_p99"][0], high_base["interactive.ttft_p99"][0]
+        cut = 1 - mine / theirs
+        checks.append(
+            TargetCheck(
+                f"1.2× λ_sat: interactive P99 TTFT ≥ 60 % below {baseline}",
+                f"{_ms(mine)} vs {_ms(theirs)} ({100 * cut:.0f} % lower)",
+                cut >= 0.6,
+            )
+        )
+    waits = [r["classes"]["batch"]["max_wait"] for r in runs if r["policy"] == ours]
+    bounds = [b["batch"] for r in runs if r["policy"] == ours and (b := r.get("wait_bounds"))]
+    if waits and bounds:
+        worst, bound = max(w for w in waits if w is not None), min(bounds)
+        checks.append(
+            TargetCheck(
+                "batch max wait within its stated bound (all runs)",
+                f"{_s(worst)} ≤ {_s(bound)}",
+                worst <= bound,
+            )
+        )
+    for profile in ("1.2x", "burst"):
+        a = agg(ours, profile)
+        if a is not None:
+            jain_ci = a["jain"]
+            checks.append(
+                TargetCheck(
+                    f"{profile}: Jain's index ≥ 0.95 among backlogged tenants",
+                    _num(jain_ci[0]) if jain_ci else "no window with two backlogged tenants",
+                    (jain_ci[0] >= 0.95) if jain_ci else None,
+                )
+            )
+    low, low_base = agg(ours, "0.8x"), agg(baseline, "0.8x")
+    if low and low_base and low["output_tok_per_s"] and low_base["output_tok_per_s"]:
+        mine, theirs = low["output_tok_per_s"][0], low_base["output_tok_per_s"][0]
+        ratio = mine / theirs
+        checks.append(
+            TargetCheck(
+                f"0.8× λ_sat: throughput ≥ 97 % of {baseline}",
+                f"{mine:.1f} vs {theirs:.1f} tok/s ({100 * ratio:.1f} %)",
+                ratio >= 0.97,
+            )
+        )
+    p99s = [v for r in runs if r["policy"] == ours and (v := r.get("schedule_p99_le_s")) is not None]
+    if p99s:
+        checks.append(
+            TargetCheck(
+                "schedule() p99 ≤ 1 ms (every run)", f"≤ {_ms2(max(p99s))} (bucket bound)", max(p99s) <= 0.001
+            )
+        )
+    return checks
+
+
+def render_targets(checks: Sequence[TargetCheck]) -> str:
+    lines = ["| target | measured | met? |", "|---|---|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c.target} | {c.measured} | {'yes' if c.met else 'no' if c.met is False else 'n/a'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The results tables (one per profile), FCFS and priority next to sla."""
     runs = results["runs"]
@@ -880,7 +964,7 @@ def cmd_bench_scheduler(args: Any) -> int:  # pragma: no cover - engines
     )
     out = Path(args.out)
     results = run_bench(config, out)
-    tables = render_markdown(results)
+    tables = render_markdown(results) + "\n### Targets\n\n" + render_targets(check_targets(results))
     (out / "tables.md").write_text(tables)
     plot(results, out)
     print(tables)

@@ -233,6 +233,39 @@ def test_aggregate_and_markdown() -> None:
     assert sb._mean_ci([2.0]) == (2.0, 0.0)
 
 
+def test_targets_are_checked_against_the_baseline() -> None:
+    def run(policy: str, profile: str, seed: int, p99: float, att: float, tokens: float) -> dict[str, Any]:
+        r = fake_run(policy, profile, seed, p99, tokens)
+        r["classes"]["interactive"]["slo_attainment"] = att
+        r["wait_bounds"] = {"batch": 50.0}
+        return r
+
+    runs = [run("fcfs", "1.2x", s, 5.0, 0.5, 100.0) for s in (1, 2)]
+    runs += [run("sla", "1.2x", s, 1.0, 1.0, 100.0) for s in (1, 2)]
+    runs += [run("fcfs", "0.8x", s, 1.0, 1.0, 100.0) for s in (1, 2)]
+    runs += [run("sla", "0.8x", s, 1.0, 1.0, 96.0) for s in (1, 2)]
+    checks = {c.target.split(":")[0]: c for c in sb.check_targets({"runs": runs})}
+    assert checks["1.2× λ_sat"].met  # attainment 100 % (the first 1.2x check)
+    p99 = next(c for c in sb.check_targets({"runs": runs}) if "P99" in c.target)
+    assert p99.met
+    assert "80 % lower" in p99.measured
+    assert not checks["0.8× λ_sat"].met
+    assert "96.0 %" in checks["0.8× λ_sat"].measured
+    assert checks["1.2x"].met  # Jain 0.97
+    bound = next(c for c in sb.check_targets({"runs": runs}) if "bound" in c.target)
+    assert bound.met
+    assert bound.measured == "2.0 s ≤ 50.0 s"
+    schedule = next(c for c in sb.check_targets({"runs": runs}) if "schedule" in c.target)
+    assert schedule.met
+    text = sb.render_targets(sb.check_targets({"runs": runs}))
+    assert text.startswith("| target | measured | met? |")
+    assert "| no |" in text
+    no_jain = [dict(r, jain=None) for r in runs]
+    jain = next(c for c in sb.check_targets({"runs": no_jain}) if "Jain" in c.target)
+    assert jain.met is None
+    assert "| n/a |" in sb.render_targets([jain])
+
+
 def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
     for policy in ("fcfs", "priority", "sla"):
         spec = sb.service_spec(policy, sb.BenchConfig(model_source="builtin://tiny-random"))
