@@ -950,7 +950,19 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no co
 # -- CLI ---------------------------------------------------------------------------------------
 
 
+def write_report(results: dict[str, Any], out: Path) -> str:  # pragma: no cover - matplotlib
+    """tables.md (per-profile tables and the targets) and the PNG plots, from scheduler.json."""
+    tables = render_markdown(results) + "\n### Targets\n\n" + render_targets(check_targets(results))
+    (out / "tables.md").write_text(tables)
+    plot(results, out)
+    return tables
+
+
 def cmd_bench_scheduler(args: Any) -> int:  # pragma: no cover - engines
+    if args.render:
+        out = Path(args.render)
+        print(write_report(json.loads((out / "scheduler.json").read_text()), out))
+        return 0
     config = BenchConfig(
         model_source=args.model,
         max_num_seqs=args.max_num_seqs,
@@ -964,10 +976,7 @@ def cmd_bench_scheduler(args: Any) -> int:  # pragma: no cover - engines
     )
     out = Path(args.out)
     results = run_bench(config, out)
-    tables = render_markdown(results) + "\n### Targets\n\n" + render_targets(check_targets(results))
-    (out / "tables.md").write_text(tables)
-    plot(results, out)
-    print(tables)
+    print(write_report(results, out))
     print(f"results: {out}")
     return 0
 
@@ -985,4 +994,7 @@ def register(bench_sub: Any) -> None:
     p.add_argument("--calibrate", type=float, default=30.0, help="seconds of closed-loop calibration")
     p.add_argument("--lam", type=float, help="λ_sat in req/s (skip calibration)")
     p.add_argument("--out", default="runs/scheduler")
+    p.add_argument(
+        "--render", metavar="RUN_DIR", help="only re-render tables.md and plots from RUN_DIR/scheduler.json"
+    )
     p.set_defaults(handler=cmd_bench_scheduler)
