@@ -25,6 +25,7 @@ import uvicorn
 import uvloop
 
 from tokenfleet.engine.gateway.app import Gateway
+from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.observability.control_metrics import ControlLoopMetrics
 from tokenfleet.spec import LLMService
@@ -287,7 +288,7 @@ async def serve_fleet(
             access_log=False,
             timeout_graceful_shutdown=drain_s,
             lifespan="on",
-            http="httptools",  # the loop is the caller's: run_up starts it on uvloop
+            http=GatewayHttpProtocol,  # the loop is the caller's: run_up starts it on uvloop
         )
     )
     # Bind here rather than in uvicorn, which sys.exit()s when the port is taken.

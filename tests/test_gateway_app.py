@@ -135,9 +135,13 @@ def test_trace_context_reaches_the_engine(gateway: tuple[str, Gateway], fakes: t
         httpx.post(f"{url}/v1/completions", json=COMPLETION, headers={"traceparent": parent})
     forwarded = [f.faults.headers[-1]["traceparent"] for f in fakes]
     assert all(tp.split("-")[1] == trace_id for tp in forwarded)
-    spans = [
-        s for s in gw.tracing.memory.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id
-    ]
+
+    def traced() -> list[Any]:
+        finished = gw.tracing.memory.get_finished_spans()
+        return [s for s in finished if format(s.context.trace_id, "032x") == trace_id]
+
+    wait_for(lambda: len(traced()) == 4)  # spans end just after the answer is sent
+    spans = traced()
     servers = [s for s in spans if s.kind.name == "SERVER"]
     clients = [s for s in spans if s.kind.name == "CLIENT"]
     assert len(servers) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import Counter
 
@@ -24,6 +25,7 @@ from tokenfleet.engine.gateway.tenancy import (
     parse_keys,
     parse_keys_env,
     resolve_class,
+    with_fields,
 )
 from tokenfleet.spec import SchedulerSpec, Tenant
 
@@ -379,6 +381,42 @@ def test_engine_fields_replace_client_values() -> None:
         "priority": 2,
     }
     assert engine_fields(cls, "free", "fcfs")["priority"] == 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    document=st.dictionaries(
+        st.sampled_from(["model", "prompt", "priority", "vllm_xargs", "é"]), json_values
+    ),
+    spaces=st.sampled_from(["", " ", "\n\t "]),
+    ensure_ascii=st.booleans(),
+)
+def test_with_fields_sets_exactly_the_engine_fields(
+    document: dict[str, object], spaces: str, ensure_ascii: bool
+) -> None:
+    fields = engine_fields(SCHED.class_named("batch"), "free", "sla")
+    raw = (
+        spaces + json.dumps(document, ensure_ascii=ensure_ascii, indent=1 if spaces else None) + spaces
+    ).encode()
+    forwarded = with_fields(raw, document, fields)
+    assert json.loads(forwarded) == {**document, **fields}
+    if "priority" not in document and "vllm_xargs" not in document and document:
+        assert forwarded.startswith(raw.strip()[:-1])  # the client's bytes, appended to
+
+
+def test_with_fields_reserialises_what_it_cannot_append_to() -> None:
+    fields = {"priority": 0}
+    utf16 = json.dumps({"model": "tiny"}).encode("utf-16")
+    assert json.loads(with_fields(utf16, {"model": "tiny"}, fields)) == {"model": "tiny", "priority": 0}
+    assert with_fields(b"{}", {}, fields) == b'{"priority":0}'
+    # a client's own priority is replaced, never forwarded next to ours
+    assert with_fields(b'{"priority": 7}', {"priority": 7}, fields) == b'{"priority":0}'
 
 
 def test_keys_from_file_env_and_secret_formats(tmp_path: pytest.TempPathFactory) -> None:

@@ -1,8 +1,8 @@
 """The gateway's upstream HTTP/1.1 client (engine/gateway/upstream.py), byte by byte against
-scripted servers, and the gateway's retry rule on top of it: pooled connections are reused,
-a replica that resets before answering is retried elsewhere, a body that breaks midway raises
-after the bytes that did arrive, stalls time out, and a SIGKILLed replica process loses no
-request that had not started streaming."""
+scripted servers; its own answers leaving in one write (wire.py); and the retry rule on top:
+pooled connections are reused, a replica that resets before answering is retried elsewhere, a
+body that breaks midway raises after the bytes that did arrive, stalls time out, and a
+SIGKILLed replica process loses no request that had not started streaming."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from tokenfleet.engine.gateway import upstream
 from tokenfleet.engine.gateway.app import create_app
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
+from tokenfleet.engine.gateway.wire import _TurnBuffered
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 JSON_BODY = b'{"ok":true}'
@@ -378,6 +379,60 @@ def test_a_large_body_survives_back_pressure() -> None:
     asyncio.run(main())
 
 
+# -- the gateway's own answers: one write per loop turn (wire.py) --------------------------------
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_writes_in_one_loop_turn_leave_as_one() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real = RecordingTransport()
+        wire = _TurnBuffered(real, loop)  # type: ignore[arg-type]
+        wire.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        wire.writelines([b"{", b"}"])
+        assert real.writes == []
+        await asyncio.sleep(0)
+        assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+        wire.write(b"last")
+        wire.close()  # what is held goes out before the close
+        assert real.writes[-1] == b"last"
+        assert real.closing
+        assert wire.get_extra_info("peername") == "info:peername"
+        gone = RecordingTransport()
+        wire = _TurnBuffered(gone, loop)  # type: ignore[arg-type]
+        wire.write(b"never sent")
+        gone.closing = True  # the client went away within the turn
+        await asyncio.sleep(0)
+        wire.write(b"dropped")
+        wire.abort()
+        await asyncio.sleep(0)
+        assert gone.writes == []
+        assert gone.aborted
+
+    asyncio.run(main())
+
+
 # -- the gateway on top of it -------------------------------------------------------------------
 
 
@@ -389,6 +444,7 @@ class ThreadedReplica:
         self.on_post = on_post
         self.connections = 0
         self.posts = 0
+        self.handlers: set[asyncio.Task[None]] = set()
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
         ready = threading.Event()
@@ -408,6 +464,9 @@ class ThreadedReplica:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         try:
             while True:
                 request = await read_request(reader)
@@ -425,11 +484,19 @@ class ThreadedReplica:
             pass
         finally:
             writer.close()
+            self.handlers.discard(task)
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shutdown() -> None:
+            self.server.close()
+            for task in list(self.handlers):
+                task.cancel()
+            await asyncio.gather(*self.handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
 
 
 @contextmanager

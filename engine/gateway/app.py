@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
@@ -46,6 +47,7 @@ from tokenfleet.engine.gateway.tenancy import (
     engine_fields,
     load_keys,
     resolve_class,
+    with_fields,
 )
 from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
 from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
@@ -77,6 +79,7 @@ class Call:
     estimate: int = 0
     done: bool = False
     upstream_span: Span | None = None  # the CLIENT span of the attempt now in flight
+    replica: str | None = None  # the replica of the latest attempt
 
 
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
@@ -296,7 +299,8 @@ class Gateway:
         try:
             tenant = self._authenticate(request)
             call.tenant = tenant.name
-            document = parse_json(await self._read_body(request))
+            raw = await self._read_body(request)
+            document = parse_json(raw)
             body = validate_body(
                 route, document, model_name=self.spec.model.name, max_model_len=self.spec.model.max_model_len
             )
@@ -306,8 +310,9 @@ class Gateway:
             self._charge(tenant, call.estimate)
         except RequestError as exc:
             return self._refuse(call, exc)
-        document.update(engine_fields(slo_class, tenant.name, self.spec.scheduler.policy))
-        payload = json.dumps(document, separators=(",", ":")).encode()
+        payload = with_fields(
+            raw, document, engine_fields(slo_class, tenant.name, self.spec.scheduler.policy)
+        )
         try:
             await self.admission.acquire(slo_class.name)
         except ShedError as exc:
@@ -484,7 +489,7 @@ class Gateway:
         release: Callable[[], None] | None,
     ) -> Response | str:
         """One try on one replica: a Response once committed to the client, else why it failed."""
-        call.span.set_attribute("tokenfleet.replica", replica.id)
+        call.replica = replica.id
         # One CLIENT span per attempt, child of the server span; the engine's spans hang off it.
         call.upstream_span = self.tracing.tracer.start_span(
             f"{method} {call.route} -> {replica.id}",
@@ -500,7 +505,7 @@ class Gateway:
             upstream = await self.upstream.send(method, f"{replica.url}{call.route}", body, headers)
             if upstream.status >= 500:
                 raise _UpstreamStatusError(upstream.status)
-            self.metrics.first_byte.labels(call.route, call.cls, replica.id).observe(
+            self.metrics.child(self.metrics.first_byte, call.route, call.cls, replica.id).observe(
                 time.perf_counter() - call.started
             )
             if streaming and upstream.status == 200:
@@ -510,7 +515,7 @@ class Gateway:
                 if rejection is not None:
                     return self._engine_rejected(call, replica, rejection, release)
                 self.replicas.request_succeeded(replica)
-                self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
+                self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
                 headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
                 relay = self._relay(call, replica, upstream, first, chunks, release)
                 upstream = None  # the relay owns it now
@@ -538,18 +543,24 @@ class Gateway:
             return self._engine_rejected(call, replica, rejection, release)
         self._leave(replica)
         self.replicas.request_succeeded(replica)
-        self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
-        if ok:
-            self._settle_tokens(call, content)
+        self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
         if release is not None:
             release()
-        response = Response(
+        # Token settlement, metrics and span ends run once the answer is on the wire: the
+        # client does not wait for them. The task does not yield in between, so the next request
+        # on this loop still sees them done.
+        return Response(
             content,
             status_code=upstream.status,
             headers=self._response_headers(call, replica, upstream.content_type),
+            background=BackgroundTask(self._answered, call, upstream.status, content if ok else None),
         )
-        self._finish(call, upstream.status)
-        return response
+
+    async def _answered(self, call: Call, status: int, content: bytes | None) -> None:
+        # async, though it never awaits: Starlette runs a sync background function in a thread.
+        if content is not None:
+            self._settle_tokens(call, content)
+        self._finish(call, status)
 
     def _engine_rejected(
         self, call: Call, replica: Replica, reason: str, release: Callable[[], None] | None
@@ -615,11 +626,11 @@ class Gateway:
     def _enter(self, replica: Replica) -> None:
         replica.in_flight += 1
         replica.requests += 1
-        self.metrics.in_flight.labels(replica.id).set(replica.in_flight)
+        self.metrics.child(self.metrics.in_flight, replica.id).set(replica.in_flight)
 
     def _leave(self, replica: Replica) -> None:
         replica.in_flight = max(0, replica.in_flight - 1)
-        self.metrics.in_flight.labels(replica.id).set(replica.in_flight)
+        self.metrics.child(self.metrics.in_flight, replica.id).set(replica.in_flight)
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -651,18 +662,20 @@ class Gateway:
         if call.done:
             return
         call.done = True
-        self.metrics.requests.labels(call.route, call.cls, call.tenant, code_class(status)).inc()
-        self.metrics.latency.labels(call.route, call.cls).observe(time.perf_counter() - call.started)
+        metrics = self.metrics
+        metrics.child(metrics.requests, call.route, call.cls, call.tenant, code_class(status)).inc()
+        metrics.child(metrics.latency, call.route, call.cls).observe(time.perf_counter() - call.started)
         if call.upstream_span is not None:
             call.upstream_span.set_attribute("http.response.status_code", status)
             call.upstream_span.end()
-        call.span.set_attributes(
-            {
-                "http.response.status_code": status,
-                "tokenfleet.class": call.cls,
-                "tokenfleet.tenant": call.tenant,
-            }
-        )
+        attributes: dict[str, str | int] = {
+            "http.response.status_code": status,
+            "tokenfleet.class": call.cls,
+            "tokenfleet.tenant": call.tenant,
+        }
+        if call.replica is not None:
+            attributes["tokenfleet.replica"] = call.replica
+        call.span.set_attributes(attributes)
         if status >= 500:
             call.span.set_status(StatusCode.ERROR)
         call.span.end()

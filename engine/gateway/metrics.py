@@ -9,8 +9,11 @@ never reach a metric: they got a 401), and `code` is the status class (2xx/4xx/5
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+Metric = TypeVar("Metric", Counter, Gauge, Histogram)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -22,6 +25,17 @@ def code_class(status: int) -> str:
 @dataclass
 class GatewayMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    _children: dict[tuple[object, tuple[str, ...]], object] = field(default_factory=dict, repr=False)
+
+    def child(self, metric: Metric, *labels: str) -> Metric:
+        """`metric.labels(*labels)`, remembered: prometheus_client validates the values and takes
+        a lock on every call, on the hot path several times per request; label sets are bounded
+        (see above), so is this cache."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(Metric, found)
 
     def __post_init__(self) -> None:
         r = self.registry

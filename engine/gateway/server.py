@@ -10,10 +10,13 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
+
 # uvloop and httptools (C) rather than asyncio's pure-Python loop internals and h11: the
-# gateway's added latency is mostly its CPU per request (docs/results/gateway.md).
+# gateway's added latency is mostly its CPU per request (docs/results/gateway.md). HTTP is
+# uvicorn's httptools protocol, sending each answer in one write (wire.py).
 LOOP: Final = "uvloop"
-HTTP: Final = "httptools"
+HTTP: Final = GatewayHttpProtocol
 
 
 class ServerThread:

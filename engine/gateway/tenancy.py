@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -130,6 +132,23 @@ def resolve_class(
         if wanted.priority < ceiling.priority:  # lower number = more important
             return ceiling
     return wanted
+
+
+def with_fields(raw: bytes, document: Mapping[str, Any], fields: Mapping[str, object]) -> bytes:
+    """The body to forward: the client's JSON object `raw` (parsed: `document`) with `fields` set.
+
+    When the client sent none of `fields` (the usual case) they are appended to its bytes as
+    they are, which is cheaper than re-serialising the whole request; otherwise (a client-sent
+    value to replace, or a body that is not plain UTF-8 text starting with `{`) the document is
+    serialised again with the fields replaced.
+    """
+    body = raw.strip()
+    extra = json.dumps(fields, separators=(",", ":")).encode()
+    if body[:1] == b"{" and body[-1:] == b"}" and not any(key in document for key in fields):
+        if not document:
+            return extra
+        return body[:-1] + b"," + extra[1:]
+    return json.dumps({**document, **fields}, separators=(",", ":")).encode()
 
 
 def engine_fields(slo_class: SLOClass, tenant: str, policy: str) -> dict[str, object]:
