@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from conftest import free_port, tiny_service
 
 from tokenfleet.engine.gateway import upstream
@@ -129,6 +130,13 @@ def keep_alive(server_ref: list[Scripted]) -> Script:
 
 
 HEADERS = {"content-type": "application/json"}
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Each client test on both loops: the gateway runs on uvloop, whose transports differ."""
+    return uvloop.run if request.param == "uvloop" else asyncio.run
 
 
 async def collect(reply: UpstreamResponse, into: list[bytes]) -> None:
@@ -139,7 +147,7 @@ async def collect(reply: UpstreamResponse, into: list[bytes]) -> None:
 # -- the client ----------------------------------------------------------------------------------
 
 
-def test_pooled_connection_is_reused_and_requests_are_well_formed() -> None:
+def test_pooled_connection_is_reused_and_requests_are_well_formed(run: Runner) -> None:
     async def main() -> None:
         ref: list[Scripted] = []
         async with scripted(keep_alive(ref)) as server, client() as pool:
@@ -165,10 +173,12 @@ def test_pooled_connection_is_reused_and_requests_are_well_formed() -> None:
             assert server.requests[-1].startswith(b"GET /health HTTP/1.1\r\n")
             assert b"content-length" not in server.requests[-1]
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_connection_close_and_idle_expiry_are_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connection_close_and_idle_expiry_are_not_reused(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if await read_request(reader) is not None:
             writer.write(answer(JSON_BODY, b"connection: close"))
@@ -189,10 +199,10 @@ def test_connection_close_and_idle_expiry_are_not_reused(monkeypatch: pytest.Mon
                 await asyncio.sleep(0.1)  # idle longer than the keep-alive: never reused
             assert server.connections == 2
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_chunked_stream_arrives_untouched_and_a_close_delimited_body_is_complete() -> None:
+def test_chunked_stream_arrives_untouched_and_a_close_delimited_body_is_complete(run: Runner) -> None:
     events = [b'data: {"t": 0}\n\n', b'data: {"t": 1}\n\n', b"data: [DONE]\n\n"]
 
     async def sse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -221,10 +231,10 @@ def test_chunked_stream_arrives_untouched_and_a_close_delimited_body_is_complete
             reply = await pool.send("GET", server.url(), None, {})
             assert await reply.read() == b"all of it"
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_refused_reset_and_garbage_are_connect_errors() -> None:
+def test_refused_reset_and_garbage_are_connect_errors(run: Runner) -> None:
     async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         reset(writer)
@@ -252,10 +262,10 @@ def test_refused_reset_and_garbage_are_connect_errors() -> None:
             with pytest.raises(ValueError, match="line break"):
                 await pool.send("POST", "http://127.0.0.1:1/", b"{}", {"x-request-id": "a\r\nevil: 1"})
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_body_that_breaks_midway_yields_what_arrived_then_raises() -> None:
+def test_a_body_that_breaks_midway_yields_what_arrived_then_raises(run: Runner) -> None:
     async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
@@ -272,10 +282,10 @@ def test_a_body_that_breaks_midway_yields_what_arrived_then_raises() -> None:
             assert received == [b"data: 1\n\n"]
             assert broke.value.kind == "connect"
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_stalls_time_out_and_the_connection_is_dropped() -> None:
+def test_stalls_time_out_and_the_connection_is_dropped(run: Runner) -> None:
     async def stalls_before_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         await asyncio.sleep(5)
@@ -304,10 +314,10 @@ def test_stalls_time_out_and_the_connection_is_dropped() -> None:
                 assert probe.value.kind == "timeout"
             assert all(not p.idle for p in pool._pools.values())  # nothing half-read was pooled
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_closing_mid_body_hangs_up_on_the_replica() -> None:
+def test_closing_mid_body_hangs_up_on_the_replica(run: Runner) -> None:
     async def main() -> None:
         seen = asyncio.Event()
 
@@ -324,10 +334,10 @@ def test_closing_mid_body_hangs_up_on_the_replica() -> None:
             reply.close()
             await asyncio.wait_for(seen.wait(), 2)
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_connection_limit_makes_senders_wait_then_time_out() -> None:
+def test_connection_limit_makes_senders_wait_then_time_out(run: Runner) -> None:
     async def main() -> None:
         go = asyncio.Event()
 
@@ -350,10 +360,10 @@ def test_connection_limit_makes_senders_wait_then_time_out() -> None:
             assert await (await second).read() == JSON_BODY
             assert server.connections == 1
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_large_body_survives_back_pressure() -> None:
+def test_a_large_body_survives_back_pressure(run: Runner) -> None:
     body = os.urandom(3 * upstream.HIGH_WATER)
 
     async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -376,7 +386,7 @@ def test_a_large_body_survives_back_pressure() -> None:
             assert await reply.read() == body
             assert server.connections == 1
 
-    asyncio.run(main())
+    run(main())
 
 
 # -- the gateway's own answers: one write per loop turn (wire.py) --------------------------------
@@ -404,7 +414,7 @@ class RecordingTransport:
         return f"info:{name}"
 
 
-def test_writes_in_one_loop_turn_leave_as_one() -> None:
+def test_writes_in_one_loop_turn_leave_as_one(run: Runner) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         real = RecordingTransport()
@@ -430,7 +440,7 @@ def test_writes_in_one_loop_turn_leave_as_one() -> None:
         assert gone.writes == []
         assert gone.aborted
 
-    asyncio.run(main())
+    run(main())
 
 
 # -- the gateway on top of it -------------------------------------------------------------------

@@ -181,7 +181,10 @@ class _Connection(asyncio.Protocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if self.parser.should_keep_alive() and not self.closed:
+        # Reusable only if the replica keeps it open and has all of our request: an answer that
+        # came before our body was sent (an early error) leaves the connection mid-request.
+        sent = self.transport is not None and self.transport.get_write_buffer_size() == 0
+        if self.parser.should_keep_alive() and sent and not self.closed:
             self.pool.release(self)
         else:
             self.close()
