@@ -25,6 +25,7 @@ import uvicorn
 import uvloop
 
 from tokenfleet.engine.gateway.app import Gateway
+from tokenfleet.engine.gateway.server import freeze_startup_heap
 from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.observability.control_metrics import ControlLoopMetrics
@@ -273,6 +274,7 @@ async def serve_fleet(
 ) -> int:
     gateway = Gateway(service)
     fleet = LocalFleet(gateway, launcher, replicas, policy, log)
+    freeze_startup_heap()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from tokenfleet.engine.gateway.app import create_app
-from tokenfleet.engine.gateway.server import HTTP, LOOP
+from tokenfleet.engine.gateway.server import HTTP, LOOP, freeze_startup_heap
 from tokenfleet.spec import SpecError, default_service, load_service
 
 
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     app = create_app(service, args.replica)
+    freeze_startup_heap()
     uvicorn.run(
         app,
         host=args.host,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Final
@@ -17,6 +18,16 @@ from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
 # uvicorn's httptools protocol, sending each answer in one write (wire.py).
 LOOP: Final = "uvloop"
 HTTP: Final = GatewayHttpProtocol
+
+
+def freeze_startup_heap() -> None:
+    """Keep what imports and app construction allocated out of the cyclic GC's scans.
+
+    Those ~75k objects live as long as the process, yet every full collection walked them: ~0.1 s
+    on these vCPUs, a pause for every request in flight each time. Call once, before serving.
+    """
+    gc.collect()  # cyclic garbage frozen now would never be freed
+    gc.freeze()
 
 
 class ServerThread:
