@@ -403,7 +403,9 @@ def run_bench(
         engines: list[EngineProcess] = []
         try:
             if "overhead" not in skip or "policies" not in skip:
-                engines = [start_engine(service, model_path, work) for _ in range(2)]
+                # The latency part needs one replica; only the policy comparison needs two.
+                count = 2 if "policies" not in skip else 1
+                engines = [start_engine(service, model_path, work) for _ in range(count)]
                 for engine in engines:
                     engine.wait_ready(600)
             if "overhead" not in skip:
