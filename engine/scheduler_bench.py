@@ -279,32 +279,37 @@ def covers(spans: Sequence[tuple[float, float]], start: float, stop: float) -> b
 
 
 def fairness(outcomes: Sequence[Outcome], end_s: float, window_s: float = FAIRNESS_WINDOW_S) -> float | None:
-    """Mean over windows of Jain's index of weighted service (1·prompt + 2·output tokens, VTC's
-    cost) among the tenants backlogged throughout the window — a request of theirs was waiting
-    for its first token at every instant of it — in windows with at least two such tenants.
+    """Mean, over (class, window) pairs, of Jain's index of weighted service in that class (1·prompt
+    + 2·output tokens, VTC's cost) among the tenants backlogged in that class throughout the
+    window — a request of theirs in the class was waiting for its first token at every instant
+    of it — over the pairs with at least two such tenants.
 
-    A tenant that is not backlogged got all it asked for; fair share is about dividing what the
-    backlogged ones could not all get (Jain's index over allocations normalised by the max-min fair
-    share reduces to this). None when no window had two backlogged tenants.
+    Per class because fair share is promised inside a class (classes are strictly ordered, and a
+    tenant's traffic in a class that is not backlogged is served in full whatever its volume). A
+    tenant that is not backlogged got all it asked for; fairness is about dividing what the
+    backlogged ones could not all get (Jain's index over allocations normalised by the max-min
+    fair share reduces to this). None when no pair had two backlogged tenants.
     """
-    waiting = waiting_intervals(outcomes, end_s)
     indices: list[float] = []
-    start = 0.0
-    while start + window_s <= end_s + 1e-9:
-        stop = start + window_s
-        backlogged = {t for t, spans in waiting.items() if covers(spans, start, stop)}
-        if len(backlogged) >= 2:
-            service = dict.fromkeys(backlogged, 0.0)
-            for o in outcomes:
-                if o.arrival.tenant not in service:
-                    continue
-                if o.first_token is not None and start <= o.first_token < stop:
-                    service[o.arrival.tenant] += o.arrival.prompt_tokens
-                service[o.arrival.tenant] += 2 * sum(1 for c in o.chunks if start <= c < stop)
-            value = jain(list(service.values()))
-            if value is not None:
-                indices.append(value)
-        start = stop
+    for slo_class in dict.fromkeys(o.arrival.slo_class for o in outcomes):
+        mine = [o for o in outcomes if o.arrival.slo_class == slo_class]
+        waiting = waiting_intervals(mine, end_s)
+        start = 0.0
+        while start + window_s <= end_s + 1e-9:
+            stop = start + window_s
+            backlogged = {t for t, spans in waiting.items() if covers(spans, start, stop)}
+            if len(backlogged) >= 2:
+                service = dict.fromkeys(backlogged, 0.0)
+                for o in mine:
+                    if o.arrival.tenant not in service:
+                        continue
+                    if o.first_token is not None and start <= o.first_token < stop:
+                        service[o.arrival.tenant] += o.arrival.prompt_tokens
+                    service[o.arrival.tenant] += 2 * sum(1 for c in o.chunks if start <= c < stop)
+                value = jain(list(service.values()))
+                if value is not None:
+                    indices.append(value)
+            start = stop
     return sum(indices) / len(indices) if indices else None
 
 

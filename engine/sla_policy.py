@@ -173,6 +173,8 @@ class Ticket:
     admitted_aged: bool = False  # admitted after aging: never chosen as a preemption victim
     num_preemptions: int = 0
     charged_tokens: int = 0  # VTC high-water mark: recomputation after preemption is free
+    served_tokens: int = 0  # positions actually computed at least once (for the served-tokens metric)
+    prepaid: bool = False  # VTC charged for prompt + max_tokens (on_finished refunds the unused part)
     first_token_at: float | None = None
 
     def aged(self, now: float) -> bool:
@@ -372,23 +374,50 @@ class SLAPolicy:
         return None
 
     def on_scheduled(self, ticket: Ticket, now: float) -> float | None:
-        """A waiting request was admitted to run. Returns its queue wait if this is the first time."""
+        """A waiting request was admitted to run. Returns its queue wait if this is the first time.
+
+        On first admission the tenant's VTC counter is charged the request's whole cost up
+        front — prompt and `max_tokens` — instead of token by token as it runs: when several
+        slots free at once, a tenant whose running requests have not generated much yet would
+        otherwise look cheap and win every slot. `on_finished` refunds what was not generated.
+        """
         ticket.last_admitted = now
         if ticket.aged(now):
             ticket.admitted_aged = True
+        self.prepay(ticket)
         if ticket.first_scheduled is None:
             ticket.first_scheduled = now
             return max(0.0, now - ticket.arrival)
         return None
 
+    def prepay(self, ticket: Ticket) -> None:
+        """Charge the request's whole cost (prompt + max_tokens) once. Called when the queue hands
+        the request out, so the next pick within the same schedule() call already sees it."""
+        if ticket.prepaid:
+            return
+        ticket.prepaid = True
+        self.fair.charge(ticket.slo_class.name, ticket.tenant, ticket.prompt_tokens, ticket.max_tokens)
+        ticket.charged_tokens = max(ticket.charged_tokens, ticket.prompt_tokens + ticket.max_tokens)
+
     def charge(self, ticket: Ticket, computed_before: int, num_new: int) -> tuple[int, int]:
-        prompt_part, output_part = split_charge(
-            computed_before, num_new, ticket.prompt_tokens, ticket.charged_tokens
-        )
-        if prompt_part or output_part:
-            ticket.charged_tokens = max(ticket.charged_tokens, computed_before + num_new)
-            self.fair.charge(ticket.slo_class.name, ticket.tenant, prompt_part, output_part)
-        return prompt_part, output_part
+        """Account `num_new` tokens computed from `computed_before`; returns the (prompt, output)
+        tokens served for the first time (recomputation after a preemption is not service). The
+        VTC counter is charged only beyond what was prepaid at admission."""
+        served = split_charge(computed_before, num_new, ticket.prompt_tokens, ticket.served_tokens)
+        end = computed_before + num_new
+        ticket.served_tokens = max(ticket.served_tokens, end)
+        billable = split_charge(computed_before, num_new, ticket.prompt_tokens, ticket.charged_tokens)
+        if billable[0] or billable[1]:
+            ticket.charged_tokens = max(ticket.charged_tokens, end)
+            self.fair.charge(ticket.slo_class.name, ticket.tenant, *billable)
+        return served
+
+    def on_finished(self, ticket: Ticket, output_tokens: int) -> None:
+        """Refund the prepaid output tokens that were never generated (stop string, EOS)."""
+        unused = ticket.charged_tokens - (ticket.prompt_tokens + output_tokens)
+        if unused > 0 and ticket.prepaid:
+            self.fair.charge(ticket.slo_class.name, ticket.tenant, 0, -unused)
+            ticket.charged_tokens -= unused
 
 
 T = TypeVar("T")
@@ -470,7 +499,11 @@ class SLAQueue(Generic[T]):
         ident = self._head()
         if ident is None:
             raise IndexError("pop from an empty queue")
-        return self._forget(ident)
+        item = self._forget(ident)
+        # vLLM pops the head to admit it (or, rarely, to skip it for this step): charge it now,
+        # so that when several slots free in one step they do not all go to the same tenant.
+        self._policy.prepay(self._ticket_of(item))
+        return item
 
     def peek_request(self) -> T:
         ident = self._head()

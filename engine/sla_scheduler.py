@@ -290,6 +290,8 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             ticket.first_token_at = now
             if ticket.slo_class.ttft_s is not None:
                 self.sla_metrics.observe_slo(name, "ttft", now <= ticket.deadline)
+        if request.is_finished():
+            self.sla.on_finished(ticket, n_out)
         if request.is_finished() and ticket.first_token_at is not None and n_out > 1:
             tpot = (now - ticket.first_token_at) / (n_out - 1)
             if ticket.slo_class.tpot_s is not None:

@@ -135,6 +135,12 @@ def test_fairness_counts_only_tenants_backlogged_throughout_a_window() -> None:
     rejected = outcome("batch", "t4", 0.0, None, None, 0)
     rejected.rejected = True  # a rejected request never waits
     assert sb.fairness([*gap, rejected], end_s=10.0) is None
+    # Per class: t2 backlogged in batch and t3 in standard are not two tenants of one class.
+    split = [outcome("batch", "t2", 0.0, 6.0, 7.0, 2), outcome("standard", "t3", 0.0, 6.0, 7.0, 2)]
+    assert sb.fairness(split, end_s=10.0) is None
+    # Service in another class does not count against a tenant's share in this one.
+    other_class = [*served_early, outcome("interactive", "t3", 0.0, 0.5, 4.5, 5)]
+    assert sb.fairness(other_class, end_s=10.0) == pytest.approx(0.5)
 
 
 def test_waiting_intervals_merge_and_cover() -> None:

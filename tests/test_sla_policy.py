@@ -328,6 +328,27 @@ def test_policy_charge_moves_high_water_and_counter() -> None:
     assert policy.fair.counter("standard", "heavy") == pytest.approx(6.0)
 
 
+def test_admission_prepays_the_whole_request_and_finishing_refunds_the_rest() -> None:
+    policy = SLAPolicy(make_config(input_weight=1.0, output_weight=2.0))
+    t = new_ticket(policy, "standard", 0.0, tenant="a", prompt_tokens=10, max_tokens=16)
+    assert policy.on_scheduled(t, 1.0) == pytest.approx(1.0)
+    assert policy.fair.counter("standard", "a") == pytest.approx(10 + 2 * 16)  # charged up front
+    assert policy.charge(t, 0, 10) == (10, 0)  # served (for the metric), but already paid for
+    assert policy.charge(t, 10, 1) == (0, 1)
+    assert policy.fair.counter("standard", "a") == pytest.approx(42.0)
+    assert policy.on_scheduled(t, 5.0) is None  # resumed after a preemption: no second charge
+    policy.prepay(t)  # the queue prepays when it hands a request out: once only
+    assert policy.fair.counter("standard", "a") == pytest.approx(42.0)
+    assert policy.charge(t, 0, 11) == (0, 0)  # recomputation is not service
+    policy.on_finished(t, output_tokens=4)  # stopped early: 12 output tokens never generated
+    assert policy.fair.counter("standard", "a") == pytest.approx(42.0 - 2 * 12)
+    policy.on_finished(t, output_tokens=4)  # idempotent
+    assert policy.fair.counter("standard", "a") == pytest.approx(18.0)
+    never = new_ticket(policy, "standard", 0.0, tenant="b")
+    policy.on_finished(never, output_tokens=0)  # never admitted, never charged: nothing to refund
+    assert policy.fair.counter("standard", "b") == 0.0
+
+
 def test_vtc_lifts_a_returning_tenant() -> None:
     fair = FairShare(make_config())
     fair.charge("batch", "a", 1000, 0)

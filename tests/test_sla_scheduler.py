@@ -265,10 +265,9 @@ def test_preempts_running_batch_for_an_urgent_interactive(sched: SLAScheduler) -
     finished = run_until_idle(sched, max_steps=2000)
     assert set(finished) == {"b0", "b1", "i0"}
     assert sched.requests == {}
-    # The victim recomputed its prefix after preemption; VTC billed tenant a once per token.
-    # Per request: 20 prompt positions and 199 decode positions (the last sampled token is never
-    # fed back), at weights 1 and 2.
-    assert sched.sla.fair.counter("batch", "a") == pytest.approx(2 * (20 + 2 * 199))
+    # The victim recomputed its prefix after preemption; VTC billed tenant a once per request,
+    # prompt and max_tokens up front (20 + 200 at weights 1 and 2), nothing for the recompute.
+    assert sched.sla.fair.counter("batch", "a") == pytest.approx(2 * (20 + 2 * 200))
     assert metric(sched, "tenant_tokens_total", tenant="a", slo_class="batch", kind="output") == 2 * 199
 
 
