@@ -118,29 +118,29 @@ def test_fairness_counts_only_tenants_backlogged_throughout_a_window() -> None:
     equal = [outcome("batch", t, 0.0, 5.0, 9.0, 9) for t in ("t2", "t3")]
     # Two more t2 requests waiting until 5 s and served in the same window as the others: t2
     # gets three times t3's service in [5, 10), but only [0, 5) had two backlogged tenants.
-    assert sb.fairness(equal, end_s=10.0) == pytest.approx(1.0)  # nobody served in [0, 5)
+    assert sb.fairness(equal, end_s=10.0, window_s=5.0) == pytest.approx(1.0)  # nobody served in [0, 5)
     served_early = [
         outcome("batch", "t2", 0.0, 1.0, 4.0, 4),
         outcome("batch", "t2", 0.0, 6.0, 7.0, 2),  # keeps t2 backlogged through [0, 5)
         outcome("batch", "t3", 0.0, 6.0, 7.0, 2),  # t3 backlogged through [0, 5), nothing served
     ]
-    assert sb.fairness(served_early, end_s=10.0) == pytest.approx(0.5)
+    assert sb.fairness(served_early, end_s=10.0, window_s=5.0) == pytest.approx(0.5)
     # A tenant with a gap in its waiting is not backlogged throughout the window.
     gap = [
         outcome("batch", "t2", 0.0, 2.0, 3.0, 2),
         outcome("batch", "t2", 3.0, 6.0, 7.0, 2),
         outcome("batch", "t3", 0.0, 6.0, 7.0, 2),
     ]
-    assert sb.fairness(gap, end_s=10.0) is None
+    assert sb.fairness(gap, end_s=10.0, window_s=5.0) is None
     rejected = outcome("batch", "t4", 0.0, None, None, 0)
     rejected.rejected = True  # a rejected request never waits
-    assert sb.fairness([*gap, rejected], end_s=10.0) is None
+    assert sb.fairness([*gap, rejected], end_s=10.0, window_s=5.0) is None
     # Per class: t2 backlogged in batch and t3 in standard are not two tenants of one class.
     split = [outcome("batch", "t2", 0.0, 6.0, 7.0, 2), outcome("standard", "t3", 0.0, 6.0, 7.0, 2)]
-    assert sb.fairness(split, end_s=10.0) is None
+    assert sb.fairness(split, end_s=10.0, window_s=5.0) is None
     # Service in another class does not count against a tenant's share in this one.
     other_class = [*served_early, outcome("interactive", "t3", 0.0, 0.5, 4.5, 5)]
-    assert sb.fairness(other_class, end_s=10.0) == pytest.approx(0.5)
+    assert sb.fairness(other_class, end_s=10.0, window_s=5.0) == pytest.approx(0.5)
 
 
 def test_waiting_intervals_merge_and_cover() -> None:
@@ -387,3 +387,24 @@ def test_driver_lag_is_the_latest_send() -> None:
     late.arrival = Arrival(2.0, "batch", "t2", 10, 2)
     assert sb.driver_lag_s([on_time, late]) == pytest.approx(3.0)
     assert sb.driver_lag_s([]) == 0.0
+
+
+def test_raw_logs_round_trip_and_fairness_is_rescored(tmp_path: Any) -> None:
+    import dataclasses
+
+    outcomes = [outcome("batch", t, 0.0, 12.0, 14.0, 3) for t in ("t2", "t3")]
+    (tmp_path / "raw").mkdir()
+    raw = tmp_path / "raw" / "sla-1.2x-1.jsonl"
+    raw.write_text("".join(json.dumps(dataclasses.asdict(o)) + "\n" for o in outcomes))
+    assert sb.load_outcomes(raw) == outcomes
+    results = {
+        "config": {"duration_s": 10.0},
+        "runs": [
+            {"policy": "sla", "profile": "1.2x", "seed": 1, "jain": None},
+            {"policy": "x", "profile": "y", "seed": 2},
+        ],
+    }
+    sb.rescore_fairness(results, tmp_path)
+    assert results["runs"][0]["jain"] == pytest.approx(1.0)  # both backlogged through [0, 10), nothing served
+    assert results["runs"][0]["jain_short"] == pytest.approx(1.0)
+    assert "jain" not in results["runs"][1]  # no raw log: left alone
