@@ -181,6 +181,16 @@ def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:
     assert "CompletionRequest" in spec["components"]["schemas"]
 
 
+def test_proxied_routes_answer_a_wrong_method_with_405(gateway: tuple[str, Gateway]) -> None:
+    # The proxied routes are served by FastRoutes, past FastAPI's router; a wrong method still
+    # reaches the router and gets its 405 with Allow.
+    url, _ = gateway
+    reply = httpx.get(f"{url}/v1/completions")
+    assert reply.status_code == 405
+    assert reply.headers["allow"] == "POST"
+    assert httpx.post(f"{url}/v1/models", json={}).status_code == 405
+
+
 def test_vllm_admin_endpoints_are_not_exposed(gateway: tuple[str, Gateway]) -> None:
     url, _ = gateway
     for method, path in [
