@@ -19,6 +19,8 @@ import json
 import math
 import random
 import re
+import signal
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -1003,6 +1005,9 @@ def cmd_bench_scheduler(args: Any) -> int:  # pragma: no cover - engines
         (out / "scheduler.json").write_text(json.dumps(results, indent=1))
         print(write_report(results, out))
         return 0
+    # SIGTERM → SystemExit, so run_bench's `finally` stops the engines (they run in their own
+    # sessions and would otherwise outlive the benchmark).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     config = BenchConfig(
         model_source=args.model,
         max_num_seqs=args.max_num_seqs,
