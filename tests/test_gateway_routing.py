@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections import Counter
@@ -475,3 +476,49 @@ def test_parse_engine_metrics_sums_series_and_skips_junk() -> None:
 @given(st.text(max_size=300))
 def test_parse_engine_metrics_never_raises(text: str) -> None:
     parse_engine_metrics(text)
+
+
+def reference_parse(text: str) -> tuple[float, ...]:
+    """The obvious line-by-line reading that the regex scan must agree with."""
+    names = [
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    ]
+    sums = dict.fromkeys(names, 0.0)
+    for line in text.split("\n"):
+        for name in names:
+            if line.startswith((name + "{", name + " ")):
+                with contextlib.suppress(ValueError, IndexError):
+                    sums[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(sums.values())
+
+
+metric_lines = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+                "vllm:prefix_cache_hits_total",
+                "vllm:num_requests_waiting_x",
+                "# HELP vllm:num_requests_running",
+                "other",
+            ]
+        ),
+        st.sampled_from(["", '{model_name="tiny"}', '{a="b c"}']),
+        st.sampled_from([" 1.5", " 2", " nan_not", " 3 1700000000", ""]),
+    ).map("".join),
+    max_size=12,
+)
+
+
+@settings(max_examples=100)
+@given(metric_lines)
+def test_parse_engine_metrics_reads_only_the_series_it_names(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    stats = parse_engine_metrics(text)
+    got = (stats.waiting, stats.running, stats.kv_usage, stats.prefix_queries, stats.prefix_hits)
+    assert got == pytest.approx(reference_parse(text), nan_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,12 @@ RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
+_SERIES_LINES = re.compile(
+    "^(?:"
+    + "|".join(re.escape(n) for n in (WAITING, RUNNING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS))
+    + ")[{ ].*$",
+    re.MULTILINE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +40,11 @@ class EngineStats:
 def parse_engine_metrics(text: str) -> EngineStats:
     """Sum each series of interest over its labels (one engine serves one model)."""
     sums = {WAITING: 0.0, RUNNING: 0.0, KV_USAGE: 0.0, PREFIX_QUERIES: 0.0, PREFIX_HITS: 0.0}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
-        if name_end < 0:
-            continue
-        name = line[:name_end]
+    # Only the lines of these series (a regex scan, in C): vLLM's /metrics is ~500 lines / 40 KB,
+    # probed every probeIntervalS per replica, and a Python loop over every line cost ~1 ms.
+    for match in _SERIES_LINES.finditer(text):
+        line = match.group()
+        name = line[: min(i for i in (line.find("{"), line.find(" ")) if i >= 0)]
         if name in sums:
             try:
                 sums[name] += float(line.rsplit(" ", 1)[1])
