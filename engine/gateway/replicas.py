@@ -20,9 +20,13 @@ RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
+# The names with the value's line: a pattern that starts with a literal, so `re` can skip
+# ahead with a fast substring search (with `^` it tries every position: ~10x slower).
 _SERIES_LINES = re.compile(
-    "^(?:"
-    + "|".join(re.escape(n) for n in (WAITING, RUNNING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS))
+    "vllm:(?:"
+    + "|".join(
+        re.escape(n.removeprefix("vllm:")) for n in (WAITING, RUNNING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS)
+    )
     + ")[{ ].*$",
     re.MULTILINE,
 )
@@ -43,6 +47,8 @@ def parse_engine_metrics(text: str) -> EngineStats:
     # Only the lines of these series (a regex scan, in C): vLLM's /metrics is ~500 lines / 40 KB,
     # probed every probeIntervalS per replica, and a Python loop over every line cost ~1 ms.
     for match in _SERIES_LINES.finditer(text):
+        if match.start() and text[match.start() - 1] != "\n":
+            continue  # inside another line (a # HELP comment names the series too)
         line = match.group()
         name = line[: min(i for i in (line.find("{"), line.find(" ")) if i >= 0)]
         if name in sums:
