@@ -580,7 +580,12 @@ def natural_free_eta(running: Sequence[RunningView], step_s: float) -> float:
 
 
 def would_miss(head: Ticket, now: float, running: Sequence[RunningView], policy: SLAPolicy) -> bool:
-    """Would `head` miss its TTFT deadline if it waited for a request to finish on its own?
+    """Would `head` miss its TTFT deadline if it waited for a request to finish on its own?"""
+    return would_miss_after(head, now, natural_free_eta(running, policy.step_s), policy)
+
+
+def would_miss_after(head: Ticket, now: float, free_eta_s: float, policy: SLAPolicy) -> bool:
+    """`would_miss` given the time until a slot frees on its own.
 
     "Miss" keeps `ttft_headroom` of the target back: the head must start by
     arrival + (1 - headroom) × (deadline - arrival).
@@ -589,7 +594,7 @@ def would_miss(head: Ticket, now: float, running: Sequence[RunningView], policy:
         return False
     prefill = head.prompt_tokens * policy.s_per_prefill_token
     start_by = head.deadline - policy.config.ttft_headroom * (head.deadline - head.arrival)
-    return now + natural_free_eta(running, policy.step_s) + prefill > start_by
+    return now + free_eta_s + prefill > start_by
 
 
 def preemptible(view: RunningView, head: Ticket, now: float, config: PolicyConfig) -> bool:

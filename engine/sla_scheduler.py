@@ -44,6 +44,7 @@ from tokenfleet.engine.sla_policy import (
     choose_victims,
     running_rank,
     slo_met,
+    would_miss_after,
 )
 from tokenfleet.spec import SchedulerSpec
 
@@ -175,6 +176,11 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         head_blocks = math.ceil((head.prompt_tokens + 1) / block)
         if free_slots > 0 and free_blocks >= head_blocks:
             return  # the head can start now: the common case, decided before building views
+        # Under overload the slots are always full: decide "would it miss?" from the running
+        # requests' remaining tokens alone, and build the views only when it would (rare).
+        soonest = min(max(0, r.max_tokens - r.num_output_tokens) for r in self.running)
+        if not would_miss_after(head, now, soonest * self.sla.step_s, self.sla):
+            return
         views = [
             RunningView(
                 ticket=self._ticket(r),

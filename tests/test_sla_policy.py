@@ -32,6 +32,7 @@ from tokenfleet.engine.sla_policy import (
     split_charge,
     wait_bound_s,
     would_miss,
+    would_miss_after,
 )
 from tokenfleet.spec import SchedulerSpec
 
@@ -571,6 +572,11 @@ def test_no_preemption_when_room_or_time_or_no_victim() -> None:
     batch_head = new_ticket(policy, "batch", 10.0)
     assert choose_victims(batch_head, 10.0, views, free_slots=0, **kw) == []
     assert natural_free_eta([], 0.1) == 0.0
+    # The adapter's shortcut agrees with the view-based test.
+    assert would_miss_after(head, 10.0, natural_free_eta(soon, 0.1), policy) == would_miss(
+        head, 10.0, soon, policy
+    )
+    assert not would_miss_after(batch_head, 10.0, 100.0, policy)  # no TTFT target: never
 
 
 def test_hysteresis_protects_recent_aged_and_repeatedly_preempted() -> None:
