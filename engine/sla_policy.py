@@ -549,7 +549,7 @@ class SLAQueue(Generic[T]):
         return {tenant: n for (_, name, tenant), n in self._counts.items() if name == slo_class and n > 0}
 
     def tenants_in_class(self, slo_class: str) -> set[str]:
-        return {tenant for (_, name, tenant), n in self._counts.items() if name == slo_class and n > 0}
+        return set(self.tenant_counts(slo_class))
 
     def class_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -123,7 +123,7 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             self.sla_metrics.rejections.labels(name).inc()
             self.sla_rejected.append((request, reason))
             return
-        backlogged = self.waiting.tenants_in_class(name) | self.kv_holding_waiting.tenants_in_class(name)
+        backlogged = set(tenant_waiting)  # the counts above hold only tenants with requests waiting
         backlogged |= {t.tenant for t in map(self._ticket, self.running) if t.slo_class.name == name}
         if ticket.tenant not in backlogged:
             self.sla.fair.on_backlogged(name, ticket.tenant, backlogged)
