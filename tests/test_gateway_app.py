@@ -17,10 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import free_port, tiny_service
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 from tokenfleet.engine.gateway.app import Gateway, create_app
 from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
 from tokenfleet.engine.gateway.server import ServerThread
+from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
 from tokenfleet.spec import LLMService
 
 FAST = {"probeIntervalS": 0.1, "ejectCooldownS": 0.3, "ejectAfterFailures": 2}
@@ -140,20 +143,29 @@ def test_trace_context_reaches_the_engine(gateway: tuple[str, Gateway], fakes: t
         finished = gw.tracing.memory.get_finished_spans()
         return [s for s in finished if format(s.context.trace_id, "032x") == trace_id]
 
-    wait_for(lambda: len(traced()) == 4)  # spans end just after the answer is sent
+    wait_for(lambda: len(traced()) == 2)  # spans end just after the answer is sent
     spans = traced()
-    servers = [s for s in spans if s.kind.name == "SERVER"]
-    clients = [s for s in spans if s.kind.name == "CLIENT"]
-    assert len(servers) == 2
-    assert len(clients) == 2
-    span = servers[0]
+    assert [s.kind.name for s in spans] == ["SERVER", "SERVER"]  # one span per request
+    span = spans[0]
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 200
+    assert span.attributes["http.route"] == "/v1/completions"
     assert span.attributes["tokenfleet.replica"] in {"r0", "r1"}
-    # client span -> server span -> the caller's span; the engine's parent is the client span
-    server_ids = {s.context.span_id for s in servers}
-    assert all(c.parent is not None and c.parent.span_id in server_ids for c in clients)
-    assert {tp.split("-")[2] for tp in forwarded} == {format(s.context.span_id, "016x") for s in clients}
+    # engine -> the gateway's span of that request -> the caller's span
+    assert all(s.parent is not None and s.parent.span_id == 0x00F067AA0BA902B7 for s in spans)
+    assert {tp.split("-")[2] for tp in forwarded} == {format(s.context.span_id, "016x") for s in spans}
+    assert all(tp.endswith("-01") for tp in forwarded)  # the caller's sampled flag carries on
+
+
+def test_context_headers_are_what_the_w3c_propagator_writes() -> None:
+    tracing = Tracing("test", {})
+    for state in (TraceState(), TraceState([("vendor", "opaque")])):
+        parent = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0xF067AA0BA902B7, True, TraceFlags(1), state)
+        span = tracing.tracer.start_span("s", context=trace.set_span_in_context(NonRecordingSpan(parent)))
+        expected: dict[str, str] = {}
+        PROPAGATOR.inject(expected, context=trace.set_span_in_context(span))
+        assert tracing.context_headers(span) == expected
+    assert tracing.context_headers(trace.INVALID_SPAN) == {}
 
 
 def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:
@@ -295,12 +307,26 @@ def test_unknown_class_header_and_lying_content_length(gateway: tuple[str, Gatew
 def test_5xx_before_body_is_retried_on_another_replica(
     gateway: tuple[str, Gateway], fakes: tuple[Fake, Fake]
 ) -> None:
-    url, _ = gateway
+    url, gw = gateway
     fakes[0].faults.status_5xx = 1
     replies = [httpx.post(f"{url}/v1/completions", json=COMPLETION) for _ in range(2)]
     assert [r.status_code for r in replies] == [200, 200]
     assert fakes[0].faults.status_5xx == 0  # r0 was tried and failed; r1 answered instead
     assert 'tokenfleet_gateway_retries_total{route="/v1/completions"}' in httpx.get(f"{url}/metrics").text
+
+    def retried() -> list[Any]:  # the failed attempt is an event on the request's one span
+        finished = gw.tracing.memory.get_finished_spans()
+        return [s for s in finished if (s.attributes or {}).get("tokenfleet.retries") == 1]
+
+    wait_for(lambda: len(retried()) == 1)
+    (span,) = retried()
+    (event,) = span.events
+    assert event.name == "upstream attempt failed"
+    assert event.attributes is not None
+    assert event.attributes["tokenfleet.replica"] == "r0"
+    assert event.attributes["error.type"] == "status_5xx"
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 200
 
 
 def test_every_attempt_failing_gives_502_not_a_hang(

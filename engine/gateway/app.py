@@ -30,7 +30,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
@@ -49,7 +48,7 @@ from tokenfleet.engine.gateway.tenancy import (
     resolve_class,
     with_fields,
 )
-from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
+from tokenfleet.engine.gateway.tracing import Tracing
 from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 from tokenfleet.engine.gateway.validation import (
     RequestError,
@@ -73,12 +72,12 @@ class Call:
 
     route: str
     span: Span
+    method: str = "POST"
     started: float = field(default_factory=time.perf_counter)
     cls: str = "none"
     tenant: str = "none"
     estimate: int = 0
     done: bool = False
-    upstream_span: Span | None = None  # the CLIENT span of the attempt now in flight
     replica: str | None = None  # the replica of the latest attempt
 
 
@@ -419,7 +418,9 @@ class Gateway:
         request_id = request.headers.get("x-request-id")
         if request_id:
             headers["x-request-id"] = request_id[:128]
-        return headers  # each attempt adds its own CLIENT span's traceparent
+        # The engine's spans hang off this request's SERVER span: one trace per request.
+        headers.update(self.tracing.context_headers(call.span))
+        return headers
 
     def _route_key(self, request: Request, document: Mapping[str, Any] | None) -> routing.RouteKey:
         if self.routing.policy == "prefix_affinity" and document is not None:
@@ -490,15 +491,6 @@ class Gateway:
     ) -> Response | str:
         """One try on one replica: a Response once committed to the client, else why it failed."""
         call.replica = replica.id
-        # One CLIENT span per attempt, child of the server span; the engine's spans hang off it.
-        call.upstream_span = self.tracing.tracer.start_span(
-            f"{method} {call.route} -> {replica.id}",
-            context=trace.set_span_in_context(call.span),
-            kind=SpanKind.CLIENT,
-            attributes={"tokenfleet.replica": replica.id, "server.address": replica.url},
-        )
-        headers = dict(headers)
-        PROPAGATOR.inject(headers, context=trace.set_span_in_context(call.upstream_span))
         self._enter(replica)
         upstream: UpstreamResponse | None = None
         try:
@@ -530,9 +522,11 @@ class Gateway:
             self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
             self.replicas.request_failed(replica, reason)
             self._leave(replica)
-            call.upstream_span.set_status(StatusCode.ERROR, reason)
-            call.upstream_span.end()
-            call.upstream_span = None
+            # A failed attempt is an event on the request's span (the retry is the next attempt).
+            call.span.add_event(
+                "upstream attempt failed",
+                {"tokenfleet.replica": replica.id, "error.type": kind, "exception.message": reason},
+            )
             return reason
         finally:
             if upstream is not None:
@@ -635,13 +629,11 @@ class Gateway:
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _begin(self, route: str, request: Request) -> Call:
+        # Attributes are set once, at the end (_finish): each set costs a lock and a validation.
         span = self.tracing.tracer.start_span(
-            f"{request.method} {route}",
-            context=self.tracing.extract(request.headers),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "http.route": route},
+            f"{request.method} {route}", context=self.tracing.extract(request.headers), kind=SpanKind.SERVER
         )
-        return Call(route=route, span=span)
+        return Call(route=route, span=span, method=request.method)
 
     def _refuse(self, call: Call, exc: RequestError, retry_after: float | None = None) -> JSONResponse:
         headers: dict[str, str] = {}
@@ -665,10 +657,9 @@ class Gateway:
         metrics = self.metrics
         metrics.child(metrics.requests, call.route, call.cls, call.tenant, code_class(status)).inc()
         metrics.child(metrics.latency, call.route, call.cls).observe(time.perf_counter() - call.started)
-        if call.upstream_span is not None:
-            call.upstream_span.set_attribute("http.response.status_code", status)
-            call.upstream_span.end()
         attributes: dict[str, str | int] = {
+            "http.request.method": call.method,
+            "http.route": call.route,
             "http.response.status_code": status,
             "tokenfleet.class": call.cls,
             "tokenfleet.tenant": call.tenant,

@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="fake")
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="wait before each answer")
     args = parser.parse_args(argv)
-    app, _ = fake_engine(args.name, args.model)
+    app, _ = fake_engine(args.name, args.model, Faults(delay_s=args.delay_s))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
