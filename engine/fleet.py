@@ -25,8 +25,7 @@ import uvicorn
 import uvloop
 
 from tokenfleet.engine.gateway.app import Gateway
-from tokenfleet.engine.gateway.server import freeze_startup_heap
-from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
+from tokenfleet.engine.gateway.server import freeze_startup_heap, gateway_config
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.observability.control_metrics import ControlLoopMetrics
 from tokenfleet.spec import LLMService
@@ -282,16 +281,8 @@ async def serve_fleet(
             loop.add_signal_handler(sig, stop.set)
     drain_s = service.spec.engine.shutdown_timeout_s
     server = _Server(
-        uvicorn.Config(
-            gateway.app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=drain_s,
-            lifespan="on",
-            http=GatewayHttpProtocol,  # the loop is the caller's: run_up starts it on uvloop
-        )
+        # The loop is the caller's: run_up starts it on uvloop.
+        gateway_config(gateway.app, host, port, drain_s=drain_s, loop="none")
     )
     # Bind here rather than in uvicorn, which sys.exit()s when the port is taken.
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

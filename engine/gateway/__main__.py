@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from tokenfleet.engine.gateway.app import create_app
-from tokenfleet.engine.gateway.server import HTTP, LOOP, freeze_startup_heap
+from tokenfleet.engine.gateway.server import freeze_startup_heap, gateway_config
 from tokenfleet.spec import SpecError, default_service, load_service
 
 
@@ -40,16 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     app = create_app(service, args.replica)
     freeze_startup_heap()
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port or service.spec.gateway.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=service.spec.engine.shutdown_timeout_s,
-        loop=LOOP,
-        http=HTTP,
-    )
+    port = args.port or service.spec.gateway.port
+    config = gateway_config(app, args.host, port, drain_s=service.spec.engine.shutdown_timeout_s)
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -32,7 +32,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.background import BackgroundTask
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
@@ -57,11 +56,14 @@ from tokenfleet.engine.gateway.validation import (
     parse_json,
     validate_body,
 )
+from tokenfleet.engine.gateway.wire import Answer
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 CLASS_HEADER = "x-tokenfleet-class"
 REPLICA_HEADER = "x-tokenfleet-replica"
+CLASS_HEADER_RAW = CLASS_HEADER.encode()
+REPLICA_HEADER_RAW = REPLICA_HEADER.encode()
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -72,6 +74,7 @@ class Call:
 
     route: str
     span: Span
+    headers: dict[str, str]  # the client's, names lower-case (ASGI), read once per request
     method: str = "POST"
     started: float = field(default_factory=time.perf_counter)
     cls: str = "none"
@@ -121,6 +124,7 @@ class Gateway:
         )
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
+        self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
         # One pooled client for all upstream traffic (requests and probes), started with the app.
@@ -263,24 +267,24 @@ class Gateway:
     async def _models(self, request: Request) -> Response:
         call = self._begin("/v1/models", request)
         try:
-            self._authenticate(request)
+            self._authenticate(call.headers)
         except RequestError as exc:
             return self._refuse(call, exc)
-        return await self._forward(call, "GET", None, request, streaming=False, release=None)
+        return await self._forward(call, "GET", None, streaming=False, release=None)
 
     def _passthrough(self, path: str, method: str) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             call = self._begin(path, request)
             try:
-                self._authenticate(request)
+                self._authenticate(call.headers)
                 body = None
                 if method == "POST":
-                    raw = await self._read_body(request)
+                    raw = await self._read_body(request, call.headers)
                     parse_json(raw)
                     body = raw
             except RequestError as exc:
                 return self._refuse(call, exc)
-            return await self._forward(call, method, body, request, streaming=False, release=None)
+            return await self._forward(call, method, body, streaming=False, release=None)
 
         return endpoint
 
@@ -296,22 +300,21 @@ class Gateway:
     async def _handle(self, route: str, request: Request) -> Response:
         call = self._begin(route, request)
         try:
-            tenant = self._authenticate(request)
+            tenant = self._authenticate(call.headers)
             call.tenant = tenant.name
-            raw = await self._read_body(request)
+            raw = await self._read_body(request, call.headers)
             document = parse_json(raw)
             body = validate_body(
                 route, document, model_name=self.spec.model.name, max_model_len=self.spec.model.max_model_len
             )
-            slo_class = self._class_for(tenant, request, document)
+            slo_class = self._class_for(tenant, call.headers, document)
             call.cls = slo_class.name
             call.estimate = estimated_tokens(body, self.spec.model.max_model_len)
             self._charge(tenant, call.estimate)
         except RequestError as exc:
             return self._refuse(call, exc)
-        payload = with_fields(
-            raw, document, engine_fields(slo_class, tenant.name, self.spec.scheduler.policy)
-        )
+        fields, encoded = self._engine_fields(slo_class, tenant.name)
+        payload = with_fields(raw, document, fields, encoded)
         try:
             await self.admission.acquire(slo_class.name)
         except ShedError as exc:
@@ -325,28 +328,36 @@ class Gateway:
             call,
             "POST",
             payload,
-            request,
             streaming=streaming,
             release=self.admission.release,
             document=document,
         )
 
-    def _class_for(self, tenant: Tenant, request: Request, document: Mapping[str, Any]) -> SLOClass:
+    def _engine_fields(self, slo_class: SLOClass, tenant: str) -> tuple[dict[str, object], bytes]:
+        """The fields the engine's scheduler reads, and their JSON: one of classes x tenants."""
+        key = (slo_class.name, tenant)
+        cached = self._fields_cache.get(key)
+        if cached is None:
+            fields = engine_fields(slo_class, tenant, self.spec.scheduler.policy)
+            cached = self._fields_cache[key] = (fields, json.dumps(fields, separators=(",", ":")).encode())
+        return cached
+
+    def _class_for(self, tenant: Tenant, headers: Mapping[str, str], document: Mapping[str, Any]) -> SLOClass:
         priority = document.get("priority")
         try:
             return resolve_class(
                 self.spec.scheduler,
                 tenant,
-                requested_name=request.headers.get(CLASS_HEADER),
+                requested_name=headers.get(CLASS_HEADER),
                 requested_priority=priority if isinstance(priority, int) else None,
             )
         except ClassError as exc:
             raise RequestError(400, str(exc)) from None
 
-    def _authenticate(self, request: Request) -> Tenant:
+    def _authenticate(self, headers: Mapping[str, str]) -> Tenant:
         if self.keyring is None:
             return self.anonymous
-        key = bearer_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        key = bearer_key(headers.get("authorization"), headers.get("x-api-key"))
         tenant = self.keyring.tenant_of(key) if key else None
         if tenant is None:
             raise RequestError(
@@ -354,9 +365,9 @@ class Gateway:
             )
         return self.tenants[tenant]
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, headers: Mapping[str, str]) -> bytes:
         limit = self.spec.gateway.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body over the {limit}-byte limit")
         chunks: list[bytes] = []
@@ -413,20 +424,20 @@ class Gateway:
 
     # -- forwarding ---------------------------------------------------------------------------
 
-    def _upstream_headers(self, request: Request, call: Call) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": request.headers.get("accept", "*/*")}
-        request_id = request.headers.get("x-request-id")
+    def _upstream_headers(self, call: Call) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": call.headers.get("accept", "*/*")}
+        request_id = call.headers.get("x-request-id")
         if request_id:
             headers["x-request-id"] = request_id[:128]
         # The engine's spans hang off this request's SERVER span: one trace per request.
         headers.update(self.tracing.context_headers(call.span))
         return headers
 
-    def _route_key(self, request: Request, document: Mapping[str, Any] | None) -> routing.RouteKey:
+    def _route_key(self, call: Call, document: Mapping[str, Any] | None) -> routing.RouteKey:
         if self.routing.policy == "prefix_affinity" and document is not None:
             return routing.RouteKey(prefix=routing.prompt_prefix(document, self.routing.prefix_chars))
         if self.routing.policy == "session_affinity":
-            return routing.RouteKey(session=request.headers.get(self.routing.session_header))
+            return routing.RouteKey(session=call.headers.get(self.routing.session_header.lower()))
         return routing.RouteKey()
 
     def _pick(self, key: routing.RouteKey, exclude: list[str]) -> Replica | None:
@@ -448,14 +459,13 @@ class Gateway:
         call: Call,
         method: str,
         body: bytes | None,
-        request: Request,
         *,
         streaming: bool,
         release: Callable[[], None] | None,
         document: Mapping[str, Any] | None = None,
     ) -> Response:
-        headers = self._upstream_headers(request, call)
-        key = self._route_key(request, document)
+        headers = self._upstream_headers(call)
+        key = self._route_key(call, document)
         tried: list[str] = []
         last_error = "no ready replica"
         try:
@@ -540,18 +550,18 @@ class Gateway:
         self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
         if release is not None:
             release()
-        # Token settlement, metrics and span ends run once the answer is on the wire: the
-        # client does not wait for them. The task does not yield in between, so the next request
-        # on this loop still sees them done.
-        return Response(
+        # Token settlement, metrics and the span's end run once the answer is on the wire: the
+        # client does not wait for them. They are queued right behind the write, ahead of any
+        # request that arrives after, so the next request still sees them done.
+        status = upstream.status
+        return Answer(
             content,
-            status_code=upstream.status,
-            headers=self._response_headers(call, replica, upstream.content_type),
-            background=BackgroundTask(self._answered, call, upstream.status, content if ok else None),
+            status,
+            self._raw_response_headers(call, replica, upstream.content_type),
+            after=lambda: self._answered(call, status, content if ok else None),
         )
 
-    async def _answered(self, call: Call, status: int, content: bytes | None) -> None:
-        # async, though it never awaits: Starlette runs a sync background function in a thread.
+    def _answered(self, call: Call, status: int, content: bytes | None) -> None:
         if content is not None:
             self._settle_tokens(call, content)
         self._finish(call, status)
@@ -572,6 +582,16 @@ class Gateway:
         self._refund(call.tenant, call.estimate)  # refused work used none of the allowance
         message = f"engine scheduler rejected the request: {reason}"
         return self._refuse(call, RequestError(503, message, "overloaded"), retry_after=1.0)
+
+    def _raw_response_headers(
+        self, call: Call, replica: Replica, content_type: str | None
+    ) -> list[tuple[bytes, bytes]]:
+        headers = [(REPLICA_HEADER_RAW, replica.id.encode("latin-1"))]
+        if call.cls != "none":
+            headers.append((CLASS_HEADER_RAW, call.cls.encode("latin-1")))
+        if content_type:
+            headers.append((b"content-type", content_type.encode("latin-1")))
+        return headers
 
     def _response_headers(self, call: Call, replica: Replica, content_type: str | None) -> dict[str, str]:
         headers = {REPLICA_HEADER: replica.id}
@@ -629,11 +649,16 @@ class Gateway:
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _begin(self, route: str, request: Request) -> Call:
+        # A plain dict rather than Starlette's Headers: each of its lookups scans and decodes the
+        # whole list, and a request looks up six or seven names.
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]
+        }
         # Attributes are set once, at the end (_finish): each set costs a lock and a validation.
         span = self.tracing.tracer.start_span(
-            f"{request.method} {route}", context=self.tracing.extract(request.headers), kind=SpanKind.SERVER
+            f"{request.method} {route}", context=self.tracing.extract(headers), kind=SpanKind.SERVER
         )
-        return Call(route=route, span=span, method=request.method)
+        return Call(route=route, span=span, headers=headers, method=request.method)
 
     def _refuse(self, call: Call, exc: RequestError, retry_after: float | None = None) -> JSONResponse:
         headers: dict[str, str] = {}

@@ -20,6 +20,26 @@ LOOP: Final = "uvloop"
 HTTP: Final = GatewayHttpProtocol
 
 
+def gateway_config(app: FastAPI, host: str, port: int, *, drain_s: int, loop: str = LOOP) -> uvicorn.Config:
+    """uvicorn as the gateway runs it, wherever it runs (its own process, a thread, `up`).
+
+    No proxy-headers middleware: the gateway is the edge, so it must not take a client address
+    from X-Forwarded-For (the admin endpoint trusts localhost), and it is a layer per request.
+    """
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=drain_s,
+        lifespan="on",
+        loop=loop,
+        http=HTTP,
+    )
+
+
 def freeze_startup_heap() -> None:
     """Keep what imports and app construction allocated out of the cyclic GC's scans.
 
@@ -34,18 +54,7 @@ class ServerThread:
     def __init__(self, app: FastAPI, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
         self.host = host
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-            lifespan="on",
-            loop=LOOP,
-            http=HTTP,
-        )
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(gateway_config(app, host, port, drain_s=5))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
 
     @property

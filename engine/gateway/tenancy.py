@@ -134,16 +134,19 @@ def resolve_class(
     return wanted
 
 
-def with_fields(raw: bytes, document: Mapping[str, Any], fields: Mapping[str, object]) -> bytes:
+def with_fields(
+    raw: bytes, document: Mapping[str, Any], fields: Mapping[str, object], encoded: bytes | None = None
+) -> bytes:
     """The body to forward: the client's JSON object `raw` (parsed: `document`) with `fields` set.
 
     When the client sent none of `fields` (the usual case) they are appended to its bytes as
     they are, which is cheaper than re-serialising the whole request; otherwise (a client-sent
     value to replace, or a body that is not plain UTF-8 text starting with `{`) the document is
-    serialised again with the fields replaced.
+    serialised again with the fields replaced. `encoded` is `fields` as compact JSON, when the
+    caller has it already.
     """
     body = raw.strip()
-    extra = json.dumps(fields, separators=(",", ":")).encode()
+    extra = encoded if encoded is not None else json.dumps(fields, separators=(",", ":")).encode()
     if body[:1] == b"{" and body[-1:] == b"}" and not any(key in document for key in fields):
         if not document:
             return extra

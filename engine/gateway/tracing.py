@@ -59,7 +59,7 @@ class Tracing:
     def extract(headers: Mapping[str, str]) -> Context:
         if "traceparent" not in headers:
             return Context()  # what the propagator returns then, without copying the headers
-        return PROPAGATOR.extract(carrier=dict(headers))
+        return PROPAGATOR.extract(carrier=headers)
 
     @staticmethod
     def context_headers(span: Span) -> dict[str, str]:

@@ -12,9 +12,42 @@ body (or head and first SSE chunk) are always written in the same turn.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class Answer(Response):
+    """A whole upstream answer in hand (the proxied non-streaming case), and what to do once it
+    is sent.
+
+    Starlette's Response with a BackgroundTask would run the bookkeeping in the same loop turn as
+    the sends, so before `_TurnBuffered` puts the answer on the wire; here `after` is queued
+    behind that write instead. The headers come ready as ASGI's byte pairs (no content-length:
+    it is added here).
+    """
+
+    def __init__(
+        self, body: bytes, status: int, headers: list[tuple[bytes, bytes]], *, after: Callable[[], None]
+    ) -> None:
+        # Not Response.__init__: it would render and re-encode what is already bytes.
+        self.body = body
+        self.status_code = status
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), *headers]
+        self.background = None
+        self.after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            asyncio.get_running_loop().call_soon(self.after)
 
 
 class _TurnBuffered:
