@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
-from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutes
+from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
 from tokenfleet.engine.gateway.tenancy import (
@@ -124,6 +125,7 @@ class Gateway:
         )
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
+        self._gauged: set[str] = set()  # replica ids whose in-flight gauge reads the replica
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
@@ -146,8 +148,18 @@ class Gateway:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
         for replica in self.replicas.replicas.values():
             self.metrics.replica_up.labels(replica.id).set(1 if replica.breaker.admits else 0)
+            if replica.id not in self._gauged:
+                # Read at scrape time: nothing to update per request.
+                self._gauged.add(replica.id)
+                self.metrics.in_flight.labels(replica.id).set_function(
+                    partial(self._in_flight_of, replica.id)
+                )
         for cls, n in self.admission.queued().items():
             self.metrics.queued.labels(cls).set(n)
+
+    def _in_flight_of(self, replica_id: str) -> float:
+        replica = self.replicas.replicas.get(replica_id)
+        return replica.in_flight if replica is not None else 0
 
     def _on_transition(self, replica: Replica, old: str, new: str) -> None:
         if new == "open" and old == "closed":
@@ -184,9 +196,9 @@ class Gateway:
             finally:
                 await self.stop()
 
-        app = FastAPI(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
+        app = FastRoutedApp(title="tokenfleet gateway", version="0.1.0", lifespan=lifespan)
         refs, components = openapi_components(self.spec.model.name, self.spec.model.max_model_len)
-        # The proxied routes: registered with FastAPI (schema, 405s) and served by FastRoutes.
+        # The proxied routes: registered with FastAPI (schema, 405s), served by FastRoutedApp.
         proxied: dict[str, tuple[str, Endpoint]] = {}
 
         def proxy_route(path: str, method: str, endpoint: Endpoint, **extra: Any) -> None:
@@ -209,7 +221,7 @@ class Gateway:
         for path in self.spec.gateway.expose_endpoints:
             method = "GET" if path == "/version" else "POST"
             proxy_route(path, method, self._passthrough(path, method))
-        app.add_middleware(FastRoutes, routes=proxied)
+        app.fast_routes = proxied
         app.add_api_route("/health", self._health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
@@ -507,10 +519,9 @@ class Gateway:
             upstream = await self.upstream.send(method, f"{replica.url}{call.route}", body, headers)
             if upstream.status >= 500:
                 raise _UpstreamStatusError(upstream.status)
-            self.metrics.child(self.metrics.first_byte, call.route, call.cls, replica.id).observe(
-                time.perf_counter() - call.started
-            )
+            first_byte_s = time.perf_counter() - call.started
             if streaming and upstream.status == 200:
+                self._observe_first_byte(call, replica, first_byte_s)
                 chunks = upstream.chunks()
                 first = await anext(chunks, b"")
                 rejection = scheduler_rejection(first)
@@ -544,27 +555,43 @@ class Gateway:
         ok = 200 <= upstream.status < 300
         rejection = scheduler_rejection(content) if ok else None
         if rejection is not None:
+            self._observe_first_byte(call, replica, first_byte_s)
             return self._engine_rejected(call, replica, rejection, release)
-        self._leave(replica)
-        self.replicas.request_succeeded(replica)
-        self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
-        if release is not None:
-            release()
-        # Token settlement, metrics and the span's end run once the answer is on the wire: the
-        # client does not wait for them. They are queued right behind the write, ahead of any
-        # request that arrives after, so the next request still sees them done.
+        # Replica and admission accounting, token settlement, metrics and the span's end run
+        # once the answer is on the wire: the client does not wait for them. They are queued
+        # right behind the write, ahead of any request that arrives after, so the next request
+        # still sees them done.
         status = upstream.status
         return Answer(
             content,
             status,
             self._raw_response_headers(call, replica, upstream.content_type),
-            after=lambda: self._answered(call, status, content if ok else None),
+            after=lambda: self._answered(
+                call, replica, status, content if ok else None, first_byte_s, release
+            ),
         )
 
-    def _answered(self, call: Call, status: int, content: bytes | None) -> None:
+    def _answered(
+        self,
+        call: Call,
+        replica: Replica,
+        status: int,
+        content: bytes | None,
+        first_byte_s: float,
+        release: Callable[[], None] | None,
+    ) -> None:
+        self._leave(replica)
+        self.replicas.request_succeeded(replica)
+        self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
+        self._observe_first_byte(call, replica, first_byte_s)
+        if release is not None:
+            release()
         if content is not None:
             self._settle_tokens(call, content)
         self._finish(call, status)
+
+    def _observe_first_byte(self, call: Call, replica: Replica, seconds: float) -> None:
+        self.metrics.child(self.metrics.first_byte, call.route, call.cls, replica.id).observe(seconds)
 
     def _engine_rejected(
         self, call: Call, replica: Replica, reason: str, release: Callable[[], None] | None
@@ -640,11 +667,9 @@ class Gateway:
     def _enter(self, replica: Replica) -> None:
         replica.in_flight += 1
         replica.requests += 1
-        self.metrics.child(self.metrics.in_flight, replica.id).set(replica.in_flight)
 
     def _leave(self, replica: Replica) -> None:
         replica.in_flight = max(0, replica.in_flight - 1)
-        self.metrics.child(self.metrics.in_flight, replica.id).set(replica.in_flight)
 
     # -- bookkeeping --------------------------------------------------------------------------
 

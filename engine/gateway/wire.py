@@ -64,7 +64,7 @@ class _TurnBuffered:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is None:
             self._held = bytes(data)
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._held += data
 
@@ -72,13 +72,13 @@ class _TurnBuffered:
         for data in lines:
             self.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         held, self._held = self._held, None
         if held and not self._transport.is_closing():
             self._transport.write(held)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def abort(self) -> None:
@@ -95,5 +95,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # The proxy is duck-typed: uvicorn uses write, close, is_closing, get_extra_info and
         # the reading/writing pause calls of its transport.
-        buffered = _TurnBuffered(transport, asyncio.get_running_loop())
-        super().connection_made(cast(asyncio.Transport, buffered))
+        self.buffered = _TurnBuffered(transport, asyncio.get_running_loop())
+        super().connection_made(cast(asyncio.Transport, self.buffered))
+
+    def on_response_complete(self) -> None:
+        # The answer is whole: on the wire now, not at the end of the loop turn (one loop
+        # iteration sooner; the queued flush then finds nothing held).
+        self.buffered.flush()
+        super().on_response_complete()
