@@ -33,6 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
@@ -382,14 +383,20 @@ class Gateway:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"request body over the {limit}-byte limit")
+        # ASGI's receive directly: Starlette's request.stream() is an async generator around it.
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise RequestError(413, f"request body over the {limit}-byte limit")
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _tenant_limits(self, tenant: Tenant) -> tuple[int | None, int | None]:
         defaults = self.spec.gateway.default_limits

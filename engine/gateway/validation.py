@@ -107,7 +107,9 @@ def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_
             404, f"model {request.model!r} does not exist; serving {model_name!r}", "model_not_found"
         )
     for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(request, field, None)
+        # From __dict__: getattr on a field a model lacks goes through pydantic's slow
+        # __getattr__ (extra="allow") and an exception.
+        value = request.__dict__.get(field)
         if value is not None and value > max_model_len:
             raise RequestError(400, f"{field} {value} exceeds the model's context length {max_model_len}")
     return request
@@ -126,7 +128,7 @@ def estimated_tokens(request: _Request, max_model_len: int) -> int:
         )
     else:  # pragma: no cover - only two routes
         chars = 0
-    output = getattr(request, "max_completion_tokens", None) or request.max_tokens or 16
+    output = request.__dict__.get("max_completion_tokens") or request.max_tokens or 16
     return min(max_model_len, chars // 4 + 1) + output * (request.n or 1)
 
 
