@@ -376,7 +376,7 @@ def _ms(seconds: float | None) -> str:
 def run_bench(
     out_dir: Path,
     *,
-    pairs: int = 300,
+    pairs: int = 1000,
     policy_duration_s: float = 40.0,
     failover_requests: int = 60,
     skip: Sequence[str] = (),
@@ -443,7 +443,12 @@ def cmd_bench_gateway(args: argparse.Namespace) -> int:
 def register(bench_sub: Any) -> None:
     parser = bench_sub.add_parser("gateway", help="gateway overhead, routing policies and failover")
     parser.add_argument("--out", default="docs/results", help="directory for gateway.md and gateway.json")
-    parser.add_argument("--pairs", type=int, default=300, help="paired requests per latency measurement")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1000,
+        help="paired requests per latency measurement (p99 from the top 10)",
+    )
     parser.add_argument("--duration", type=float, default=40.0, help="seconds per policy run")
     parser.add_argument("--failover-requests", type=int, default=60)
     parser.add_argument("--skip", action="append", choices=["overhead", "policies", "failover"])
