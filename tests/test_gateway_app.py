@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from conftest import free_port, tiny_service
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfleet.engine.gateway.app import Gateway, create_app
 from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
@@ -193,8 +195,28 @@ def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:
     assert "CompletionRequest" in spec["components"]["schemas"]
 
 
+def in_flight_gauges(url: str) -> dict[str, float]:
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    family = next(f for f in families if f.name == "tokenfleet_gateway_in_flight")
+    return {sample.labels["replica"]: sample.value for sample in family.samples}
+
+
+def test_in_flight_gauge_reads_the_live_count_at_scrape_time(
+    gateway: tuple[str, Gateway], fakes: tuple[Fake, Fake]
+) -> None:
+    url, _ = gateway
+    for fake in fakes:
+        fake.faults.delay_s = 1.0
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{url}/v1/completions", json=COMPLETION, timeout=10)
+        wait_for(lambda: sum(in_flight_gauges(url).values()) == 1)
+        assert set(in_flight_gauges(url)) == {"r0", "r1"}
+        assert pending.result().status_code == 200
+    wait_for(lambda: in_flight_gauges(url) == {"r0": 0, "r1": 0})
+
+
 def test_proxied_routes_answer_a_wrong_method_with_405(gateway: tuple[str, Gateway]) -> None:
-    # The proxied routes are served by FastRoutes, past FastAPI's router; a wrong method still
+    # The proxied routes are served by FastRoutedApp, ahead of FastAPI's router; a wrong method still
     # reaches the router and gets its 405 with Allow.
     url, _ = gateway
     reply = httpx.get(f"{url}/v1/completions")
@@ -351,6 +373,9 @@ def test_stream_dying_before_first_byte_is_retried(
     # both die before a byte: the client gets one clean error, never half a stream
     assert reply.status_code == 502
     fakes[1].faults.die_after_chunks = None
+    # Those failures may have ejected a replica (ejectAfterFailures 2 counts the previous test's
+    # too): wait for the probes to re-admit both, so the retry below has somewhere to go.
+    wait_for(lambda: set(states(url).values()) == {"ready"})
     for _ in range(2):
         with httpx.stream("POST", f"{url}/v1/completions", json={**COMPLETION, "stream": True}) as reply:
             text = reply.read().decode()
