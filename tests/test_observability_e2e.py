@@ -194,8 +194,6 @@ def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
     stop = threading.Event()
     sent: list[int] = []
     workers = [threading.Thread(target=_load, args=(stack.server.url, stop, sent)) for _ in range(2)]
-    for worker in workers:
-        worker.start()
     try:
         with playwright.sync_playwright() as p:
             context = p.chromium.launch_persistent_context(
@@ -224,6 +222,10 @@ def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
                 assert page.title() == "tokenfleet — live"
                 board = "window.tokenfleetDashboard"
                 page.wait_for_function(f"{board} && {board}.snapshots() >= 2", timeout=30_000)
+                # The bounded load starts once the page is live, so it overlaps the checks below
+                # however long the browser took to start on a busy machine.
+                for worker in workers:
+                    worker.start()
                 # Charts update while load runs: throughput and KV series carry live values.
                 page.wait_for_function(
                     f"({board}.latest('throughput', 'requests/s') || 0) > 0", timeout=60_000
@@ -260,6 +262,7 @@ def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
     finally:
         stop.set()
         for worker in workers:
-            worker.join(timeout=60)
+            if worker.ident is not None:  # started
+                worker.join(timeout=60)
         stack.gateway.set_replicas([("r0", stack.engine.url)])
     assert sum(sent) > 0
