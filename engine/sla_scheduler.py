@@ -64,6 +64,11 @@ def load_spec(env: dict[str, str] | None = None) -> SchedulerSpec:
     return SchedulerSpec.model_validate_json(raw)
 
 
+def _remaining_tokens(request: Any) -> int:
+    """Upper bound on a running vLLM request's decode steps before it finishes on its own."""
+    return max(0, int(request.max_tokens) - int(request.num_output_tokens))
+
+
 class VLLMSLAQueue(SLAQueue[Any], RequestQueue):  # type: ignore[misc]  # vLLM is Any to mypy
     """`SLAQueue` registered as a vLLM `RequestQueue` (the ABC the scheduler's code expects)."""
 
@@ -178,14 +183,14 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             return  # the head can start now: the common case, decided before building views
         # Under overload the slots are always full: decide "would it miss?" from the running
         # requests' remaining tokens alone, and build the views only when it would (rare).
-        soonest = min(max(0, r.max_tokens - r.num_output_tokens) for r in self.running)
+        soonest = min(_remaining_tokens(r) for r in self.running)
         if not would_miss_after(head, now, soonest * self.sla.step_s, self.sla):
             return
         views = [
             RunningView(
                 ticket=self._ticket(r),
                 blocks=math.ceil(r.num_computed_tokens / block),
-                remaining_tokens=max(0, r.max_tokens - r.num_output_tokens),
+                remaining_tokens=_remaining_tokens(r),
             )
             for r in self.running
         ]

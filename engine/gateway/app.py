@@ -64,8 +64,6 @@ from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 CLASS_HEADER = "x-tokenfleet-class"
 REPLICA_HEADER = "x-tokenfleet-replica"
-CLASS_HEADER_RAW = CLASS_HEADER.encode()
-REPLICA_HEADER_RAW = REPLICA_HEADER.encode()
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -126,7 +124,6 @@ class Gateway:
         )
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
-        self._gauged: set[str] = set()  # replica ids whose in-flight gauge reads the replica
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
@@ -149,12 +146,8 @@ class Gateway:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
         for replica in self.replicas.replicas.values():
             self.metrics.replica_up.labels(replica.id).set(1 if replica.breaker.admits else 0)
-            if replica.id not in self._gauged:
-                # Read at scrape time: nothing to update per request.
-                self._gauged.add(replica.id)
-                self.metrics.in_flight.labels(replica.id).set_function(
-                    partial(self._in_flight_of, replica.id)
-                )
+            # Read at scrape time: nothing to update per request.
+            self.metrics.in_flight.labels(replica.id).set_function(partial(self._in_flight_of, replica.id))
         for cls, n in self.admission.queued().items():
             self.metrics.queued.labels(cls).set(n)
 
@@ -620,12 +613,9 @@ class Gateway:
     def _raw_response_headers(
         self, call: Call, replica: Replica, content_type: str | None
     ) -> list[tuple[bytes, bytes]]:
-        headers = [(REPLICA_HEADER_RAW, replica.id.encode("latin-1"))]
-        if call.cls != "none":
-            headers.append((CLASS_HEADER_RAW, call.cls.encode("latin-1")))
-        if content_type:
-            headers.append((b"content-type", content_type.encode("latin-1")))
-        return headers
+        """`_response_headers` as ASGI's byte pairs (what `Answer` sends as they are)."""
+        headers = self._response_headers(call, replica, content_type)
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
     def _response_headers(self, call: Call, replica: Replica, content_type: str | None) -> dict[str, str]:
         headers = {REPLICA_HEADER: replica.id}
