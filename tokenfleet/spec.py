@@ -96,6 +96,24 @@ class ModelSpec(_Spec):
         return source
 
 
+class Toleration(_Spec):
+    """A Kubernetes toleration for a GPU pool's taint."""
+
+    key: str = Field(min_length=1, max_length=253)
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+class GpuPool(_Spec):
+    """A pool of GPU nodes engine pods may land on; the first listed is preferred."""
+
+    name: Name
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels of the pool.")
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpu_resource: str = Field("nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
+
+
 class EngineSpec(_Spec):
     """How each engine replica runs vLLM."""
 
@@ -118,6 +136,11 @@ class EngineSpec(_Spec):
         default_factory=list, description="tokenfleet Triton kernels to enable through the vLLM plugin."
     )
     image: str = Field("vllm/vllm-openai:v0.32.0", description="Container image on a cluster.")
+    gpu_pools: list[GpuPool] = Field(
+        default_factory=list,
+        description="GPU node pools in order of preference; a replica Pending beyond "
+        "failover.pendingTimeoutS falls back to the next. Needs device gpu.",
+    )
 
     @field_validator("extra_args")
     @classmethod
@@ -147,6 +170,11 @@ class EngineSpec(_Spec):
             raise ValueError("tensorParallelSize cannot exceed gpusPerReplica")
         if self.device == "cpu" and self.tensor_parallel_size != 1:
             raise ValueError("tensorParallelSize must be 1 on cpu")
+        if self.device == "cpu" and self.gpu_pools:
+            raise ValueError("gpuPools needs device gpu")
+        pools = [p.name for p in self.gpu_pools]
+        if len(set(pools)) != len(pools):
+            raise ValueError(f"gpuPools names must be unique, got {pools}")
         return self
 
 
@@ -228,14 +256,61 @@ class ReplicasSpec(_Spec):
 
 
 class AutoscalingSpec(_Spec):
-    """Scale replicas on a per-replica engine metric, with separate up/down stabilisation windows."""
+    """Scale replicas on a per-replica engine metric and per-class SLO attainment.
+
+    Fast up, slow down: a scale-up needs the metric above target for `scaleUpStabilizationS`, a
+    scale-down needs it below for `scaleDownStabilizationS` (the HPA's recommendation windows).
+    """
 
     enabled: bool = False
-    metric: Literal["queue_depth", "in_flight", "kv_cache_usage", "ttft_p90_ms"] = "queue_depth"
+    metric: Literal["queue_depth", "in_flight", "kv_cache_usage", "ttft_p90_ms"] = Field(
+        "queue_depth",
+        description="queue_depth: engine + gateway waiting requests per replica; in_flight: requests "
+        "the gateway has sent per replica; kv_cache_usage: 0..1; ttft_p90_ms: the service's P90 time "
+        "to first byte over the last minute, as the gateway saw it.",
+    )
     target: float = Field(4.0, gt=0, description="Per-replica target of the metric.")
+    tolerance: float = Field(0.1, ge=0, le=1, description="Ratio band around the target where nothing moves.")
+    min_slo_attainment: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Scale up while any class's TTFT SLO attainment (the SLA scheduler's counters, "
+        "last minute) is below this, whatever the metric says.",
+    )
     scale_up_stabilization_s: float = Field(15, ge=0)
     scale_down_stabilization_s: float = Field(120, ge=0)
+    max_step_up: int = Field(2, ge=1, le=100, description="Replicas added by one decision.")
+    max_step_down: int = Field(1, ge=1, le=100, description="Replicas removed by one decision.")
     scale_to_zero: bool = False
+    activation_timeout_s: float = Field(
+        120,
+        gt=0,
+        le=3600,
+        description="Scaled to zero: how long the gateway holds a request while the first replica "
+        "starts before answering 503 with Retry-After.",
+    )
+
+
+class FailoverSpec(_Spec):
+    """When a replica is replaced, and where it goes when it cannot get capacity."""
+
+    unhealthy_after_s: float = Field(
+        30, gt=0, le=3600, description="Health failing this long while the process lives: replace it."
+    )
+    startup_timeout_s: float = Field(
+        600, gt=0, le=7200, description="Not ready this long after start: replace it (size for model load)."
+    )
+    pending_timeout_s: float = Field(
+        300,
+        gt=0,
+        le=7200,
+        description="On a cluster: Pending (no GPU capacity) this long moves the replicas to the next "
+        "pool in engine.gpuPools.",
+    )
+    backoff_reset_after_s: float = Field(
+        300, gt=0, le=86400, description="Ready this long forgives earlier crashes (restart back-off resets)."
+    )
 
 
 class RoutingSpec(_Spec):
@@ -267,8 +342,16 @@ class RolloutSpec(_Spec):
     max_unavailable: int = Field(0, ge=0)
     canary_steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
     step_duration_s: float = Field(60, ge=0)
-    max_error_rate: float = Field(0.02, ge=0, le=1)
+    max_error_rate: float = Field(
+        0.02, ge=0, le=1, description="Canary attempts failing (5xx, reset, timeout) above this: roll back."
+    )
     max_ttft_p99_ratio: float = Field(1.5, gt=1, description="Canary TTFT p99 vs stable before rollback.")
+    ttft_p99_slack_ms: float = Field(
+        25, ge=0, le=60_000, description="Absolute TTFT p99 difference ignored as noise."
+    )
+    min_requests: int = Field(
+        20, ge=1, le=1_000_000, description="Canary requests an analysis window needs before it can promote."
+    )
 
     @model_validator(mode="after")
     def _check_steps(self) -> Self:
@@ -322,6 +405,7 @@ class LLMServiceSpec(_Spec):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     replicas: ReplicasSpec = Field(default_factory=ReplicasSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    failover: FailoverSpec = Field(default_factory=FailoverSpec)
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
