@@ -1,0 +1,84 @@
+"""What the control core looks at: replicas, service-level signals and per-revision outcomes.
+
+Both appliers build these from their own sources — the local fleet from its processes and the
+gateway it embeds, the operator from Deployments, Pods and scraped metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+# pending: no capacity yet (a Pod waiting for a GPU node); starting: loading the model;
+# ready: serving; unhealthy: was ready, health now failing while the process lives; exited.
+Phase = Literal["pending", "starting", "ready", "unhealthy", "exited"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaObservation:
+    id: str
+    revision: str
+    phase: Phase
+    since: float  # when the replica entered `phase` (the loop's clock, seconds)
+    restarts: int = 0  # crash restarts not yet forgiven (see failover.restarts_after_ready)
+    queue_depth: float = 0.0  # the engine's own waiting requests
+    in_flight: float = 0.0  # requests the gateway has sent and not yet finished
+    kv_cache_usage: float = 0.0  # 0..1
+    pool: int = 0  # index into engine.gpuPools (cluster only)
+
+
+@dataclass(frozen=True, slots=True)
+class SloCounts:
+    """Cumulative TTFT SLO counters of one class (the SLA scheduler's, summed over replicas)."""
+
+    met: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """Service-level inputs of one tick."""
+
+    gateway_queued: int = 0  # requests held by the gateway's admission queue
+    recent_requests: int = 0  # requests the gateway finished in the last minute
+    ttft_p90_s: float | None = None  # the service's P90 time to first byte, last minute
+    slo: Mapping[str, SloCounts] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """Outcomes of one revision's attempts over an analysis window, as the gateway saw them."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft_p99_s: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default, and vLLM's benchmarks'); q in 0..100."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def window_stats(outcomes: Iterable[tuple[bool, float | None]]) -> WindowStats:
+    """(ok, ttft seconds or None) per attempt -> counts and the TTFT P99 of the good ones."""
+    requests = errors = 0
+    ttfts: list[float] = []
+    for ok, ttft in outcomes:
+        requests += 1
+        if not ok:
+            errors += 1
+        elif ttft is not None:
+            ttfts.append(ttft)
+    return WindowStats(requests, errors, percentile(ttfts, 99) if ttfts else None)
