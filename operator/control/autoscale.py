@@ -99,7 +99,8 @@ def autoscale(
     if not spec.enabled:
         desired = min(max(current, bounds.min), bounds.max)
         return ScaleDecision(desired, "hold", "autoscaling disabled", state)
-    floor = 0 if spec.scale_to_zero else max(1, bounds.min)
+    # Zero only by the idle rule below: a quiet metric alone must not stop the last replica.
+    floor = max(1, bounds.min)
     ready = [r for r in replicas if r.phase == "ready"]
     starting = [r for r in replicas if r.phase in ("pending", "starting")]
     samples = (*state.slo_samples, (now, _slo_sample(signals.slo)))
@@ -138,10 +139,10 @@ def autoscale(
         and signals.gateway_queued == 0
         and all(r.in_flight == 0 and r.queue_depth == 0 for r in replicas)
     )
+    recommendation = min(max(recommendation, floor), bounds.max)
     if idle:
         recommendation = 0
         reasons.append("idle: no requests in the last minute")
-    recommendation = min(max(recommendation, floor), bounds.max)
     horizon = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s)
     history = (*tuple(h for h in state.history if h[0] >= now - horizon), (now, recommendation))
     new_state = ScaleState(history=history, slo_samples=samples)
