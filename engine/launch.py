@@ -6,6 +6,7 @@ thin layer that starts the process, waits until it serves, and drains it on shut
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typing import IO
 
 import httpx
 
+from tokenfleet.kernels.names import KERNELS_ENV, custom_ops_for
 from tokenfleet.spec import LLMServiceSpec
 
 SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
@@ -86,6 +88,9 @@ def engine_command(
         argv += ["--scheduling-policy", "priority", "--scheduler-cls", SLA_SCHEDULER_CLS]
     if otlp_traces_endpoint:
         argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+    if custom_ops := custom_ops_for(engine.kernels):
+        # The kernels plugin swaps these layers for ours; custom_ops switches them on.
+        argv += ["--compilation-config", json.dumps({"custom_ops": custom_ops})]
     argv += list(engine.extra_args)
 
     env = {
@@ -102,7 +107,7 @@ def engine_command(
         # vLLM defaults to OTLP/gRPC; the collector and the gateway speak OTLP/HTTP protobuf.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     if engine.kernels:
-        env["TOKENFLEET_KERNELS"] = ",".join(engine.kernels)
+        env[KERNELS_ENV] = ",".join(engine.kernels)
     if policy == "sla":
         env[SCHEDULER_SPEC_ENV] = spec.scheduler.model_dump_json(by_alias=True)
     return EngineCommand(argv=argv, env=env)

@@ -7,7 +7,6 @@ reads the gate and up halves once and writes the [tokens, I] result once, comput
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,7 +22,7 @@ from tokenfleet.kernels._runtime import (
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     """vLLM's `SiluAndMul.forward_native`."""
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
 
 
 def _configs() -> list[triton.Config]:

@@ -49,7 +49,8 @@ class QuantizedWeight:
             raise KernelInputError(f"4-bit weights need K % 8 == 0 (8 values per int32), got K={k}")
         if tuple(self.qweight.shape) != expected_q or self.qweight.dtype != expected_dtype:
             raise KernelInputError(
-                f"qweight must be {expected_dtype} {expected_q}, got {self.qweight.dtype} {tuple(self.qweight.shape)}"
+                f"qweight must be {expected_dtype} {expected_q}, "
+                f"got {self.qweight.dtype} {tuple(self.qweight.shape)}"
             )
         groups = (n, k // self.group_size)
         if tuple(self.scales.shape) != groups:

@@ -30,7 +30,7 @@ KIND = "LLMService"
 # DNS-1123 label: what Kubernetes accepts as a Deployment/Service name.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 BUILTIN_MODELS = ("tiny-code", "tiny-random")
-KNOWN_KERNELS = ("rms_norm", "silu_and_mul", "rotary_embedding", "w4a16_gemm")
+KNOWN_KERNELS = ("rms_norm", "silu_and_mul", "w4a16_gemm")
 # Flags that tokenfleet derives from the spec itself; passing them as extra args would fight it.
 RESERVED_VLLM_FLAGS = frozenset(
     {
@@ -132,7 +132,7 @@ class EngineSpec(_Spec):
         "build for the builtin model. Use 2-3 on GPUs, where compiled graphs pay off.",
     )
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags.")
-    kernels: list[Literal["rms_norm", "silu_and_mul", "rotary_embedding", "w4a16_gemm"]] = Field(
+    kernels: list[Literal["rms_norm", "silu_and_mul", "w4a16_gemm"]] = Field(
         default_factory=list, description="tokenfleet Triton kernels to enable through the vLLM plugin."
     )
     image: str = Field("vllm/vllm-openai:v0.32.0", description="Container image on a cluster.")
