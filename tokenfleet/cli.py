@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
+    from tokenfleet.engine.quantize.cli import register as register_quantize
+
+    register_quantize(sub)
     from tokenfleet.load.cli import register as register_bench
 
     bench_sub = register_bench(sub)
