@@ -101,7 +101,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return (nibbles - 8).to(torch.int8).reshape(packed.shape[0], -1)
 
 
-def _unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int) -> torch.Tensor:
+def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int) -> torch.Tensor:
     """compressed-tensors' unpack_from_int32: unsigned fields along `dim`, back to signed int8."""
     per_word = 32 // bits
     src = packed if dim == 1 else packed.t()
@@ -112,7 +112,7 @@ def _unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int) -> tor
     return out if dim == 1 else out.t().contiguous()
 
 
-def _pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """compressed-tensors' pack_to_int32: signed int8 -> unsigned fields packed along `dim` (padded)."""
     per_word = 32 // bits
     src = values if dim == 1 else values.t()
@@ -145,12 +145,12 @@ def from_compressed_tensors(tensors: Mapping[str, torch.Tensor], num_bits: int) 
             raise KernelInputError(f"4-bit weights need in_features % 8 == 0, got {k}")
         qweight = packed.contiguous()
     elif num_bits == 8:
-        qweight = _unpack_int32(packed, 8, k, dim=1)
+        qweight = unpack_int32(packed, 8, k, dim=1)
     else:
         raise KernelInputError(f"num_bits must be 4 or 8, got {num_bits}")
     zeros = None
     if "weight_zero_point" in tensors:
-        zeros = _unpack_int32(tensors["weight_zero_point"], num_bits, n, dim=0)
+        zeros = unpack_int32(tensors["weight_zero_point"], num_bits, n, dim=0)
     return QuantizedWeight(qweight, scales.contiguous(), zeros, num_bits, group_size, (n, k))
 
 
@@ -159,12 +159,12 @@ def to_compressed_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     n, k = qw.shape
     q = unpack_int4(qw.qweight) if qw.bits == 4 else qw.qweight
     out = {
-        "weight_packed": _pack_int32(q, qw.bits, dim=1),
+        "weight_packed": pack_int32(q, qw.bits, dim=1),
         "weight_scale": qw.scales,
         "weight_shape": torch.tensor([n, k]),
     }
     if qw.zeros is not None:
-        out["weight_zero_point"] = _pack_int32(qw.zeros, qw.bits, dim=0)
+        out["weight_zero_point"] = pack_int32(qw.zeros, qw.bits, dim=0)
     return out
 
 
