@@ -17,10 +17,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tokenfleet.kernels.quant import QuantizedWeight
 
 # Substring of torch.cuda.get_device_name() -> (HBM bytes/s, dense bf16 FLOP/s), datasheet values.
 PEAKS: dict[str, tuple[float, float]] = {
@@ -28,6 +31,9 @@ PEAKS: dict[str, tuple[float, float]] = {
     "H100 80GB HBM3": (3.35e12, 989.4e12),  # SXM5
     "H100 PCIe": (2.0e12, 756e12),
 }
+
+
+GEMM_BASELINE = "torch matmul (16-bit W)"
 
 
 @dataclass
@@ -143,7 +149,7 @@ class Timer:
         x = torch.empty(2**29, dtype=torch.float16, device=self.device)
         y = torch.empty_like(x)
         us = self(lambda: y.copy_(x))
-        return 2 * x.numel() * x.element_size() / (us * 1e-6)
+        return float(2 * x.numel() * x.element_size()) / (us * 1e-6)
 
 
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -190,6 +196,15 @@ def _vllm_c_op(name: str) -> Callable[..., Any] | None:
     return getattr(torch.ops._C, name, None)
 
 
+def _first(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], *args: Any) -> torch.Tensor:
+    return fn(*args)[0]
+
+
+def _vllm_inplace(op: Callable[..., None], result: torch.Tensor, *args: Any) -> torch.Tensor:
+    op(*args)
+    return result
+
+
 def bench_rms_norm(r: Runner) -> None:
     from tokenfleet.kernels import rmsnorm
 
@@ -200,21 +215,18 @@ def bench_rms_norm(r: Runner) -> None:
             x0, r0 = r.randn(t, h), r.randn(t, h)
             ref = rmsnorm.fused_add_rms_norm_reference(x0.float(), r0.float(), w.float(), eps)[0]
             nbytes = (4 * t * h + h) * x0.element_size()
-            variants: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-                "eager torch": lambda x, res, w=w: rmsnorm.fused_add_rms_norm_reference(x, res, w, eps)[0],
-                **{
-                    f"step {k}": (lambda x, res, f=f, w=w: f(x, res, w, eps)[0])
-                    for k, f in rmsnorm.STEPS.items()
-                },
+            variants: dict[str, rmsnorm.FusedAddRMSNorm] = {
+                "eager torch": rmsnorm.fused_add_rms_norm_reference
             }
-            if vllm_op is not None:
-                variants["vLLM _C"] = lambda x, res, op=vllm_op, w=w: op(x, res, w, eps) or x
+            variants.update({f"step {k}": f for k, f in rmsnorm.STEPS.items()})
             for name, f in variants.items():
                 x, res = x0.clone(), r0.clone()
-                r.measure(
-                    "fused_add_rms_norm", f"H={h}", t, name, lambda f=f, x=x, res=res: f(x, res),
-                    bytes=nbytes, ref=ref,
-                )  # fmt: skip
+                fn = partial(_first, f, x, res, w, eps)
+                r.measure("fused_add_rms_norm", f"H={h}", t, name, fn, bytes=nbytes, ref=ref)
+            if vllm_op is not None:
+                x, res = x0.clone(), r0.clone()
+                fn = partial(_vllm_inplace, vllm_op, x, x, res, w, eps)
+                r.measure("fused_add_rms_norm", f"H={h}", t, "vLLM _C", fn, bytes=nbytes, ref=ref)
 
 
 def bench_silu_and_mul(r: Runner) -> None:
@@ -228,17 +240,17 @@ def bench_silu_and_mul(r: Runner) -> None:
             ref = activation.silu_and_mul_reference(x.float())
             nbytes = 3 * t * inter * x.element_size()
             variants: dict[str, Callable[[], torch.Tensor]] = {
-                "eager torch": lambda x=x: activation.silu_and_mul_reference(x),
-                "triton": lambda x=x: activation.silu_and_mul(x),
+                "eager torch": partial(activation.silu_and_mul_reference, x),
+                "triton": partial(activation.silu_and_mul, x),
             }
             if vllm_op is not None:
                 out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
-                variants["vLLM _C"] = lambda x=x, out=out, op=vllm_op: op(out, x) or out
-            for name, f in variants.items():
-                r.measure("silu_and_mul", f"I={inter}", t, name, f, bytes=nbytes, ref=ref)
+                variants["vLLM _C"] = partial(_vllm_inplace, vllm_op, out, out, x)
+            for name, fn in variants.items():
+                r.measure("silu_and_mul", f"I={inter}", t, name, fn, bytes=nbytes, ref=ref)
 
 
-def _vllm_triton_w4a16(qw: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _vllm_triton_w4a16(qw: QuantizedWeight) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """vLLM's own Triton W4A16 (GPTQ layout: [K, N/8] packed along N, scales [K/G, N])."""
     if not torch.cuda.is_available():
         return None
@@ -250,7 +262,15 @@ def _vllm_triton_w4a16(qw: Any) -> Callable[[torch.Tensor], torch.Tensor] | None
 
     b_q = pack_int32(unpack_int4(qw.qweight).t().contiguous(), 4, dim=1)
     scales = qw.scales.t().contiguous()
-    return lambda x: _triton_w4a16_gemm_impl(x, b_q, scales, None, qw.group_size, 8)  # type: ignore[no-any-return]
+
+    def gemm(x: torch.Tensor) -> torch.Tensor:
+        return _triton_w4a16_gemm_impl(x, b_q, scales, None, qw.group_size, 8)
+
+    return gemm
+
+
+def _matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.t()
 
 
 def bench_weight_only(r: Runner) -> None:
@@ -258,34 +278,34 @@ def bench_weight_only(r: Runner) -> None:
 
     for k, n in r.plan.gemm_shapes:
         w = r.randn(n, k, dtype=torch.float32) * 0.02
-        q4 = quant.quantize_rtn(w, 4, r.plan.group_size).to(r.device)
+        q4 = quant.quantize_rtn(w, 4, r.plan.group_size)
         q4 = quant.QuantizedWeight(q4.qweight, q4.scales.to(r.plan.dtype), None, 4, q4.group_size, q4.shape)
         q8 = quant.quantize_rtn(w.to(r.plan.dtype), 8, r.plan.group_size)
         dense = quant.dequantize(q4, r.plan.dtype)
         vllm_w4 = _vllm_triton_w4a16(q4)
+        shape = f"K={k} N={n}"
         for m in r.plan.tokens:
             x = r.randn(m, k)
             act = (m * k + m * n) * x.element_size()
-            common = {"flops": 2.0 * m * n * k}
-            ref = quant.weight_only_gemm_reference(x, q4)
-            shape = f"K={k} N={n}"
-            r.measure("w4a16", shape, m, "torch matmul (bf16 W)", lambda x=x, d=dense: x @ d.t(),
-                      bytes=n * k * x.element_size() + act, ref=ref, **common)  # fmt: skip
-            for name, f in wgemm.W4A16_STEPS.items():
-                r.measure("w4a16", shape, m, f"step {name}", lambda x=x, f=f, q=q4: f(x, q),
-                          bytes=q4.nbytes() + act, ref=ref, **common)  # fmt: skip
+            dense_bytes = n * k * x.element_size() + act
+            flops = 2.0 * m * n * k
+            ref, ref8 = quant.weight_only_gemm_reference(x, q4), quant.weight_only_gemm_reference(x, q8)
+            w4: dict[str, Callable[[], torch.Tensor]] = {
+                f"step {name}": partial(f, x, q4) for name, f in wgemm.W4A16_STEPS.items()
+            }
             if vllm_w4 is not None:
-                r.measure("w4a16", shape, m, "vLLM triton_w4a16", lambda x=x, g=vllm_w4: g(x),
-                          bytes=q4.nbytes() + act, ref=ref, **common)  # fmt: skip
-            ref8 = quant.weight_only_gemm_reference(x, q8)
-            r.measure("w8a16", shape, m, "torch matmul (bf16 W)", lambda x=x, d=dense: x @ d.t(),
-                      bytes=n * k * x.element_size() + act, **common)  # fmt: skip
-            r.measure("w8a16", shape, m, "triton", lambda x=x, q=q8: wgemm.w8a16_gemm(x, q),
-                      bytes=q8.nbytes() + act, ref=ref8, **common)  # fmt: skip
+                w4["vLLM triton_w4a16"] = partial(vllm_w4, x)
+            for kernel, ours, qw, kref in (
+                ("w4a16", w4, q4, ref),
+                ("w8a16", {"triton": partial(wgemm.w8a16_gemm, x, q8)}, q8, ref8),
+            ):
+                dense_fn = partial(_matmul_t, x, dense)
+                r.measure(kernel, shape, m, GEMM_BASELINE, dense_fn, bytes=dense_bytes, flops=flops)
+                for name, fn in ours.items():
+                    r.measure(kernel, shape, m, name, fn, bytes=qw.nbytes() + act, flops=flops, ref=kref)
 
 
 BASELINES = {"fused_add_rms_norm": "eager torch", "silu_and_mul": "eager torch"}
-GEMM_BASELINE = "torch matmul (bf16 W)"
 
 
 def derive(rows: list[Row], peaks: tuple[float, float] | None, copy_bw: float | None) -> None:
@@ -403,7 +423,7 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         case = [r for r in rows if r.kernel == kernel and r.shape == shape and r.us is not None]
         for variant in dict.fromkeys(r.variant for r in case):
-            pts = sorted((r.tokens, r.us) for r in case if r.variant == variant)
+            pts = sorted((r.tokens, r.us) for r in case if r.variant == variant and r.us is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
         ax.set(xscale="log", yscale="log", xlabel="tokens (M)", ylabel="median µs", title=f"{kernel} {shape}")
         ax.legend(fontsize=7)

@@ -71,17 +71,21 @@ def _register_oot(vllm_cls: type, ours: type) -> str:
 
 
 def _register_rms_norm() -> str:
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
     from tokenfleet.kernels import vllm_layers
 
     vllm_layers.define_torch_ops()
-    return _register_oot(vllm_layers.RMSNorm, vllm_layers.TritonRMSNorm)
+    return _register_oot(RMSNorm, vllm_layers.TritonRMSNorm)
 
 
 def _register_silu_and_mul() -> str:
+    from vllm.model_executor.layers.activation import SiluAndMul
+
     from tokenfleet.kernels import vllm_layers
 
     vllm_layers.define_torch_ops()
-    return _register_oot(vllm_layers.SiluAndMul, vllm_layers.TritonSiluAndMul)
+    return _register_oot(SiluAndMul, vllm_layers.TritonSiluAndMul)
 
 
 def _register_w4a16_gemm() -> str:

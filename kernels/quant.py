@@ -68,7 +68,7 @@ class QuantizedWeight:
         """Bytes a GEMM must read for the weight (values, scales, zero points)."""
         total = self.qweight.numel() * self.qweight.element_size()
         total += self.scales.numel() * self.scales.element_size()
-        return total + (self.zeros.numel() if self.zeros is not None else 0)
+        return int(total + (self.zeros.numel() if self.zeros is not None else 0))
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         zeros = self.zeros.to(device) if self.zeros is not None else None

@@ -82,7 +82,7 @@ def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
         raise KernelInputError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     for name, t in zip(names, tensors, strict=True):
         check_contiguous(name, t)
-    return hidden
+    return int(hidden)
 
 
 # --- step 0: unfused ----------------------------------------------------------------------------

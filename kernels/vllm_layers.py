@@ -71,7 +71,7 @@ class TritonRMSNorm(RMSNorm):
         if not self._ours(x, residual):
             return super().forward_cuda(x, residual)
         if residual is None:
-            return torch.ops.tokenfleet.rms_norm(x, self.weight.data, self.variance_epsilon)  # type: ignore[no-any-return]
+            return torch.ops.tokenfleet.rms_norm(x, self.weight.data, self.variance_epsilon)
         torch.ops.tokenfleet.fused_add_rms_norm(x, residual, self.weight.data, self.variance_epsilon)
         return x, residual
 
@@ -79,8 +79,8 @@ class TritonRMSNorm(RMSNorm):
 class TritonSiluAndMul(SiluAndMul):
     def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
-            return super().forward_cuda(x)  # type: ignore[no-any-return]
-        return torch.ops.tokenfleet.silu_and_mul(x)  # type: ignore[no-any-return]
+            return super().forward_cuda(x)
+        return torch.ops.tokenfleet.silu_and_mul(x)
 
 
 class TokenfleetW4A16LinearKernel(MPLinearKernel):

@@ -293,7 +293,7 @@ def _split_k_for(x: torch.Tensor, qw: QuantizedWeight, tile: dict[str, int]) -> 
     tiles = triton.cdiv(m, tile["BLOCK_M"]) * triton.cdiv(n, tile["BLOCK_N"])
     want = triton.cdiv(2 * _sm_count(x.device), tiles)  # about two waves of programs
     most = max(1, k // tile["BLOCK_K"])
-    return max(1, min(MAX_SPLIT_K, want, most))
+    return int(max(1, min(MAX_SPLIT_K, want, most)))
 
 
 def w4a16_splitk(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
