@@ -62,6 +62,8 @@ def run_autoscale(
 def test_disabled_autoscaling_holds_the_configured_count() -> None:
     decision = autoscale(AutoscalingSpec(), BOUNDS, 3, ready(3, queue=50), Signals(), ScaleState(), 0)
     assert (decision.desired, decision.direction) == (3, "hold")
+    outside = autoscale(AutoscalingSpec(), BOUNDS, 6, ready(6), Signals(), ScaleState(), 0)
+    assert outside.desired == 6  # a count chosen by hand is not second-guessed
     assert "disabled" in decision.reason
 
 

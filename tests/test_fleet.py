@@ -16,80 +16,18 @@ import openai
 import pytest
 import yaml
 from conftest import free_port, tiny_service
-from hypothesis import given
-from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from tokenfleet.engine.fleet import (
-    Action,
-    LocalFleet,
-    Policy,
-    SlotView,
-    decide,
-    format_status,
-    print_status,
-    restart_delay,
-    serve_fleet,
-)
+from tokenfleet.engine.fleet import LocalFleet, format_status, print_status, revision_of, serve_fleet
 from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess
 from tokenfleet.models import ensure_builtin
+from tokenfleet.spec import LLMService
 
-# -- decisions -----------------------------------------------------------------------------------
-
-
-def test_decide_starts_missing_and_restarts_exited_after_backoff() -> None:
-    policy = Policy(backoff_base_s=1.0, backoff_cap_s=8.0)
-    assert decide([], 2, now=0, policy=policy) == [
-        Action("start", 0, "missing replica"),
-        Action("start", 1, "missing replica"),
-    ]
-    crashed = [SlotView(0, "ready"), SlotView(1, "exited", restarts=2, since=10.0)]
-    assert decide(crashed, 2, now=13.0, policy=policy) == []  # back-off is 4 s after 2 restarts
-    assert decide(crashed, 2, now=14.0, policy=policy) == [Action("restart", 1, "replica exited")]
+# -- status --------------------------------------------------------------------------------------
 
 
-def test_decide_restarts_a_hung_start_and_stops_surplus() -> None:
-    policy = Policy(startup_timeout_s=60)
-    slots = [SlotView(0, "starting", since=0.0), SlotView(1, "ready"), SlotView(2, "unready")]
-    actions = decide(slots, 1, now=61.0, policy=policy)
-    assert actions == [
-        Action("restart", 0, "not ready after 60s"),
-        Action("stop", 2, "above desired replicas"),
-        Action("stop", 1, "above desired replicas"),
-    ]
-
-
-def test_restart_delay_is_capped() -> None:
-    policy = Policy(backoff_base_s=0.5, backoff_cap_s=30)
-    assert [restart_delay(n, policy) for n in (0, 1, 2, 10, 10_000)] == [0.5, 1.0, 2.0, 30, 30]
-
-
-phases = st.sampled_from(["absent", "starting", "ready", "unready", "exited"])
-
-
-@given(
-    st.lists(st.tuples(phases, st.integers(0, 5), st.floats(0, 100)), max_size=6),
-    st.integers(0, 6),
-    st.floats(0, 200),
-)
-def test_decide_acts_at_most_once_per_slot_and_never_touches_healthy_wanted_slots(
-    raw: list[tuple[str, int, float]], desired: int, now: float
-) -> None:
-    slots = [SlotView(i, phase, restarts, since) for i, (phase, restarts, since) in enumerate(raw)]  # type: ignore[arg-type]
-    actions = decide(slots, desired, now)
-    touched = [a.slot for a in actions]
-    assert len(touched) == len(set(touched))
-    for action in actions:
-        if action.kind == "stop":
-            assert action.slot >= desired
-        else:
-            assert action.slot < desired
-            view = next((s for s in slots if s.slot == action.slot), None)
-            assert view is None or view.phase in ("absent", "exited", "starting")
-
-
-def test_format_status_joins_gateway_and_process_views() -> None:
+def test_format_status_joins_gateway_and_process_views_and_shows_decisions() -> None:
     text = format_status(
         {
             "service": "svc",
@@ -98,14 +36,40 @@ def test_format_status_joins_gateway_and_process_views() -> None:
             "ready": True,
             "replicas": [{"id": "replica-0", "state": "ready", "in_flight": 1, "ejections": 0}],
             "fleet": {
-                "slots": [{"id": "replica-0", "phase": "ready", "port": 8101, "pid": 42, "restarts": 1}]
+                "desired": 2,
+                "ready": 1,
+                "revision": "abcd1234",
+                "autoscaling": {"enabled": True, "metric": "in_flight", "reason": "in_flight 3.00/replica"},
+                "rollout": {
+                    "phase": "progressing",
+                    "strategy": "canary",
+                    "stable": "abcd1234",
+                    "target": "ffff0000",
+                    "step": 1,
+                    "weights": {"abcd1234": 50, "ffff0000": 50},
+                    "reason": "step 2: 50% to ffff0000",
+                },
+                "decisions": [{"at": 0, "kind": "scale", "reason": "in_flight 3.00/replica: 1 -> 2"}],
+                "slots": [
+                    {
+                        "id": "replica-0",
+                        "revision": "abcd1234",
+                        "phase": "ready",
+                        "port": 8101,
+                        "pid": 42,
+                        "restarts": 1,
+                    }
+                ],
             },
             "admission": {"running": 1, "slots": 16, "queued": {}, "shed": {}},
         }
     )
     row = next(line for line in text.splitlines() if line.startswith("replica-0"))
-    assert row.split()[:6] == ["replica-0", "ready", "ready", "8101", "42", "1"]
+    assert row.split()[:7] == ["replica-0", "abcd1234", "ready", "ready", "8101", "42", "1"]
     assert "1/16 slots busy" in text
+    assert "replicas: desired 2, ready 1  revision abcd1234" in text
+    assert "rollout progressing (canary abcd1234 -> ffff0000, step 1" in text
+    assert "scale: in_flight 3.00/replica: 1 -> 2" in text.splitlines()[-1]
 
 
 def test_status_without_a_gateway_says_so(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,7 +81,9 @@ def test_status_without_a_gateway_says_so(capsys: pytest.CaptureFixture[str]) ->
 
 
 def fake_launcher(log_dir: Path):  # type: ignore[no-untyped-def]
-    def launch(slot: int, port: int) -> EngineProcess:
+    """Fake replicas; a spec's engine.extraArgs (e.g. --error-rate=0.5) become the fake's flags."""
+
+    def launch(service: LLMService, replica_id: str, port: int) -> EngineProcess:
         argv = [
             sys.executable,
             "-m",
@@ -125,9 +91,10 @@ def fake_launcher(log_dir: Path):  # type: ignore[no-untyped-def]
             "--port",
             str(port),
             "--name",
-            f"r{slot}",
+            replica_id,
+            *service.spec.engine.extra_args,
         ]
-        return EngineProcess(EngineCommand(argv, {}), port=port, log_path=log_dir / f"fake-{slot}.log")
+        return EngineProcess(EngineCommand(argv, {}), port=port, log_path=log_dir / f"{replica_id}.log")
 
     return launch
 
@@ -164,8 +131,8 @@ def test_fleet_restarts_a_killed_replica_and_stops_everything(tmp_path: Path) ->
                 fake_launcher(tmp_path),
                 replicas=2,
                 port=port,
-                policy=Policy(backoff_base_s=0.2),
                 stop=stop,
+                tick_s=0.1,
                 log=logs.append,
             )
         )
@@ -176,7 +143,7 @@ def test_fleet_restarts_a_killed_replica_and_stops_everything(tmp_path: Path) ->
             served = {
                 (await client.post(f"{url}/v1/completions", json=body)).json()["served_by"] for _ in range(4)
             }
-            assert served == {"r0", "r1"}
+            assert served == {"replica-0", "replica-1"}
             os.kill(pids[1], signal.SIGKILL)
             # requests keep succeeding while the replica is dead (retry, then ejection)
             for _ in range(6):
@@ -196,7 +163,7 @@ def test_fleet_restarts_a_killed_replica_and_stops_everything(tmp_path: Path) ->
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert any("exited with code" in line for line in logs)
-    assert any("restart replica-1" in line for line in logs)
+    assert any("replace: replica-1: process exited (restart 1" in line for line in logs)
     assert logs[-1] == "tokenfleet: stopped"
 
 
@@ -215,42 +182,74 @@ def test_fleet_reports_a_port_in_use(tmp_path: Path) -> None:
     assert any("could not listen" in line for line in logs)
 
 
-def test_local_fleet_restarts_a_hung_start_and_stops_surplus_without_blocking() -> None:
-    gateway = Gateway(tiny_service())
+def test_local_fleet_replaces_a_hung_start_and_stops_surplus_without_blocking() -> None:
+    gateway = Gateway(tiny_service(failover={"startupTimeoutS": 0.5}))
     logs: list[str] = []
 
-    def sleeper(slot: int, port: int) -> EngineProcess:  # never serves: a start that hangs
+    def sleeper(service: LLMService, replica_id: str, port: int) -> EngineProcess:  # a start that hangs
         return EngineProcess(
             EngineCommand([sys.executable, "-c", "import time; time.sleep(60)"], {}), port=port
         )
 
-    fleet = LocalFleet(gateway, sleeper, desired=2, policy=Policy(startup_timeout_s=0.5), log=logs.append)
+    fleet = LocalFleet(gateway, sleeper, desired=2, log=logs.append)
     try:
-        assert [a.kind for a in fleet.tick(now=0.0)] == ["start", "start"]
+        assert fleet.tick(now=0.0) == []
         assert set(gateway.replicas.replicas) == {"replica-0", "replica-1"}
-        first = [s.process.process for s in fleet.slots.values()]  # type: ignore[union-attr]
-        assert [a.kind for a in fleet.tick(now=1.0)] == ["restart", "restart"]
-        assert all(p is not None and p.poll() is not None for p in first)  # killed, not leaked
+        first = [r.process.process for r in fleet.replicas.values()]
+        decisions = fleet.tick(now=1.0)
+        assert [d.kind for d in decisions] == ["replace", "replace"]
+        assert "not ready 1s after start (limit 0.5s)" in decisions[0].reason
+        for process in first:  # killed as a group, not leaked
+            assert process is not None
+            process.wait(timeout=10)
         assert [s["restarts"] for s in fleet.status()["slots"]] == [1, 1]  # type: ignore[index]
+        fleet.service = tiny_service(replicas={"min": 1, "max": 1})
         fleet.desired = 1
         started = time.monotonic()
-        assert [a.kind for a in fleet.tick(now=1.1)] == ["stop"]
+        fleet.tick(now=1.1)
         assert time.monotonic() - started < 1.0  # the drain happens off the event loop
         assert set(gateway.replicas.replicas) == {"replica-0"}
         assert gateway.status()["fleet"]["slots"][0]["phase"] == "starting"
+        assert any("draining replica-1" in line for line in logs)
         # The control loop's decisions are on the gateway's /metrics, with bounded reasons.
         exposition = generate_latest(gateway.metrics.registry).decode()
         service = 'service="tiny"'
         assert f'tokenfleet_control_replacements_total{{reason="unready",{service}}} 2.0' in exposition
-        up = f'tokenfleet_control_scale_decisions_total{{direction="up",reason="missing",{service}}} 2.0'
-        assert up in exposition
-        down = f'tokenfleet_control_scale_decisions_total{{direction="down",reason="surplus",{service}}} 1.0'
-        assert down in exposition
         assert f"tokenfleet_control_desired_replicas{{{service}}} 1.0" in exposition
         assert f'tokenfleet_control_loop_iterations_total{{outcome="ok",{service}}} 3.0' in exposition
     finally:
         fleet.stop_all()
-    assert not fleet.slots
+    assert not fleet.replicas
+
+
+def test_a_failing_tick_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    gateway = Gateway(tiny_service())
+    calls: list[int] = []
+
+    def broken(service: LLMService, replica_id: str, port: int) -> EngineProcess:
+        calls.append(port)
+        raise OSError("no such file")
+
+    fleet = LocalFleet(gateway, broken, desired=1, log=lambda line: None)
+
+    async def run() -> None:
+        task = asyncio.create_task(fleet.supervise(0.01))
+        while len(calls) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(calls) >= 3
+    assert "control loop tick failed" in caplog.text
+    exposition = generate_latest(gateway.metrics.registry).decode()
+    assert 'tokenfleet_control_loop_iterations_total{outcome="error",service="tiny"}' in exposition
+
+
+def test_revision_changes_with_engine_sections_only() -> None:
+    base = tiny_service()
+    assert revision_of(base.spec) == revision_of(tiny_service().spec)
+    assert revision_of(base.spec) != revision_of(tiny_service(engine={"maxNumSeqs": 4}).spec)
+    assert revision_of(base.spec) == revision_of(tiny_service(replicas={"min": 1, "max": 3}).spec)
 
 
 # -- `tokenfleet up` end to end ------------------------------------------------------------------

@@ -88,6 +88,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(_load(args.file), replicas=args.replicas, host=args.host, port=args.port)
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    from tokenfleet.engine.fleet import apply_spec
+
+    return apply_spec(load_service(args.file), f"http://{args.host}:{args.port}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from tokenfleet.engine.fleet import print_status
 
@@ -138,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (default: gateway.port)")
     up.add_argument("--host", default="127.0.0.1")
     up.set_defaults(handler=cmd_up)
+
+    apply = sub.add_parser(
+        "apply", help="send a changed spec to a running `tokenfleet up`; engine changes roll out"
+    )
+    apply.add_argument("-f", "--file", required=True, help="service YAML")
+    apply.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    apply.add_argument("--host", default="127.0.0.1")
+    apply.set_defaults(handler=cmd_apply)
 
     status = sub.add_parser("status", help="replicas and their state, from a running `tokenfleet up`")
     status.add_argument("--port", type=int, default=8000)

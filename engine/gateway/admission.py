@@ -71,6 +71,8 @@ class AdmissionQueue:
         self.per_class_limit = dict(per_class_limit)
         self.total_limit = total_limit
         self.max_wait_s = dict(max_wait_s)
+        # Scaled to zero: with no slot at all, hold requests this long while a replica starts.
+        self.activation_wait_s: float | None = None
         self.slots = 0
         self.running = 0
         self._queues: dict[str, deque[asyncio.Future[None]]] = {c: deque() for c in self.order}
@@ -108,8 +110,11 @@ class AdmissionQueue:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues[cls].append(future)
         started = time.monotonic()
+        timeout = self.max_wait_s.get(cls, 30.0)
+        if self.slots == 0 and self.activation_wait_s is not None:
+            timeout = max(timeout, self.activation_wait_s)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout=self.max_wait_s.get(cls, 30.0))
+            await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
         except TimeoutError:
             if future.done() and not future.cancelled() and future.exception() is None:
                 return  # granted in the same tick as the timeout: keep the slot

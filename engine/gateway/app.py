@@ -39,6 +39,7 @@ from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
 from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
+from tokenfleet.engine.gateway.outcomes import Outcomes
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
 from tokenfleet.engine.gateway.tenancy import (
     ClassError,
@@ -122,7 +123,12 @@ class Gateway:
             total_limit=spec.gateway.max_queue_total or sum(per_class.values()),
             max_wait_s={c.name: c.max_wait_s or 30.0 for c in classes},
         )
+        if spec.autoscaling.enabled and spec.autoscaling.scale_to_zero:
+            self.admission.activation_wait_s = spec.autoscaling.activation_timeout_s
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
+        # Traffic percent per revision during a canary (set by the control loop); None: all replicas.
+        self.weights: dict[str, int] | None = None
+        self.outcomes = Outcomes()
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
@@ -138,9 +144,14 @@ class Gateway:
 
     # -- membership and state ---------------------------------------------------------------
 
-    def set_replicas(self, members: Iterable[tuple[str, str]]) -> None:
-        self.replicas.set(members)
+    def set_replicas(
+        self, members: Iterable[tuple[str, str]], revisions: Mapping[str, str] | None = None
+    ) -> None:
+        self.replicas.set(members, revisions)
         self._refresh_slots()
+
+    def set_weights(self, weights: Mapping[str, int] | None) -> None:
+        self.weights = dict(weights) if weights else None
 
     def _refresh_slots(self) -> None:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
@@ -169,6 +180,7 @@ class Gateway:
             "service": self.service.metadata.name,
             "model": self.spec.model.name,
             "policy": self.routing.policy,
+            "weights": self.weights,
             "ready": bool(self.replicas.routable()),
             "replicas": [r.status() for r in self.replicas.replicas.values()],
             "admission": {
@@ -456,6 +468,8 @@ class Gateway:
         candidates = self.replicas.routable(exclude)
         if not candidates:
             return None
+        if self.weights is not None:
+            candidates = routing.by_revision_weight(candidates, self.weights, self.rng)
         view = routing.choose(
             self.routing.policy,
             [r.view() for r in candidates],
@@ -522,6 +536,7 @@ class Gateway:
             first_byte_s = time.perf_counter() - call.started
             if streaming and upstream.status == 200:
                 self._observe_first_byte(call, replica, first_byte_s)
+                self.outcomes.record(replica.revision, True, first_byte_s)
                 chunks = upstream.chunks()
                 first = await anext(chunks, b"")
                 rejection = scheduler_rejection(first)
@@ -542,6 +557,7 @@ class Gateway:
             self.metrics.errors.labels(replica.id, call.route, kind).inc()
             self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
             self.replicas.request_failed(replica, reason)
+            self.outcomes.record(replica.revision, False, None)
             self._leave(replica)
             # A failed attempt is an event on the request's span (the retry is the next attempt).
             call.span.add_event(
@@ -584,6 +600,7 @@ class Gateway:
         self.replicas.request_succeeded(replica)
         self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
         self._observe_first_byte(call, replica, first_byte_s)
+        self.outcomes.record(replica.revision, True, first_byte_s)
         if release is not None:
             release()
         if content is not None:
@@ -648,6 +665,7 @@ class Gateway:
             status = 502
             self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
             self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
+            self.outcomes.record(replica.revision, False, None)
             prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
             yield prefix + sse_error(f"the replica failed mid-stream ({exc.cause_name}); not retried")
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ class Faults:
     status_5xx: int = 0  # answer this many requests with 500 first
     die_after_chunks: int | None = None  # break the connection mid-stream after N chunks
     delay_s: float = 0.0  # before the first byte
+    error_rate: float = 0.0  # answer this fraction of requests with 500, at random
     waiting: int = 0  # reported as vllm:num_requests_waiting
     reject: str | None = None  # answer as the SLA scheduler does when a class queue is full
     seen: list[dict[str, Any]] = field(default_factory=list)
@@ -55,8 +57,8 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
         body = await request.json()
         state.seen.append(body)
         state.headers.append(dict(request.headers))
-        if state.status_5xx > 0:
-            state.status_5xx -= 1
+        if state.status_5xx > 0 or random.random() < state.error_rate:
+            state.status_5xx = max(0, state.status_5xx - 1)
             return JSONResponse({"error": "injected"}, status_code=500)
         await asyncio.sleep(state.delay_s)
         n = int(body.get("max_tokens") or 4)
@@ -92,6 +94,14 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def set_faults(request: Request) -> dict[str, Any]:
+        """Change faults of a running fake (tests make a live replica unhealthy this way)."""
+        for name, value in (await request.json()).items():
+            if name in ("healthy", "delay_s", "error_rate", "waiting"):
+                setattr(state, name, value)
+        return {"healthy": state.healthy, "delay_s": state.delay_s, "error_rate": state.error_rate}
+
+    app.add_api_route("/fault", set_faults, methods=["POST"])
     app.add_api_route("/v1/completions", generate, methods=["POST"])
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
     return app, state
@@ -108,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="fake")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--delay-s", type=float, default=0.0, help="wait before each answer")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="fraction answered with 500")
     args = parser.parse_args(argv)
-    app, _ = fake_engine(args.name, args.model, Faults(delay_s=args.delay_s))
+    app, _ = fake_engine(args.name, args.model, Faults(delay_s=args.delay_s, error_rate=args.error_rate))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

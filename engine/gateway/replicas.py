@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tokenfleet.engine.gateway import breaker
@@ -32,6 +32,12 @@ _SERIES_LINES = re.compile(
 )
 
 
+# The SLA scheduler's TTFT SLO counters (engine/sla_metrics.py), for the autoscaler.
+SLO_SERIES = "tokenfleet_scheduler_slo_requests_total"
+_SLO_LINES = re.compile(r"^tokenfleet_scheduler_slo_requests_total\{([^}]*)\} (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     waiting: float = 0.0
@@ -39,6 +45,29 @@ class EngineStats:
     kv_usage: float = 0.0
     prefix_queries: float = 0.0
     prefix_hits: float = 0.0
+    slo: tuple[tuple[str, float, float], ...] = ()  # (class, TTFT met, TTFT total), cumulative
+
+
+def parse_slo_counters(text: str) -> tuple[tuple[str, float, float], ...]:
+    """Per class, the TTFT SLO requests met and in total (absent when the engine runs no SLA
+    scheduler: the substring check keeps that case free)."""
+    if SLO_SERIES not in text:
+        return ()
+    met: dict[str, float] = {}
+    total: dict[str, float] = {}
+    for labels, value in _SLO_LINES.findall(text):
+        fields = dict(_LABEL.findall(labels))
+        if fields.get("target") != "ttft" or "slo_class" not in fields:
+            continue
+        try:
+            count = float(value)
+        except ValueError:
+            continue
+        name = fields["slo_class"]
+        total[name] = total.get(name, 0.0) + count
+        if fields.get("outcome") == "met":
+            met[name] = met.get(name, 0.0) + count
+    return tuple((name, met.get(name, 0.0), total[name]) for name in sorted(total))
 
 
 def parse_engine_metrics(text: str) -> EngineStats:
@@ -62,6 +91,7 @@ def parse_engine_metrics(text: str) -> EngineStats:
         kv_usage=sums[KV_USAGE],
         prefix_queries=sums[PREFIX_QUERIES],
         prefix_hits=sums[PREFIX_HITS],
+        slo=parse_slo_counters(text),
     )
 
 
@@ -75,6 +105,7 @@ class Replica:
     last_probe: float = 0.0
     last_error: str | None = None
     requests: int = 0
+    revision: str = ""  # the spec revision it runs (canary traffic is split by revision)
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.in_flight, int(self.stats.waiting))
@@ -83,6 +114,7 @@ class Replica:
         return {
             "id": self.id,
             "url": self.url,
+            "revision": self.revision,
             "state": {"closed": "ready", "open": "ejected", "unknown": "starting"}[self.breaker.state],
             "in_flight": self.in_flight,
             "engine_waiting": self.stats.waiting,
@@ -117,14 +149,16 @@ class ReplicaSet:
         self.cooldown_s = cooldown_s
         self.on_transition = on_transition
 
-    def set(self, members: Iterable[tuple[str, str]]) -> None:
+    def set(self, members: Iterable[tuple[str, str]], revisions: Mapping[str, str] | None = None) -> None:
         """Replace membership with (id, url) pairs, keeping state of replicas that stay."""
         wanted = dict(members)
         for rid in list(self.replicas):
-            if rid not in wanted or self.replicas[rid].url != wanted[rid]:
+            if rid not in wanted or self.replicas[rid].url != wanted[rid].rstrip("/"):
                 del self.replicas[rid]
         for rid, url in wanted.items():
-            self.replicas.setdefault(rid, Replica(rid, url.rstrip("/")))
+            replica = self.replicas.setdefault(rid, Replica(rid, url.rstrip("/")))
+            if revisions is not None:
+                replica.revision = revisions.get(rid, "")
 
     def routable(self, exclude: Iterable[str] = ()) -> list[Replica]:
         skip = set(exclude)

@@ -14,7 +14,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 Policy = Literal["round_robin", "least_outstanding", "prefix_affinity", "session_affinity"]
 
@@ -163,3 +163,31 @@ def prompt_prefix(body: Mapping[str, Any], prefix_chars: int) -> str | None:
 def _require(replicas: Sequence[ReplicaView]) -> None:
     if not replicas:
         raise ValueError("no replica to route to")
+
+
+R = TypeVar("R", bound="HasRevision")
+
+
+class HasRevision(Protocol):
+    @property
+    def revision(self) -> str: ...
+
+
+def by_revision_weight(candidates: Sequence[R], weights: Mapping[str, int], rng: random.Random) -> list[R]:
+    """The candidates of one revision, drawn by traffic weight (a canary's share of requests).
+
+    Only revisions with a routable replica take part, so a canary that is not ready yet (or was
+    ejected) sends its share to the stable revision instead of failing it.
+    """
+    present = {c.revision for c in candidates}
+    choices = [(rev, w) for rev, w in sorted(weights.items()) if w > 0 and rev in present]
+    if not choices:
+        return list(candidates)
+    point = rng.random() * sum(w for _, w in choices)
+    chosen = choices[-1][0]
+    for rev, w in choices:
+        if point < w:
+            chosen = rev
+            break
+        point -= w
+    return [c for c in candidates if c.revision == chosen]

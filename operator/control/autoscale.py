@@ -97,8 +97,8 @@ def autoscale(
 ) -> ScaleDecision:
     """The replica count to run now, given `current` (the count last decided)."""
     if not spec.enabled:
-        desired = min(max(current, bounds.min), bounds.max)
-        return ScaleDecision(desired, "hold", "autoscaling disabled", state)
+        # The count someone chose (replicas.min, `tokenfleet up --replicas`, `kubectl scale`) stands.
+        return ScaleDecision(current, "hold", "autoscaling disabled", state)
     # Zero only by the idle rule below: a quiet metric alone must not stop the last replica.
     floor = max(1, bounds.min)
     ready = [r for r in replicas if r.phase == "ready"]
