@@ -157,9 +157,12 @@ def build_steps(prep: Prepared, progress: TextIO | None) -> list[Step]:
         from tokenfleet.engine.quantize.venv import ensure_env
 
         logs.mkdir(parents=True, exist_ok=True)
-        _say(progress, f"  creating {env.path} (pip install {' '.join(env.requirements)})")
+        if not env.is_ready():
+            _say(progress, f"  creating {env.path} (pip install {' '.join(env.requirements)})")
         seconds = ensure_env(env, cfg.quant_env.extra_index_urls, log=logs / "quant-env.log")
-        return {"path": str(env.path), "install_s": round(seconds, 1), "reused": seconds == 0.0}
+        # A reused environment reports how long its creation took (recorded in its marker).
+        marker = json.loads((env.path / MARKER).read_text())
+        return {"path": str(env.path), "install_s": marker.get("install_s"), "reused": seconds == 0.0}
 
     def make_data() -> Result:
         from tokenfleet.engine.quantize.data import build_windows

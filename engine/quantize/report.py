@@ -28,8 +28,8 @@ class Row:
     ppl: float
     recovery: float
     output_tok_per_s: float | None
-    ttft_p50_ms: float | None
-    tpot_p50_ms: float | None
+    ttft_ms: float | None
+    tpot_ms: float | None
     quantize_s: float | None
 
 
@@ -56,8 +56,8 @@ def rows_from(
                 ppl=float(result["ppl"]),
                 recovery=base_ppl / float(result["ppl"]),
                 output_tok_per_s=result.get("output_tok_per_s"),
-                ttft_p50_ms=result.get("ttft_p50_ms"),
-                tpot_p50_ms=result.get("tpot_p50_ms"),
+                ttft_ms=result.get("ttft_ms"),
+                tpot_ms=result.get("tpot_ms"),
                 quantize_s=(quantized.get(name) or {}).get("quantize_s"),
             )
         )
@@ -96,15 +96,14 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| technique | method | scheme | weights MB | ppl | recovery | out tok/s "
-        "| TTFT p50 ms | TPOT p50 ms |",
+        "| technique | method | scheme | weights MB | ppl | recovery | out tok/s | TTFT ms | TPOT ms |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.method} | {r.scheme} | {r.weights_mb:.2f} | {r.ppl:.2f} | {r.recovery:.2%} "
-            f"| {_fmt(r.output_tok_per_s, '.1f')} | {_fmt(r.ttft_p50_ms, '.0f')} "
-            f"| {_fmt(r.tpot_p50_ms, '.1f')} |"
+            f"| {_fmt(r.output_tok_per_s, '.1f')} | {_fmt(r.ttft_ms, '.1f')} "
+            f"| {_fmt(r.tpot_ms, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -173,6 +172,9 @@ def write_report(
         *[f"{note}\n" for note in notes],
         "## Side by side\n",
         table(rows) + "\n",
+        "Weights MB: the safetensors files on disk. Recovery: baseline perplexity / perplexity. "
+        "out tok/s: output tokens per second the load harness received over the measured window. "
+        "TTFT / TPOT: means of vLLM's own per-request histograms (`/metrics`) over that window.\n",
         f"**Recommendation:** {recommendation.reason}.\n",
         *extra,
         "## Plots\n",

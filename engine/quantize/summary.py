@@ -102,8 +102,8 @@ def write_summary(prep: Prepared, results: Mapping[str, Mapping[str, Any]], path
         f"{cfg.evaluation.input_tokens} prompt / {cfg.evaluation.output_tokens} output tokens, "
         f"{cfg.evaluation.bench_duration_s:g} s per model.",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".",
-        f"Quantization environment: {env.get('path', '?')} "
-        + (f"(created in {env.get('install_s')} s)." if not env.get("reused") else "(reused)."),
+        f"Quantization environment: {env.get('path', '?')}, created by pip in {env.get('install_s')} s"
+        + (" (reused by this run)." if env.get("reused") else " by this run."),
         *cfg.report_notes,
     ]
     target_lines = ["| target | measured | met |", "|---|---:|---|"] + [
