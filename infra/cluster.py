@@ -49,7 +49,7 @@ class GpuCluster(pulumi.ComponentResource):
         self.node_pools = {}
         cluster = args.cluster
         if isinstance(cluster, EksCluster):
-            kubeconfig = self._eks(name, cluster)
+            kubeconfig = self._eks(name, cluster, args.stack)
         elif isinstance(cluster, GkeCluster):
             kubeconfig = self._gke(name, cluster, args.stack)
         else:
@@ -66,7 +66,7 @@ class GpuCluster(pulumi.ComponentResource):
         self.provider = k8s.Provider(f"{name}-k8s", opts=pulumi.ResourceOptions(parent=self), **provider_args)
         self.register_outputs({"kubeconfig": self.kubeconfig})
 
-    def _eks(self, name: str, cfg: EksCluster) -> pulumi.Output[str]:
+    def _eks(self, name: str, cfg: EksCluster, stack: str) -> pulumi.Output[str]:
         import pulumi_aws as aws
         import pulumi_eks as eks
 
@@ -80,9 +80,24 @@ class GpuCluster(pulumi.ComponentResource):
             "public_access_cidrs": cfg.public_access_cidrs,
             "create_oidc_provider": True,
         }
+        subnet_ids: pulumi.Input[list[str]]
         if cfg.vpc_id:
             cluster_args.update(vpc_id=cfg.vpc_id, private_subnet_ids=cfg.subnet_ids)
-        cluster = eks.Cluster(name, opts=child, **cluster_args)
+            subnet_ids = cfg.subnet_ids
+        else:
+            # No network configured: the account's default VPC and its default subnets, as
+            # pulumi-eks would pick, looked up here so the node groups name them explicitly.
+            vpc = aws.ec2.get_vpc_output(default=True)
+            subnet_ids = aws.ec2.get_subnets_output(
+                filters=[
+                    aws.ec2.GetSubnetsFilterArgs(name="vpc-id", values=[vpc.id]),
+                    aws.ec2.GetSubnetsFilterArgs(name="default-for-az", values=["true"]),
+                ]
+            ).ids
+            cluster_args.update(vpc_id=vpc.id, subnet_ids=subnet_ids)
+        # A fixed cluster name: the node groups name it, and the console shows it.
+        cluster_name = f"{name}-{stack}"
+        cluster = eks.Cluster(name, name=cluster_name, opts=child, **cluster_args)
         role = aws.iam.Role(
             f"{name}-nodes",
             assume_role_policy=json.dumps(
@@ -99,6 +114,7 @@ class GpuCluster(pulumi.ComponentResource):
             ),
             opts=child,
         )
+        policies = []
         for i, policy in enumerate(
             (
                 "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
@@ -106,12 +122,20 @@ class GpuCluster(pulumi.ComponentResource):
                 "arn:aws:iam::aws:policy/AmazonEC2ContainerRegistryReadOnly",
             )
         ):
-            aws.iam.RolePolicyAttachment(f"{name}-nodes-{i}", role=role.name, policy_arn=policy, opts=child)
+            policies.append(
+                aws.iam.RolePolicyAttachment(
+                    f"{name}-nodes-{i}", role=role.name, policy_arn=policy, opts=child
+                )
+            )
+        # Managed node groups (aws.eks.NodeGroup: what pulumi-eks's ManagedNodeGroup wraps) named by
+        # cluster name and role ARN, so their inputs hold no resource references.
+        group_opts = pulumi.ResourceOptions(parent=self, depends_on=[cluster, *policies])
         system = cfg.system_pool
-        self.node_pools[SYSTEM_POOL] = eks.ManagedNodeGroup(
+        self.node_pools[SYSTEM_POOL] = aws.eks.NodeGroup(
             f"{name}-{SYSTEM_POOL}",
-            cluster=cluster,
-            node_role=role,
+            cluster_name=cluster_name,
+            node_role_arn=role.arn,
+            subnet_ids=subnet_ids,
             instance_types=[system.instance_type],
             ami_type="AL2023_x86_64_STANDARD",
             disk_size=system.disk_gib,
@@ -119,13 +143,14 @@ class GpuCluster(pulumi.ComponentResource):
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(
                 min_size=system.min_nodes, max_size=system.max_nodes, desired_size=system.min_nodes
             ),
-            opts=child,
+            opts=group_opts,
         )
         for pool in cfg.gpu_pools:
-            self.node_pools[pool.name] = eks.ManagedNodeGroup(
+            self.node_pools[pool.name] = aws.eks.NodeGroup(
                 f"{name}-{pool.name}",
-                cluster=cluster,
-                node_role=role,
+                cluster_name=cluster_name,
+                node_role_arn=role.arn,
+                subnet_ids=subnet_ids,
                 instance_types=[pool.instance_type],
                 # EKS's accelerated AMI ships the NVIDIA driver and container toolkit.
                 ami_type="AL2023_x86_64_NVIDIA",
@@ -145,7 +170,7 @@ class GpuCluster(pulumi.ComponentResource):
                         f"{GPU_TAINT_VALUE}:NoSchedule"
                     ),
                 },
-                opts=child,
+                opts=group_opts,
             )
         kubeconfig: pulumi.Output[str] = cluster.kubeconfig_json
         return kubeconfig
@@ -229,9 +254,9 @@ class GpuCluster(pulumi.ComponentResource):
                 ),
                 opts=child,
             )
-        return pulumi.Output.all(cluster.name, cluster.endpoint, cluster.master_auth).apply(
-            lambda parts: gke_kubeconfig(parts[0], parts[1], parts[2]["cluster_ca_certificate"])
-        )
+        return pulumi.Output.all(
+            cluster.name, cluster.endpoint, cluster.master_auth.cluster_ca_certificate
+        ).apply(lambda parts: gke_kubeconfig(parts[0], parts[1], parts[2]))
 
 
 def gke_kubeconfig(cluster: str, endpoint: str, ca_certificate: str) -> str:

@@ -445,11 +445,16 @@ def raw_config_from_env() -> dict[str, Any]:
     """Every `tokenfleet:*` key Pulumi passed to this program, JSON-decoded where it is structured."""
     import json
 
+    from pulumi.runtime import config as runtime_config
+
+    # The language host sets config explicitly (set_all_config); older hosts pass PULUMI_CONFIG.
+    keys = {*runtime_config.CONFIG.get(), *(runtime_config.get_config_env() or {})}
     raw: dict[str, Any] = {}
-    for full_key, value in pulumi.runtime.get_config_env().items():
+    for full_key in sorted(keys):
         project, _, key = full_key.partition(":")
         if project != PROJECT or key in SECRET_KEYS:
             continue
+        value = runtime_config.get_config(full_key)
         try:
             raw[key] = json.loads(value)
         except ValueError:
