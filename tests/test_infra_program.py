@@ -212,10 +212,12 @@ def test_eks_node_groups_have_gpu_taints_labels_and_bounds(runs: dict[str, Run])
     assert l4x4["labels"]["nvidia.com/gpu.present"] == "true"
     assert l4x4["scalingConfig"] == {"minSize": 0, "maxSize": 2, "desiredSize": 0}
     system = groups["tokenfleet-system"]
-    assert "taints" not in system and system["amiType"] == "AL2023_x86_64_STANDARD"
+    assert "taints" not in system
+    assert system["amiType"] == "AL2023_x86_64_STANDARD"
     assert system["scalingConfig"]["minSize"] == 2
     (cluster,) = runs["eks"].recorder.of_type("eks:index:Cluster")
-    assert cluster.inputs["skipDefaultNodeGroup"] is True and cluster.inputs["version"] == "1.33"
+    assert cluster.inputs["skipDefaultNodeGroup"] is True
+    assert cluster.inputs["version"] == "1.33"
 
 
 def test_gke_node_pools_have_accelerators_taints_and_autoscaling(runs: dict[str, Run]) -> None:
@@ -260,8 +262,10 @@ def test_device_plugin_release_only_where_the_cloud_does_not_run_one(runs: dict[
             if r.inputs["chart"] == "nvidia-device-plugin"
         ]
 
-    assert len(plugin("eks")) == 1 and len(plugin("existing-gpu")) == 1
-    assert plugin("gke") == [] and plugin("existing") == []  # GKE installs its own; CPU-only: none
+    assert len(plugin("eks")) == 1
+    assert len(plugin("existing-gpu")) == 1
+    assert plugin("gke") == []
+    assert plugin("existing") == []
     values = plugin("eks")[0].inputs["values"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in values["tolerations"]
 
@@ -272,7 +276,8 @@ def test_gpu_check_job_requests_the_pools_gpus_on_that_pool(runs: dict[str, Run]
     pod = jobs["gpu-check-l4x4"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"tokenfleet.dev/gpu-pool": "l4x4"}
     resources = pod["containers"][0]["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == "4" and resources["requests"]["nvidia.com/gpu"] == "4"
+    assert resources["limits"]["nvidia.com/gpu"] == "4"
+    assert resources["requests"]["nvidia.com/gpu"] == "4"
     assert runs["existing"].recorder.kind("Job") == []
 
 
@@ -300,16 +305,19 @@ def test_monitoring_values_come_from_config(runs: dict[str, Run]) -> None:
     prom = releases["kube-prometheus-stack"]["values"]["prometheus"]["prometheusSpec"]
     assert prom["retention"] == "15d"
     claim = prom["storageSpec"]["volumeClaimTemplate"]["spec"]
-    assert claim["resources"]["requests"]["storage"] == "50Gi" and claim["storageClassName"] == "gp3"
+    assert claim["resources"]["requests"]["storage"] == "50Gi"
+    assert claim["storageClassName"] == "gp3"
     assert prom["serviceMonitorSelectorNilUsesHelmValues"] is False  # the operator's monitors count too
     grafana = releases["kube-prometheus-stack"]["values"]["grafana"]
     assert grafana["admin"]["existingSecret"] == "grafana-admin"
     assert grafana["sidecar"]["dashboards"]["label"] == "grafana_dashboard"
     tempo = releases["tempo"]["values"]
-    assert tempo["tempo"]["retention"] == "72h" and tempo["persistence"]["size"] == "20Gi"
+    assert tempo["tempo"]["retention"] == "72h"
+    assert tempo["persistence"]["size"] == "20Gi"
     otel = releases["opentelemetry-collector"]["values"]
     assert otel["config"]["exporters"]["otlp"]["endpoint"] == "tempo.monitoring.svc:4317"
-    assert ":" not in otel["image"]["repository"] and otel["image"]["tag"][0].isdigit()
+    assert ":" not in otel["image"]["repository"]
+    assert otel["image"]["tag"][0].isdigit()
 
 
 def test_dashboards_and_rules_are_the_repositorys_own(runs: dict[str, Run]) -> None:
@@ -337,9 +345,11 @@ def test_operator_crd_is_the_generated_one_and_the_deployment_is_single_recreate
     (crd,) = recorder.kind("CustomResourceDefinition")
     assert crd["spec"] == _ints(crd_manifest()["spec"])
     (operator,) = [d for d in recorder.kind("Deployment") if d["metadata"]["name"] == "tokenfleet-operator"]
-    assert operator["spec"]["replicas"] == 1 and operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert operator["spec"]["replicas"] == 1
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
     container = operator["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["tokenfleet"] and container["args"][:2] == ["operator", "run"]
+    assert container["command"] == ["tokenfleet"]
+    assert container["args"][:2] == ["operator", "run"]
     assert "--namespace=llm" in container["args"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TOKENFLEET_GATEWAY_IMAGE"] == "ghcr.io/tokenfleet/tokenfleet-gateway:0.1.0"
@@ -363,7 +373,9 @@ def test_rbac_is_least_privilege(runs: dict[str, Run]) -> None:
     assert [r["metadata"]["namespace"] for r in roles] == ["llm"]
     for role in [cluster_role, *roles]:
         for rule in role["rules"]:
-            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert "*" not in rule["verbs"]
+            assert "*" not in rule["resources"]
+            assert "*" not in rule["apiGroups"]
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
             if "secrets" in rule["resources"]:
                 assert rule["verbs"] == ["get"]
@@ -434,11 +446,14 @@ def test_pods_are_non_root_unprivileged_and_pinned(runs: dict[str, Run], name: s
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in containers(manifest):
             sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False and sc.get("privileged") is False
-            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc.get("privileged") is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "add" not in sc["capabilities"]
             assert sc["readOnlyRootFilesystem"] is True
             image = c["image"]
-            assert not image.endswith(":latest") and (":" in image.rsplit("/", 1)[-1] or "@sha256:" in image)
+            assert not image.endswith(":latest")
+            assert ":" in image.rsplit("/", 1)[-1] or "@sha256:" in image
             assert "memory" in c["resources"]["limits"], (manifest["metadata"]["name"], c["name"])
 
 
@@ -448,7 +463,9 @@ def test_long_running_containers_have_probes(runs: dict[str, Run], name: str) ->
     assert deployments
     for manifest in deployments:
         for c in manifest["spec"]["template"]["spec"]["containers"]:
-            assert "livenessProbe" in c and "readinessProbe" in c, (manifest["metadata"]["name"], c["name"])
+            where = (manifest["metadata"]["name"], c["name"])
+            assert "livenessProbe" in c, where
+            assert "readinessProbe" in c, where
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -480,7 +497,8 @@ def test_locust_ui_is_cluster_internal_and_runs_the_repository_locustfile(runs: 
     assert svc["spec"]["type"] == "ClusterIP"
     deployments = {d["metadata"]["name"]: d for d in recorder.kind("Deployment")}
     master = deployments["locust-master"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--master" in master["args"] and master["args"][1] == "/app/load/locustfiles/tokenfleet_llm.py"
+    assert "--master" in master["args"]
+    assert master["args"][1] == "/app/load/locustfiles/tokenfleet_llm.py"
     assert (
         master["args"][master["args"].index("--host") + 1]
         == "http://tiny-code.tokenfleet.svc.cluster.local:8000"
@@ -488,13 +506,14 @@ def test_locust_ui_is_cluster_internal_and_runs_the_repository_locustfile(runs: 
     assert deployments["locust-worker"]["spec"]["replicas"] == 1
     (config,) = [c for c in recorder.kind("ConfigMap") if c["metadata"]["name"] == "locust-config"]
     bench = json.loads(config["data"]["bench-config.json"])
-    assert bench["model"] == "tiny-code" and bench["workers"] == 1 and bench["workload"]["name"] == "default"
+    assert bench["model"] == "tiny-code"
+    assert bench["workers"] == 1
+    assert bench["workload"]["name"] == "default"
     (policy,) = [p for p in recorder.kind("NetworkPolicy") if p["metadata"]["name"] == "locust"]
     egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
     assert egress_ports == {5557, 8000}
-    assert runs["gke"].stack.load is None and not [
-        d for d in runs["gke"].recorder.kind("Deployment") if "locust" in d["metadata"]["name"]
-    ]
+    assert runs["gke"].stack.load is None
+    assert not [d for d in runs["gke"].recorder.kind("Deployment") if "locust" in d["metadata"]["name"]]
 
 
 # --- manifests validate ----------------------------------------------------------------------
@@ -566,7 +585,8 @@ def test_load_stack_config_reads_pulumi_config_and_secrets() -> None:
         config, stack_secrets = load_stack_config()
         assert config.services_namespace == "llm-dev"
         assert config.cluster.provider == "existing"
-        assert stack_secrets.grafana_admin_password is not None and stack_secrets.hf_token is None
+        assert stack_secrets.grafana_admin_password is not None
+        assert stack_secrets.hf_token is None
         pulumi.runtime.set_all_config(
             {**{f"tokenfleet:{k}": json.dumps(v) for k, v in raw.items()}, "tokenfleet:imagez": "{}"}
         )
