@@ -89,6 +89,13 @@ def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
 
 
 @triton.jit
+def _add(a, b):  # type: ignore[no-untyped-def]
+    # tl.sum, spelled with tl.reduce: triton.language's own @jit helpers are compiled-only objects
+    # when triton was imported before TRITON_INTERPRET was set, and the interpreter cannot call them.
+    return a + b
+
+
+@triton.jit
 def _add_inplace_kernel(x_ptr, res_ptr, n_elements, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -103,7 +110,7 @@ def _rms_norm_row_kernel(x_ptr, w_ptr, out_ptr, hidden, eps, BLOCK: tl.constexpr
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     x = tl.load(x_ptr + row * hidden + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
+    rstd = tl.rsqrt(tl.reduce(x * x, 0, _add) / hidden + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -134,7 +141,7 @@ def _fused_naive_kernel(x_ptr, res_ptr, w_ptr, hidden, eps, BLOCK: tl.constexpr)
     s = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     s += tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(res_ptr + base + offs, s.to(res_ptr.dtype.element_ty), mask=mask)
-    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / hidden + eps)
+    rstd = tl.rsqrt(tl.reduce(s * s, 0, _add) / hidden + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(x_ptr + base + offs, (s * rstd * w).to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -171,7 +178,7 @@ def _fused_vec_kernel(x_ptr, res_ptr, w_ptr, hidden, eps, BLOCK: tl.constexpr, E
         )
         tl.store(res_ptr + base + offs, s.to(res_ptr.dtype.element_ty), mask=mask)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / hidden + eps)
+    rstd = tl.rsqrt(tl.reduce(s * s, 0, _add) / hidden + eps)
     out = (s * rstd * w).to(x_ptr.dtype.element_ty)
     if EVEN:
         tl.store(x_ptr + base + offs, out)

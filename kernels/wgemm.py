@@ -139,7 +139,7 @@ def _w4a16_naive_kernel(  # type: ignore[no-untyped-def]
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     groups = K // group_size
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
@@ -181,9 +181,12 @@ def _wgemm_kernel(  # type: ignore[no-untyped-def]
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP_ALIGNED: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # Only core builtins here (tl.full, integer //), not triton.language's @jit helpers such as
+    # tl.zeros/tl.cdiv: those are compiled-only objects when triton was imported before
+    # TRITON_INTERPRET was set, and the interpreter cannot call them.
     # m_bucket is only an autotuning key. Programs sharing a weight tile are adjacent (pid_m
     # fastest) so the tile is served from L2 for every M block.
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     pid_m = pid % num_m
     pid_n = pid // num_m
@@ -192,10 +195,10 @@ def _wgemm_kernel(  # type: ignore[no-untyped-def]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     groups = K // group_size
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_per_split = (K + SPLIT_K * BLOCK_K - 1) // (SPLIT_K * BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K

@@ -1,0 +1,226 @@
+"""Every Triton kernel (and every optimisation step) against its torch reference, on CPU under
+TRITON_INTERPRET, plus the documented input errors. bf16 is checked only on a GPU (the bench).
+
+`triton.jit` chooses interpreter or compiler when a kernel module is imported, so the fixture
+sets TRITON_INTERPRET, imports fresh copies of the kernel modules, and on teardown restores the
+environment and drops those copies: nothing leaks into other test modules or the vLLM servers
+they start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(120)
+
+MODULES = ("_runtime", "quant", "rmsnorm", "activation", "wgemm")
+
+
+def _purge() -> None:
+    for name in [n for n in sys.modules if n.startswith("tokenfleet.kernels.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def k() -> Iterator[SimpleNamespace]:
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _purge()
+    try:
+        mods = {m.lstrip("_"): importlib.import_module(f"tokenfleet.kernels.{m}") for m in MODULES}
+        assert mods["runtime"].INTERPRET
+        yield SimpleNamespace(**mods)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _purge()
+
+
+DTYPES = [torch.float32, torch.float16]
+# vLLM's tolerances (vllm/ir/tolerances.py; fp16 relaxed for norms in ir/ops/layernorm.py).
+NORM_TOL = {torch.float32: {"atol": 1e-5, "rtol": 1.3e-6}, torch.float16: {"atol": 1e-2, "rtol": 2e-3}}
+ACT_TOL = {torch.float32: {"atol": 1e-5, "rtol": 1.3e-6}, torch.float16: {"atol": 1e-3, "rtol": 1e-3}}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- fused add + RMSNorm -----------------------------------------------------------------------
+
+# One row, odd sizes, hidden not a multiple of the block (100, 1000), a power of two, 3-D input.
+NORM_SHAPES = [(1, 7), (3, 100), (4, 64), (2, 1000), (2, 3, 48)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_fused_add_rms_norm_steps_match_reference(
+    k: SimpleNamespace, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    g = _gen(sum(shape))
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    r0 = torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    ref_out, ref_res = k.rmsnorm.fused_add_rms_norm_reference(x0, r0, w, 1e-6)
+    assert set(k.rmsnorm.STEPS) == {"0-unfused", "1-fused", "2-vectorised", "3-tuned", "4-autotuned"}
+    for name, step in k.rmsnorm.STEPS.items():
+        x, res = x0.clone(), r0.clone()
+        out, new_res = step(x, res, w, 1e-6)
+        # In place, like vLLM's op: the returned tensors are the inputs.
+        assert out.data_ptr() == x.data_ptr(), name
+        assert new_res.data_ptr() == res.data_ptr(), name
+        torch.testing.assert_close(new_res, ref_res, **NORM_TOL[dtype], msg=name)
+        torch.testing.assert_close(out, ref_out, **NORM_TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_reference(k: SimpleNamespace, dtype: torch.dtype) -> None:
+    g = _gen(1)
+    x, w = torch.randn(5, 300, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
+    before = x.clone()
+    out = k.rmsnorm.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(out, k.rmsnorm.rms_norm_reference(x, w, 1e-5), **NORM_TOL[dtype])
+    assert torch.equal(x, before), "rms_norm must not touch its input"
+
+
+def test_fused_add_rms_norm_empty_batch(k: SimpleNamespace) -> None:
+    x, r, w = torch.empty(0, 16), torch.empty(0, 16), torch.ones(16)
+    out, res = k.rmsnorm.fused_add_rms_norm(x, r, w, 1e-6)
+    assert out.shape == (0, 16)
+    assert res.shape == (0, 16)
+
+
+def test_norm_bad_inputs_raise(k: SimpleNamespace) -> None:
+    err, f = k.runtime.KernelInputError, k.rmsnorm.fused_add_rms_norm
+    x, r, w = torch.randn(2, 8), torch.randn(2, 8), torch.randn(8)
+    cases = {
+        "weight must have shape": (x, r, torch.randn(9)),
+        "residual shape": (x, torch.randn(2, 4), w),
+        "must have the dtype of x": (x, r.half(), w),
+        "must be contiguous": (torch.randn(8, 2).t(), r, w),
+        "float16, bfloat16 or float32": (x.int(), r.int(), w.int()),
+        "bfloat16 is not supported under TRITON_INTERPRET": (x.bfloat16(), r.bfloat16(), w.bfloat16()),
+        "one device": (x, r, w.to("meta")),
+        "hidden size must be": (torch.randn(1, 70000), torch.randn(1, 70000), torch.randn(70000)),
+    }
+    for message, args in cases.items():
+        with pytest.raises(err, match=message):
+            f(*args, 1e-6)
+    with pytest.raises(err, match="need a CUDA device"):
+        k.rmsnorm.rms_norm(x.to("meta"), w.to("meta"), 1e-6)
+
+
+# --- SiLU-and-mul --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 14), (3, 200), (2, 3000), (2, 2, 10)])
+def test_silu_and_mul_matches_reference(
+    k: SimpleNamespace, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    x = (torch.randn(shape, generator=_gen(shape[-1])) * 3).to(dtype)
+    out = k.activation.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(out, k.activation.silu_and_mul_reference(x), **ACT_TOL[dtype])
+    given = torch.empty_like(out)
+    assert k.activation.silu_and_mul(x, out=given) is given
+    torch.testing.assert_close(given, out)
+
+
+def test_silu_and_mul_bad_inputs_raise(k: SimpleNamespace) -> None:
+    err = k.runtime.KernelInputError
+    with pytest.raises(err, match="must be even"):
+        k.activation.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(err, match="out must be"):
+        k.activation.silu_and_mul(torch.randn(2, 8), out=torch.empty(2, 8))
+    with pytest.raises(err, match="contiguous"):
+        k.activation.silu_and_mul(torch.randn(8, 2).t())
+
+
+# --- weight-only GEMM ----------------------------------------------------------------------------
+
+# (M, N, K, group, symmetric): one row, M past one 16-row tile, N not a multiple of the tile,
+# a group that is not a power of two (48 = per-channel), per-channel, asymmetric zero points.
+GEMM_CASES = [
+    (1, 40, 64, 32, True),
+    (3, 24, 96, 32, False),
+    (17, 64, 128, 128, True),
+    (5, 72, 256, 64, False),
+    (2, 48, 48, 48, True),
+]
+
+
+def _gemm_tol(ref: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+    scale = float(ref.abs().max())
+    if dtype == torch.float32:
+        return {"atol": 1e-5 * scale, "rtol": 1e-5}
+    return {"atol": 5e-3 * scale, "rtol": 1e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "kk", "group", "symmetric"), GEMM_CASES)
+def test_w4a16_steps_match_reference(
+    k: SimpleNamespace, m: int, n: int, kk: int, group: int, symmetric: bool, dtype: torch.dtype
+) -> None:
+    g = _gen(m * n + kk)
+    qw = k.quant.quantize_rtn(torch.randn(n, kk, generator=g).to(dtype), 4, group, symmetric)
+    x = torch.randn(m, kk, generator=g).to(dtype)
+    ref = k.quant.weight_only_gemm_reference(x, qw)
+    assert list(k.wgemm.W4A16_STEPS) == [
+        "0-dequant-matmul",
+        "1-fused-naive",
+        "2-fused-tuned",
+        "3-splitk",
+        "4-autotuned",
+    ]
+    for name, step in k.wgemm.W4A16_STEPS.items():
+        y = step(x, qw)
+        assert y.shape == (m, n), name
+        assert y.dtype == dtype, name
+        torch.testing.assert_close(y, ref, **_gemm_tol(ref, dtype), msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "kk", "group", "symmetric"), GEMM_CASES)
+def test_w8a16_matches_reference(
+    k: SimpleNamespace, m: int, n: int, kk: int, group: int, symmetric: bool, dtype: torch.dtype
+) -> None:
+    g = _gen(m + n + kk)
+    qw = k.quant.quantize_rtn(torch.randn(n, kk, generator=g).to(dtype), 8, group, symmetric)
+    x = torch.randn(m, kk, generator=g).to(dtype)
+    ref = k.quant.weight_only_gemm_reference(x, qw)
+    torch.testing.assert_close(k.wgemm.w8a16_gemm(x, qw), ref, **_gemm_tol(ref, dtype))
+
+
+def test_split_k_is_used_for_small_m_only(k: SimpleNamespace) -> None:
+    qw = k.quant.quantize_rtn(torch.randn(72, 256), 4, 64)
+    tile = k.wgemm._tile_for(5)
+    assert k.wgemm._split_k_for(torch.randn(5, 256), qw, tile) > 1
+    assert k.wgemm._split_k_for(torch.randn(65, 256), qw, k.wgemm._tile_for(65)) == 1
+
+
+def test_gemm_bad_inputs_raise(k: SimpleNamespace) -> None:
+    err = k.runtime.KernelInputError
+    q4 = k.quant.quantize_rtn(torch.randn(16, 64), 4, 32)
+    q8 = k.quant.quantize_rtn(torch.randn(16, 64), 8, 32)
+    with pytest.raises(err, match="K=32 but the weight has K=64"):
+        k.wgemm.w4a16_gemm(torch.randn(2, 32), q4)
+    with pytest.raises(err, match="scales"):
+        k.wgemm.w4a16_gemm(torch.randn(2, 64).half(), q4)
+    with pytest.raises(err, match="2-D"):
+        k.wgemm.w4a16_gemm(torch.randn(1, 2, 64), q4)
+    with pytest.raises(err, match="takes 4-bit weights"):
+        k.wgemm.w4a16_gemm(torch.randn(2, 64), q8)
+    with pytest.raises(err, match="takes 8-bit weights"):
+        k.wgemm.w8a16_gemm(torch.randn(2, 64), q4)
+    with pytest.raises(err, match="contiguous"):
+        k.wgemm.w4a16_fused_naive(torch.randn(64, 2).t(), q4)

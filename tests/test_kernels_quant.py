@@ -1,0 +1,99 @@
+"""The weight-only layout: int4 packing, round trips with compressed-tensors `pack-quantized`, and
+the reference quantiser's error bound. Plain torch: no kernels run here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenfleet.kernels._runtime import KernelInputError
+from tokenfleet.kernels.quant import (
+    QuantizedWeight,
+    dequantize,
+    from_compressed_tensors,
+    pack_int4,
+    quantize_rtn,
+    to_compressed_tensors,
+    unpack_int4,
+)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (3, 24), (16, 64)])
+def test_int4_pack_unpack_round_trip(n: int, k: int) -> None:
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(k))
+    packed = pack_int4(q)
+    assert packed.shape == (n, k // 8)
+    assert packed.dtype == torch.int32
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_int4_layout_is_low_nibble_first_unsigned() -> None:
+    # Element k sits at bits 4·(k mod 8) as q + 8: [-8, -7, ..., -1] -> nibbles 0..7.
+    q = torch.arange(-8, 0, dtype=torch.int8).reshape(1, 8)
+    assert int(pack_int4(q)[0, 0]) == 0x76543210
+
+
+def test_pack_int4_rejects_bad_input() -> None:
+    with pytest.raises(KernelInputError, match=r"\[-8, 7\]"):
+        pack_int4(torch.full((1, 8), 8, dtype=torch.int8))
+    with pytest.raises(KernelInputError, match="K % 8"):
+        pack_int4(torch.zeros((1, 7), dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("n", "group"), [(20, 16), (24, 64)])  # 20: zero points padded when packed
+def test_round_trip_with_compressed_tensors(bits: int, symmetric: bool, n: int, group: int) -> None:
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    k = 64
+    qw = quantize_rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), bits, group, symmetric)
+    q = unpack_int4(qw.qweight) if bits == 4 else qw.qweight
+    # What compressed-tensors' own compressor writes for this quantised weight.
+    theirs = {
+        "weight_packed": helpers.pack_to_int32(q, bits),
+        "weight_scale": qw.scales,
+        "weight_shape": torch.tensor([n, k]),
+    }
+    if not symmetric:
+        assert qw.zeros is not None
+        theirs["weight_zero_point"] = helpers.pack_to_int32(qw.zeros, bits, packed_dim=0)
+    ours = to_compressed_tensors(qw)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    loaded = from_compressed_tensors(theirs, num_bits=bits)
+    assert torch.equal(loaded.qweight, qw.qweight)
+    assert (loaded.group_size, loaded.shape, loaded.symmetric) == (group, (n, k), symmetric)
+    assert torch.equal(dequantize(loaded), dequantize(qw))
+    unpacked = helpers.unpack_from_int32(ours["weight_packed"], bits, torch.Size([n, k]))
+    assert torch.equal(unpacked, q)
+
+
+def test_per_channel_checkpoint_gives_group_k() -> None:
+    qw = quantize_rtn(torch.randn(8, 32), 4, 32)
+    ct = to_compressed_tensors(qw)
+    assert ct["weight_scale"].shape == (8, 1)
+    assert from_compressed_tensors(ct, num_bits=4).group_size == 32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_error_is_within_half_a_step(bits: int, symmetric: bool) -> None:
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
+    qw = quantize_rtn(w, bits, 32, symmetric)
+    step = qw.scales.repeat_interleave(32, dim=1)
+    assert bool(((dequantize(qw) - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_quantized_weight_validates_layout() -> None:
+    scales = torch.ones(4, 2)
+    with pytest.raises(KernelInputError, match="K % 8"):
+        QuantizedWeight(torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1), None, 4, 12, (4, 12))
+    with pytest.raises(KernelInputError, match="must divide"):
+        QuantizedWeight(torch.zeros(4, 4, dtype=torch.int32), scales, None, 4, 24, (4, 32))
+    with pytest.raises(KernelInputError, match="qweight must be"):
+        QuantizedWeight(torch.zeros(4, 32, dtype=torch.int8), scales, None, 4, 16, (4, 32))
+    with pytest.raises(KernelInputError, match="zeros must be"):
+        QuantizedWeight(torch.zeros(4, 4, dtype=torch.int32), scales, torch.zeros(4, 2), 4, 16, (4, 32))
+    with pytest.raises(KernelInputError, match="missing"):
+        from_compressed_tensors({"weight_packed": torch.zeros(1, 1, dtype=torch.int32)}, num_bits=4)
