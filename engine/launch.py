@@ -76,7 +76,12 @@ def engine_command(
         "--disable-uvicorn-access-log",
         f"-O{engine.optimization_level}",
     ]
-    if model.source.startswith("hf://") and "@" in model.source:
+    if model.quantization != "none":
+        # model_path is then a local compressed-tensors checkpoint (models.resolve_model), so a
+        # source revision does not apply; naming the method makes vLLM refuse a directory that
+        # is not such a checkpoint instead of silently serving full precision.
+        argv += ["--quantization", "compressed-tensors"]
+    elif model.source.startswith("hf://") and "@" in model.source:
         argv += ["--revision", model.source.split("@", 1)[1]]
     if engine.device == "gpu":
         argv += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]

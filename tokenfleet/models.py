@@ -110,8 +110,16 @@ def ensure_builtin(name: str) -> Path:
 
 
 def resolve_model(model: ModelSpec) -> str:
-    """What to pass to vLLM's --model: a local directory or a hub id."""
+    """What to pass to vLLM's --model: a local directory or a hub id.
+
+    With `model.quantization` set, the quantized checkpoint (the pipeline's output for this
+    source, or the directory given) is served instead of the source itself.
+    """
     source = model.source
+    if model.quantization != "none":
+        from tokenfleet.engine.quantize.paths import quantized_checkpoint
+
+        return str(quantized_checkpoint(source, model.quantization))
     if source.startswith("builtin://"):
         return str(ensure_builtin(source.removeprefix("builtin://")))
     if source.startswith("hf://"):

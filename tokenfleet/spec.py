@@ -73,11 +73,25 @@ class ModelSpec(_Spec):
         "builtin://tiny-code",
         description="builtin://<name>, hf://<org>/<repo>[@revision], or a local directory path.",
     )
-    quantization: Literal["none", "w8a8", "w4a16"] = Field(
-        "none", description="Serve a compressed-tensors checkpoint produced by the quantization pipeline."
+    quantization: str = Field(
+        "none",
+        max_length=4096,
+        description="none; a technique the quantization pipeline produced for this source "
+        "(rtn-w4a16, rtn-w8a8, gptq-w4a16, awq-w4a16, smoothquant-gptq-w8a8, gptq-w8a16, rtn-fp8), "
+        "served from its checkpoint; or a compressed-tensors checkpoint directory (a path).",
     )
     max_model_len: int = Field(512, ge=16, le=1_048_576, description="Context length (prompt + output).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("quantization")
+    @classmethod
+    def _check_quantization(cls, value: str) -> str:
+        from tokenfleet.engine.quantize.techniques import quantization_problem
+
+        problem = quantization_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("source")
     @classmethod

@@ -76,3 +76,23 @@ def lookup(name: str) -> Technique:
         return TECHNIQUES[name]
     except KeyError:
         raise ValueError(f"unknown technique {name!r}; known: {', '.join(TECHNIQUE_NAMES)}") from None
+
+
+def is_checkpoint_path(value: str) -> bool:
+    return "/" in value or value.startswith(("~", "."))
+
+
+def quantization_problem(value: str) -> str | None:
+    """Why `value` is not a valid `model.quantization` (none, a technique, a path); None if it is."""
+    if value == "none" or value in TECHNIQUES or is_checkpoint_path(value):
+        return None
+    same_scheme = [t.name for t in _ALL if t.scheme.lower() == value.lower()]
+    if same_scheme:
+        return (
+            f"{value!r} is a scheme, not a technique: name how the checkpoint was made "
+            f"({', '.join(same_scheme)}) or give a checkpoint directory path"
+        )
+    return (
+        f"unknown technique {value!r}; expected none, one of {', '.join(TECHNIQUE_NAMES)}, "
+        "or a checkpoint directory path"
+    )

@@ -65,11 +65,32 @@ def build_recipe(method: str, scheme: str, group_size: int, smoothing_strength: 
     raise ValueError(f"unknown method {method!r}")
 
 
+def skip_pinning_without_accelerator() -> None:
+    """Make llm-compressor's cache pinning a no-op on a machine with no accelerator.
+
+    llm-compressor 0.14.0.1's AWQ pins cached activations before its grid search so that copies to
+    the GPU can be asynchronous; torch refuses `pin_memory()` without an accelerator ("Cannot
+    access accelerator device when none is available"). On a CPU-only machine there is no copy to
+    speed up, so not pinning changes nothing but the crash.
+    """
+    import torch
+
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    def no_pin(self: Any, batch_index: int, input_names: list[str] | None = None) -> None:
+        return None
+
+    IntermediatesCache.pin_memory = no_pin
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    skip_pinning_without_accelerator()
     torch.set_num_threads(int(job["threads"]))
     torch.manual_seed(int(job.get("seed", 0)))
     started = time.perf_counter()
