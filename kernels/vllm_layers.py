@@ -19,7 +19,7 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.scalar_type import scalar_types
 
-from tokenfleet.kernels import activation, rmsnorm, wgemm
+from tokenfleet.kernels import wgemm
 from tokenfleet.kernels.quant import QuantizedWeight, from_compressed_tensors
 
 
@@ -28,8 +28,12 @@ def define_torch_ops() -> None:
     if hasattr(torch.ops.tokenfleet, "rms_norm"):
         return
 
+    # The bodies look the kernel modules up at call time (not through this module's globals), so
+    # the ops follow whichever copy is imported: tests re-import the kernels under the interpreter.
     @torch.library.custom_op("tokenfleet::fused_add_rms_norm", mutates_args=("x", "residual"))
     def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        from tokenfleet.kernels import rmsnorm
+
         rmsnorm.fused_add_rms_norm(x, residual, weight, eps)
 
     @fused_add_rms_norm.register_fake
@@ -38,6 +42,8 @@ def define_torch_ops() -> None:
 
     @torch.library.custom_op("tokenfleet::rms_norm", mutates_args=())
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        from tokenfleet.kernels import rmsnorm
+
         return rmsnorm.rms_norm(x, weight, eps)
 
     @rms_norm.register_fake
@@ -46,6 +52,8 @@ def define_torch_ops() -> None:
 
     @torch.library.custom_op("tokenfleet::silu_and_mul", mutates_args=())
     def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        from tokenfleet.kernels import activation
+
         return activation.silu_and_mul(x)
 
     @silu_and_mul.register_fake

@@ -224,3 +224,52 @@ def test_gemm_bad_inputs_raise(k: SimpleNamespace) -> None:
         k.wgemm.w8a16_gemm(torch.randn(2, 64), q4)
     with pytest.raises(err, match="contiguous"):
         k.wgemm.w4a16_fused_naive(torch.randn(64, 2).t(), q4)
+
+
+# --- the vLLM layers the plugin installs, run on CPU through the interpreter ---------------------
+
+
+def test_vllm_layers_run_our_kernels(k: SimpleNamespace) -> None:
+    """What vLLM calls on a GPU (forward_cuda, the W4A16 linear kernel), checked on CPU tensors."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    layers = importlib.import_module("tokenfleet.kernels.vllm_layers")
+    layers.define_torch_ops()
+    g = _gen(7)
+    with set_current_vllm_config(VllmConfig()):
+        norm = layers.TritonRMSNorm(48, eps=1e-6, dtype=torch.float16)
+        act = layers.TritonSiluAndMul()
+    norm.weight.data.copy_(torch.randn(48, generator=g))
+    x, res = torch.randn(3, 48, generator=g).half(), torch.randn(3, 48, generator=g).half()
+    ref_out, ref_res = k.rmsnorm.fused_add_rms_norm_reference(x, res, norm.weight.data, 1e-6)
+    out, new_res = norm.forward_cuda(x.clone(), res.clone())
+    torch.testing.assert_close(out, ref_out, **NORM_TOL[torch.float16])
+    torch.testing.assert_close(new_res, ref_res, **NORM_TOL[torch.float16])
+    plain = norm.forward_cuda(x)
+    torch.testing.assert_close(
+        plain, k.rmsnorm.rms_norm_reference(x, norm.weight.data, 1e-6), **NORM_TOL[torch.float16]
+    )
+    gate_up = torch.randn(3, 20, generator=g).half()
+    torch.testing.assert_close(
+        act.forward_cuda(gate_up), k.activation.silu_and_mul_reference(gate_up), **ACT_TOL[torch.float16]
+    )
+
+    # compressed-tensors W4A16 asymmetric (uint4 + zero points), as vLLM hands it to the kernel.
+    config = MPLinearLayerConfig((64, 40), (64, 40), scalar_types.uint4, torch.float16, 32, True)
+    assert layers.TokenfleetW4A16LinearKernel.can_implement(config) == (True, None)
+    fp32_config = MPLinearLayerConfig((64, 40), (64, 40), scalar_types.uint4, torch.float32, 32, True)
+    assert layers.TokenfleetW4A16LinearKernel.can_implement(fp32_config)[0] is False
+    kernel = layers.TokenfleetW4A16LinearKernel(config, "weight_packed", "weight_scale", "weight_zero_point")
+    qw = k.quant.quantize_rtn(torch.randn(40, 64, generator=g).half(), 4, 32, symmetric=False)
+    layer = torch.nn.Module()
+    for name, tensor in k.quant.to_compressed_tensors(qw).items():
+        if name != "weight_shape":
+            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    kernel.process_weights_after_loading(layer)
+    x3 = torch.randn(2, 3, 64, generator=g).half()
+    bias = torch.randn(40, generator=g).half()
+    y = kernel.apply_weights(layer, x3, bias)
+    ref = k.quant.weight_only_gemm_reference(x3.reshape(6, 64), qw).reshape(2, 3, 40) + bias
+    torch.testing.assert_close(y, ref, **_gemm_tol(ref, torch.float16))
