@@ -186,6 +186,9 @@ class LocalFleet:
     def signals(self, now: float) -> Signals:
         recent = self.gateway.outcomes.all_since(now - SIGNAL_WINDOW_S)
         ttfts = [t for ok, t in recent if ok and t is not None]
+        # Idle means no request for the whole scale-down window (at least a second).
+        idle_window = max(1.0, self.service.spec.autoscaling.scale_down_stabilization_s)
+        latest = self.gateway.outcomes.all_since(now - idle_window)
         slo: dict[str, SloCounts] = {}
         for member in self.gateway.replicas.replicas.values():
             for name, met, total in member.stats.slo:
@@ -193,7 +196,7 @@ class LocalFleet:
                 slo[name] = SloCounts(seen.met + met, seen.total + total)
         return Signals(
             gateway_queued=sum(self.gateway.admission.queued().values()),
-            recent_requests=len(recent),
+            recent_requests=len(latest),
             ttft_p90_s=percentile(ttfts, 90) if ttfts else None,
             slo=slo,
         )
@@ -287,6 +290,7 @@ class LocalFleet:
         else:
             self.control.replaced(self.service_name, "unhealthy" if old.phase == "unhealthy" else "unready")
         _reap(old.process)  # a live but useless process gets no drain; a dead one's group goes too
+        old.port = free_port()  # the dying process may still hold the old one
         fresh = self.launcher(self.services[old.revision], old.id, old.port)
         fresh.start()
         old.process, old.restarts, old.exit_code = fresh, old.restarts + 1, None

@@ -144,7 +144,7 @@ def test_scale_to_zero_when_idle_and_activation_at_once_when_a_request_waits() -
         state, current = decision.state, decision.desired
     assert current == 0
     assert len(reasons) == 1
-    assert "idle: no requests in the last minute" in reasons[0]
+    assert "idle: no requests in the scale-down window" in reasons[0]
     held = autoscale(spec, bounds, 0, [], Signals(), state, 41)
     assert held.desired == 0
     woken = autoscale(spec, bounds, 0, [], Signals(gateway_queued=2), held.state, 42)
@@ -457,3 +457,17 @@ def test_window_stats_counts_errors_and_takes_p99_of_good_attempts() -> None:
     assert window_stats([]) == WindowStats()
     with pytest.raises(ValueError, match="no values"):
         percentile([], 50)
+
+
+def test_scale_down_happens_with_irregular_ticks_when_the_window_equals_the_horizon() -> None:
+    """Real loops tick at uneven times: the history must still prove it covers the down window."""
+    spec = AutoscalingSpec(enabled=True, target=4, scale_up_stabilization_s=3, scale_down_stabilization_s=3)
+    state, current, now, changes = ScaleState(), 3, 0.0, []
+    while now < 20:
+        decision = autoscale(spec, BOUNDS, current, ready(current), Signals(), state, now)
+        if decision.desired != current:
+            changes.append((round(now, 2), decision.desired))
+        state, current = decision.state, decision.desired
+        now += 0.37
+    assert [to for _, to in changes] == [2, 1]
+    assert 3 <= changes[0][0] <= 4

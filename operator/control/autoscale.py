@@ -84,6 +84,15 @@ def _window(history: Sequence[tuple[float, int]], now: float, window_s: float, c
     return inside
 
 
+def _prune(
+    history: Sequence[tuple[float, int]], now: float, horizon_s: float
+) -> tuple[tuple[float, int], ...]:
+    """Entries within the horizon, plus the newest one before it: the proof that the history
+    covers the whole window (without it, a window as long as the horizon never looks covered)."""
+    older = [h for h in history if h[0] < now - horizon_s]
+    return tuple(older[-1:]) + tuple(h for h in history if h[0] >= now - horizon_s)
+
+
 def autoscale(
     spec: AutoscalingSpec,
     bounds: ReplicasSpec,
@@ -142,9 +151,9 @@ def autoscale(
     recommendation = min(max(recommendation, floor), bounds.max)
     if idle:
         recommendation = 0
-        reasons.append("idle: no requests in the last minute")
+        reasons.append("idle: no requests in the scale-down window")
     horizon = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s)
-    history = (*tuple(h for h in state.history if h[0] >= now - horizon), (now, recommendation))
+    history = (*_prune(state.history, now, horizon), (now, recommendation))
     new_state = ScaleState(history=history, slo_samples=samples)
     why = "; ".join(reasons)
 

@@ -42,7 +42,7 @@ class Signals:
     """Service-level inputs of one tick."""
 
     gateway_queued: int = 0  # requests held by the gateway's admission queue
-    recent_requests: int = 0  # requests the gateway finished in the last minute
+    recent_requests: int = 0  # requests the gateway finished in the scale-down window
     ttft_p90_s: float | None = None  # the service's P90 time to first byte, last minute
     slo: Mapping[str, SloCounts] = field(default_factory=dict)
 
