@@ -30,18 +30,26 @@ def val_fraction_of(model_dir: Path) -> float:
         return DEFAULT_VAL_FRACTION
 
 
-def split_texts(val_fraction: float, max_files: int | None = None) -> tuple[list[str], list[str]]:
+def split_files(val_fraction: float, max_files: int | None = None) -> tuple[list[Path], list[Path]]:
+    """The corpus files of the train and validation splits, split as the model build splits them."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_source_files()
     if max_files is not None:
         files = files[:max_files]
-    train: list[str] = []
-    val: list[str] = []
+    train: list[Path] = []
+    val: list[Path] = []
     for path in files:
-        rel = path.relative_to(root).as_posix()
-        text = path.read_text(encoding="utf-8", errors="replace")
-        (val if split_of(rel, val_fraction) == "val" else train).append(text)
+        (val if split_of(path.relative_to(root).as_posix(), val_fraction) == "val" else train).append(path)
     return train, val
+
+
+def split_texts(val_fraction: float, max_files: int | None = None) -> tuple[list[str], list[str]]:
+    train, val = split_files(val_fraction, max_files)
+    return [_read(p) for p in train], [_read(p) for p in val]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def windows_of(ids: list[int], seq_len: int) -> list[list[int]]:

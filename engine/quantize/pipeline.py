@@ -110,10 +110,13 @@ def step_keys(
 ) -> dict[str, str]:
     """Each step's key from exactly the inputs that change its result (pure)."""
     cal, ev = config.calibration, config.evaluation
-    data_key = step_key(["data", model_fp, cal.model_dump(), ev.seq_len, ev.ppl_windows])
-    keys = {"quant-env": quant_env_key, "data": data_key}
+    # The data step writes both window sets; each consumer depends only on the set it reads, so a
+    # calibration change redoes calibrated techniques but not RTN or any evaluation's windows.
+    calib_key = step_key(["calibration", model_fp, cal.model_dump()])
+    eval_data_key = step_key(["evaluation", model_fp, ev.seq_len, ev.ppl_windows])
+    keys = {"quant-env": quant_env_key, "data": step_key([calib_key, eval_data_key])}
     eval_inputs = ev.model_dump(exclude={"start_timeout_s"})
-    keys["eval:baseline"] = step_key(["eval", model_fp, data_key, eval_inputs])
+    keys["eval:baseline"] = step_key(["eval", model_fp, eval_data_key, eval_inputs])
     for t in techniques:
         inputs: list[Any] = [model_fp, t.method, t.scheme, quant_env_key, worker_hash]
         if t.scheme == "W4A16":
@@ -121,9 +124,9 @@ def step_keys(
         if t.method == "smoothquant+gptq":
             inputs.append(SMOOTHING_STRENGTH)
         if t.needs_calibration:
-            inputs.append(data_key)
+            inputs.append(calib_key)
         keys[f"quantize:{t.name}"] = step_key(inputs)
-        keys[f"eval:{t.name}"] = step_key(["eval", keys[f"quantize:{t.name}"], data_key, eval_inputs])
+        keys[f"eval:{t.name}"] = step_key(["eval", keys[f"quantize:{t.name}"], eval_data_key, eval_inputs])
     return keys
 
 
