@@ -258,6 +258,7 @@ def test_a_good_canary_walks_its_steps_and_is_promoted(tmp_path: Path) -> None:
             return split, after, codes
 
     split, after, codes = asyncio.run(scenario())
+    assert sorted(split["fleet"]["rollout"]["weights"].values()) == [50, 50]
     events = decisions(after, "rollout")
     assert any(e.startswith("step 1 (50%) passed: errors 0.0%") for e in events), events
     assert events[-1] == "canary promoted: all 2 replica(s) on " + after["fleet"]["revision"]
