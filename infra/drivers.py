@@ -64,7 +64,13 @@ class GpuDrivers(pulumi.ComponentResource):
                 manifests.gpu_check_job(
                     args.check_namespace, pool.name, pool.gpus_per_node, args.check_image, POOL_LABEL
                 ),
-                pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=after)),
+                # A pool at zero nodes first scales up (GPU nodes take minutes): wait long enough.
+                pulumi.ResourceOptions.merge(
+                    child,
+                    pulumi.ResourceOptions(
+                        depends_on=after, custom_timeouts=pulumi.CustomTimeouts(create="30m")
+                    ),
+                ),
             )
             for pool in args.pools
         ]

@@ -170,8 +170,15 @@ def operator_deployment(
 ) -> dict[str, Any]:
     """One replica, Recreate: two kopf operators of the same priority freeze each other."""
     pod_labels = labels("tokenfleet-operator", "operator")
-    args = ["operator", "run", f"--liveness=http://0.0.0.0:{health_port}/healthz", f"--log-level={log_level}"]
+    # kopf's own flags (--liveness, --namespace) plus the port of the operator's metrics.
+    args = [
+        "operator",
+        "run",
+        f"--metrics-port={metrics_port}",
+        f"--liveness=http://0.0.0.0:{health_port}/healthz",
+    ]
     args += [f"--namespace={watched}" for watched in watch_namespaces]
+    env = {**env, "TOKENFLEET_LOG_LEVEL": log_level}
     probe = {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 10, "timeoutSeconds": 5}
     container = {
         "name": "operator",
@@ -186,6 +193,7 @@ def operator_deployment(
         ],
         "startupProbe": {**probe, "failureThreshold": 30},
         "livenessProbe": {**probe, "failureThreshold": 3},
+        # Nothing routes to the operator; readiness only shows in `kubectl get` whether it is up.
         "readinessProbe": {**probe, "failureThreshold": 1},
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": container_security_context(),

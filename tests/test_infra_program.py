@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import runpy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +350,7 @@ def test_operator_crd_is_the_generated_one_and_the_deployment_is_single_recreate
     assert operator["spec"]["strategy"] == {"type": "Recreate"}
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["tokenfleet"]
-    assert container["args"][:2] == ["operator", "run"]
+    assert container["args"][:3] == ["operator", "run", "--metrics-port=9090"]
     assert "--namespace=llm" in container["args"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TOKENFLEET_GATEWAY_IMAGE"] == "ghcr.io/tokenfleet/tokenfleet-gateway:0.1.0"
@@ -604,3 +605,32 @@ def test_program_refuses_to_run_without_the_grafana_password() -> None:
     hf_config = parse_stack_config({**stack_file_config("existing"), "hfTokenSecret": {"name": "hf"}})
     with pytest.raises(StackConfigError, match=r"tokenfleet:hfToken: hfTokenSecret names 'hf'"):
         program(hf_config, secrets(), stack="existing")
+
+
+def test_main_runs_the_program_from_pulumi_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """infra/__main__.py, as `pulumi up` runs it: config from Pulumi, then the whole program."""
+    recorder = Recorder()
+    pulumi.runtime.set_mocks(recorder, project="tokenfleet", stack="existing", preview=False)
+    exports: dict[str, Any] = {}
+    monkeypatch.setattr(pulumi, "export", lambda key, value: exports.__setitem__(key, value))
+    raw = stack_file_config("existing")
+    pulumi.runtime.set_all_config(
+        {
+            **{f"tokenfleet:{k}": json.dumps(v) for k, v in raw.items()},
+            "tokenfleet:grafanaAdminPassword": "pw",
+        },
+        ["tokenfleet:grafanaAdminPassword"],
+    )
+
+    @pulumi.runtime.test
+    def main() -> None:
+        runpy.run_path(str(ROOT / "infra" / "__main__.py"), run_name="__main__")
+
+    try:
+        main()
+    finally:
+        pulumi.runtime.set_all_config({})
+    assert {"gatewayEndpoint", "grafanaUrl", "locustUi", "kubeconfig"} <= set(exports)
+    assert [s["metadata"]["name"] for s in recorder.kind("LLMService")] == ["tiny-code"]
+    (grafana,) = [s for s in recorder.of_type("kubernetes:core/v1:Secret") if "grafana" in s.name]
+    assert is_secret_value(grafana.inputs["stringData"])
