@@ -113,9 +113,26 @@ def allow_otlp_egress(ns: str, monitoring_ns: str) -> dict[str, Any]:
 
 
 def operator_policy(
-    ns: str, pod_labels: dict[str, str], metrics_port: int, monitoring_ns: str
+    ns: str,
+    pod_labels: dict[str, str],
+    metrics_port: int,
+    monitoring_ns: str,
+    service_namespaces: list[str],
+    service_ports: list[int],
 ) -> dict[str, Any]:
-    """The operator talks to the API server (443/6443, outside any pod selector) and is scraped."""
+    """The operator: API server (443/6443, not a pod, so no selector), Prometheus and the
+    services' metrics endpoints (its control loop reads them); scraped from `monitoring`."""
+    egress: list[dict[str, Any]] = [
+        {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]},
+        {"to": [_ns_peer(monitoring_ns)], "ports": [{"protocol": "TCP", "port": 9090}]},
+    ]
+    if service_namespaces:
+        egress.append(
+            {
+                "to": [_ns_peer(n) for n in service_namespaces],
+                "ports": [{"protocol": "TCP", "port": p} for p in sorted(set(service_ports))],
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -126,7 +143,7 @@ def operator_policy(
             "ingress": [
                 {"from": [_ns_peer(monitoring_ns)], "ports": [{"protocol": "TCP", "port": metrics_port}]}
             ],
-            "egress": [{"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}],
+            "egress": egress,
         },
     }
 

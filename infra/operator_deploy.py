@@ -17,6 +17,7 @@ import pulumi_kubernetes as k8s
 from tokenfleet.infra import manifests
 from tokenfleet.infra.kube import apply
 from tokenfleet.operator.crd import crd_manifest
+from tokenfleet.operator.model import ENGINE_PORT
 from tokenfleet.operator.rbac import SERVICE_ACCOUNT, rbac_manifests
 
 HEALTH_PORT = 8080
@@ -34,6 +35,7 @@ class OperatorArgs:
     monitoring_namespace: str
     monitoring_release: pulumi.Resource  # ServiceMonitor's CRD comes with kube-prometheus-stack
     namespaces: dict[str, pulumi.Resource]  # the watched namespaces, created by the program
+    gateway_ports: list[int]  # the services' gateway ports (the operator reads their /metrics)
 
 
 class Operator(pulumi.ComponentResource):
@@ -74,7 +76,14 @@ class Operator(pulumi.ComponentResource):
             after(svc, args.monitoring_release),
         )
         apply(
-            manifests.operator_policy(ns, selector, METRICS_PORT, args.monitoring_namespace),
+            manifests.operator_policy(
+                ns,
+                selector,
+                METRICS_PORT,
+                args.monitoring_namespace,
+                args.watch_namespaces,
+                [ENGINE_PORT, *args.gateway_ports],
+            ),
             after(*args.namespaces.values()),
         )
         self.register_outputs({})

@@ -141,6 +141,7 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
             monitoring_namespace=mon_ns,
             monitoring_release=monitoring.release,
             namespaces=namespaces,
+            gateway_ports=[s.spec.gateway.port for s in completed],
         ),
     )
     services = LLMServices(

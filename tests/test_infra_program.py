@@ -363,6 +363,25 @@ def test_operator_crd_is_the_generated_one_and_the_deployment_is_single_recreate
     assert svc["spec"]["selector"].items() <= operator["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_operator_may_reach_the_api_server_prometheus_and_its_services_only(runs: dict[str, Run]) -> None:
+    (policy,) = [
+        p
+        for p in runs["eks"].recorder.kind("NetworkPolicy")
+        if p["metadata"]["name"] == "tokenfleet-operator"
+    ]
+    api, prometheus, services = policy["spec"]["egress"]
+    assert "to" not in api  # the API server is no pod: by port only
+    assert {p["port"] for p in api["ports"]} == {443, 6443}
+    assert prometheus["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert [t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for t in services["to"]] == [
+        "llm"
+    ]
+    assert {p["port"] for p in services["ports"]} == {8000}
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9090}]
+
+
 def test_rbac_is_least_privilege(runs: dict[str, Run]) -> None:
     recorder = runs["eks"].recorder
     (cluster_role,) = recorder.kind("ClusterRole")
