@@ -120,7 +120,16 @@ def tempo_values(cfg: MonitoringConfig) -> dict[str, Any]:
     return {
         "tempo": {
             "retention": cfg.traces.retention,
-            "receivers": {"otlp": {"protocols": {"grpc": {}, "http": {}}}},
+            # Explicit endpoints: recent Tempo releases bind receivers to localhost by default,
+            # which the collector in another pod could not reach.
+            "receivers": {
+                "otlp": {
+                    "protocols": {
+                        "grpc": {"endpoint": "0.0.0.0:4317"},
+                        "http": {"endpoint": "0.0.0.0:4318"},
+                    }
+                }
+            },
         },
         "persistence": persistence,
     }

@@ -120,7 +120,6 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
     )
 
     completed = [complete_service(s, config.namespace_of(s), config.images, pools) for s in config.services]
-    service_namespaces = sorted({s.metadata.namespace for s in completed})
     hf_ref = config.hf_token_secret or (SecretRef(name="hf-token") if secrets.hf_token is not None else None)
     env = {
         "TOKENFLEET_GATEWAY_IMAGE": config.images.gateway,
@@ -135,7 +134,7 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
             provider=provider,
             namespace=config.operator.namespace,
             image=config.images.operator,
-            watch_namespaces=service_namespaces,
+            watch_namespaces=config.service_namespaces(),
             env=env,
             log_level=config.operator.log_level,
             monitoring_namespace=mon_ns,

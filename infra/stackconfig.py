@@ -327,9 +327,14 @@ class StackConfig(_Config):
             return service.metadata.namespace
         return self.services_namespace
 
+    def service_namespaces(self) -> list[str]:
+        """Where the operator serves LLMServices: the listed services' namespaces, and always
+        servicesNamespace, so services applied later with kubectl are served there too."""
+        return sorted({self.services_namespace, *(self.namespace_of(s) for s in self.services)})
+
     def tokenfleet_namespaces(self) -> list[str]:
         """Namespaces tokenfleet creates and labels Pod Security `restricted`."""
-        names = [self.operator.namespace, *sorted({self.namespace_of(s) for s in self.services})]
+        names = [self.operator.namespace, *self.service_namespaces()]
         if self.load_generators.enabled:
             names.append(self.load_generators.namespace)
         return list(dict.fromkeys(names))

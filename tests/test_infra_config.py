@@ -210,7 +210,9 @@ def test_defaults_fill_in_a_minimal_config() -> None:
     assert isinstance(config.cluster, EksCluster)
     assert config.cluster.system_pool.instance_type == "m6i.xlarge"
     assert config.load_generators.enabled is False
-    assert config.tokenfleet_namespaces() == ["tokenfleet-system"]
+    assert config.tokenfleet_namespaces() == ["tokenfleet-system", "tokenfleet"]
+    listed = parse_stack_config(with_(EKS, "services", [GPU_SERVICE]))
+    assert listed.service_namespaces() == ["llm", "tokenfleet"]  # servicesNamespace is always served
 
 
 def test_services_default_to_the_services_namespace() -> None:

@@ -315,6 +315,7 @@ def test_monitoring_values_come_from_config(runs: dict[str, Run]) -> None:
     tempo = releases["tempo"]["values"]
     assert tempo["tempo"]["retention"] == "72h"
     assert tempo["persistence"]["size"] == "20Gi"
+    assert tempo["tempo"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317"
     otel = releases["opentelemetry-collector"]["values"]
     assert otel["config"]["exporters"]["otlp"]["endpoint"] == "tempo.monitoring.svc:4317"
     assert ":" not in otel["image"]["repository"]
@@ -351,7 +352,10 @@ def test_operator_crd_is_the_generated_one_and_the_deployment_is_single_recreate
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["tokenfleet"]
     assert container["args"][:3] == ["operator", "run", "--metrics-port=9090"]
-    assert "--namespace=llm" in container["args"]
+    assert [a for a in container["args"] if a.startswith("--namespace=")] == [
+        "--namespace=llm",
+        "--namespace=tokenfleet",
+    ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TOKENFLEET_GATEWAY_IMAGE"] == "ghcr.io/tokenfleet/tokenfleet-gateway:0.1.0"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
@@ -375,9 +379,8 @@ def test_operator_may_reach_the_api_server_prometheus_and_its_services_only(runs
     assert prometheus["to"][0]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"
     }
-    assert [t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for t in services["to"]] == [
-        "llm"
-    ]
+    reached = [t["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for t in services["to"]]
+    assert reached == ["llm", "tokenfleet"]
     assert {p["port"] for p in services["ports"]} == {8000}
     assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9090}]
 
@@ -390,7 +393,7 @@ def test_rbac_is_least_privilege(runs: dict[str, Run]) -> None:
     assert cluster_resources == {"customresourcedefinitions", "namespaces"}
     assert {v for rule in cluster_role["rules"] for v in rule["verbs"]} == {"list", "watch"}
     roles = recorder.kind("Role")
-    assert [r["metadata"]["namespace"] for r in roles] == ["llm"]
+    assert [r["metadata"]["namespace"] for r in roles] == ["llm", "tokenfleet"]
     for role in [cluster_role, *roles]:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"]
@@ -399,10 +402,12 @@ def test_rbac_is_least_privilege(runs: dict[str, Run]) -> None:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
             if "secrets" in rule["resources"]:
                 assert rule["verbs"] == ["get"]
-    (binding,) = recorder.kind("RoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "tokenfleet-operator", "namespace": "tokenfleet-system"}
-    ]
+    bindings = recorder.kind("RoleBinding")
+    assert [b["metadata"]["namespace"] for b in bindings] == ["llm", "tokenfleet"]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "tokenfleet-operator", "namespace": "tokenfleet-system"}
+        ]
 
 
 # --- services --------------------------------------------------------------------------------
@@ -498,7 +503,9 @@ def test_tokenfleet_namespaces_are_restricted_and_default_deny(runs: dict[str, R
     restricted = {
         ns for ns, lab in namespaces.items() if lab["pod-security.kubernetes.io/enforce"] == "restricted"
     }
-    expected = {"tokenfleet-system"} | {s["metadata"]["namespace"] for s in run.recorder.kind("LLMService")}
+    expected = {"tokenfleet-system", "tokenfleet"} | {
+        s["metadata"]["namespace"] for s in run.recorder.kind("LLMService")
+    }
     if run.stack.load is not None:
         expected.add("tokenfleet-load")
     assert restricted == expected == deny == dns
