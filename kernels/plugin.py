@@ -95,8 +95,9 @@ def _register_w4a16_gemm() -> str:
     from vllm.model_executor.kernels import linear
     from vllm.platforms import PlatformEnum
 
-    from tokenfleet.kernels.vllm_layers import TokenfleetW4A16LinearKernel
+    from tokenfleet.kernels.vllm_layers import TokenfleetW4A16LinearKernel, define_torch_ops
 
+    define_torch_ops()
     kernels = linear._POSSIBLE_KERNELS.setdefault(PlatformEnum.CUDA, [])
     if not any(k.__name__ == TokenfleetW4A16LinearKernel.__name__ for k in kernels):
         kernels.insert(0, TokenfleetW4A16LinearKernel)

@@ -19,13 +19,12 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.scalar_type import scalar_types
 
-from tokenfleet.kernels import wgemm
-from tokenfleet.kernels.quant import QuantizedWeight, from_compressed_tensors
+from tokenfleet.kernels.quant import from_compressed_tensors
 
 
 def define_torch_ops() -> None:
-    """torch.ops.tokenfleet.{fused_add_rms_norm, rms_norm, silu_and_mul}; once per process."""
-    if hasattr(torch.ops.tokenfleet, "rms_norm"):
+    """torch.ops.tokenfleet.{fused_add_rms_norm, rms_norm, silu_and_mul, w4a16_gemm}; once per process."""
+    if hasattr(torch.ops.tokenfleet, "w4a16_gemm"):
         return
 
     # The bodies look the kernel modules up at call time (not through this module's globals), so
@@ -59,6 +58,29 @@ def define_torch_ops() -> None:
     @silu_and_mul.register_fake
     def _(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.custom_op("tokenfleet::w4a16_gemm", mutates_args=())
+    def w4a16_gemm(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        from tokenfleet.kernels import quant, wgemm
+
+        shape = (qweight.shape[0], qweight.shape[1] * 8)
+        return wgemm.w4a16_gemm(x, quant.QuantizedWeight(qweight, scales, zeros, 4, group_size, shape))
+
+    @w4a16_gemm.register_fake
+    def _(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 class TritonRMSNorm(RMSNorm):
@@ -123,16 +145,30 @@ class TokenfleetW4A16LinearKernel(MPLinearKernel):
             "weight_scale": getattr(layer, self.w_s_name).data,
             "weight_shape": torch.tensor([n, k]),
         }
-        if self.w_zp_name is not None and getattr(layer, self.w_zp_name, None) is not None:
+        if self._has_zeros(layer):
             tensors["weight_zero_point"] = getattr(layer, self.w_zp_name).data
-        layer.tokenfleet_qweight = from_compressed_tensors(tensors, num_bits=4)
+        # Validates shapes once; the layer keeps the tensors as parameters (moved and seen by
+        # torch.compile like any other weight), zero points unpacked to int8 [N, groups].
+        qw = from_compressed_tensors(tensors, num_bits=4)
+        self._transform_param(layer, self.w_q_name, lambda _: qw.qweight)
+        self._transform_param(layer, self.w_s_name, lambda _: qw.scales)
+        if qw.zeros is not None:
+            zeros = qw.zeros
+            self._transform_param(layer, self.w_zp_name, lambda _: zeros)
+        layer.tokenfleet_group_size = qw.group_size
+
+    def _has_zeros(self, layer: torch.nn.Module) -> bool:
+        return self.w_zp_name is not None and getattr(layer, self.w_zp_name, None) is not None
 
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        qw: QuantizedWeight = layer.tokenfleet_qweight
+        qweight = getattr(layer, self.w_q_name)
+        zeros = getattr(layer, self.w_zp_name) if self._has_zeros(layer) else None
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = wgemm.w4a16_gemm(x2, qw)
+        y = torch.ops.tokenfleet.w4a16_gemm(
+            x2, qweight, getattr(layer, self.w_s_name), zeros, layer.tokenfleet_group_size
+        )
         if bias is not None:
             y.add_(bias)
-        return y.reshape(*x.shape[:-1], qw.shape[0])
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
