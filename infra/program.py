@@ -49,8 +49,10 @@ class Stack:
     completed: list[LLMService]
 
 
-def check_secrets(config: StackConfig, secrets: StackSecrets) -> None:
-    """Secrets the stack needs but cannot validate as plain config (they are Outputs)."""
+def check_secrets(config: StackConfig, secrets: StackSecrets) -> pulumi.Output[str]:
+    """Secrets the stack needs but cannot validate as plain config (they are Outputs).
+
+    Returns Grafana's admin password, the one secret every stack needs."""
     errors = []
     if secrets.grafana_admin_password is None:
         errors.append(
@@ -67,20 +69,14 @@ def check_secrets(config: StackConfig, secrets: StackSecrets) -> None:
                 "pulumi config set --secret tokenfleet:hfToken <token>",
             )
         )
-    if errors:
+    if errors or secrets.grafana_admin_password is None:
         raise StackConfigError(errors)
+    return secrets.grafana_admin_password
 
 
-def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None) -> Stack:
-    check_secrets(config, secrets)
-    stack = stack or pulumi.get_stack()
-    cluster = GpuCluster("tokenfleet", GpuClusterArgs(cluster=config.cluster, stack=stack))
-    provider = cluster.provider
-    base = pulumi.ResourceOptions(provider=provider)
-    mon_ns = config.monitoring.namespace
-
-    # Namespaces first: every tokenfleet namespace is `restricted` and default-deny, with DNS
-    # and OTLP egress allowed; components add the narrow allows their pods need.
+def create_namespaces(config: StackConfig, base: pulumi.ResourceOptions) -> dict[str, pulumi.Resource]:
+    """Every tokenfleet namespace: Pod Security `restricted`, default-deny, DNS and OTLP egress.
+    Components add the narrow allows their own pods need."""
     namespaces: dict[str, pulumi.Resource] = {}
     for ns in config.tokenfleet_namespaces():
         namespaces[ns] = apply(manifests.namespace(ns), base)
@@ -88,21 +84,47 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
         for policy in (
             manifests.default_deny(ns),
             manifests.allow_dns(ns),
-            manifests.allow_otlp_egress(ns, mon_ns),
+            manifests.allow_otlp_egress(ns, config.monitoring.namespace),
         ):
             apply(policy, in_ns)
+    return namespaces
+
+
+def needs_device_plugin(config: StackConfig) -> bool:
+    """EKS's AMI has the driver but no plugin; GKE runs its own; an existing cluster says."""
+    cluster = config.cluster
+    if isinstance(cluster, EksCluster):
+        return True
+    return isinstance(cluster, ExistingCluster) and cluster.gpu_drivers == "device-plugin"
+
+
+def operator_env(config: StackConfig, monitoring: Monitoring, hf_ref: SecretRef | None) -> dict[str, str]:
+    """Cluster-wide conventions the operator applies to every service it runs."""
+    env = {
+        "TOKENFLEET_GATEWAY_IMAGE": config.images.gateway,
+        "TOKENFLEET_PROMETHEUS_NAMESPACE": config.monitoring.namespace,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": monitoring.otlp_endpoint,
+    }
+    if hf_ref is not None:
+        env["TOKENFLEET_HF_TOKEN_SECRET"] = f"{hf_ref.name}/{hf_ref.key}"
+    return env
+
+
+def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None) -> Stack:
+    grafana_password = check_secrets(config, secrets)
+    stack = stack or pulumi.get_stack()
+    cluster = GpuCluster("tokenfleet", GpuClusterArgs(cluster=config.cluster, stack=stack))
+    provider = cluster.provider
+    namespaces = create_namespaces(config, pulumi.ResourceOptions(provider=provider))
 
     pools = config.cluster.gpu_pools
     drivers = None
     if pools:
-        device_plugin = isinstance(config.cluster, EksCluster) or (
-            isinstance(config.cluster, ExistingCluster) and config.cluster.gpu_drivers == "device-plugin"
-        )
         drivers = GpuDrivers(
             "gpu-drivers",
             GpuDriversArgs(
                 provider=provider,
-                install_device_plugin=device_plugin,
+                install_device_plugin=needs_device_plugin(config),
                 pools=pools,
                 check_namespace=config.operator.namespace,
                 check_image=config.images.gpu_check,
@@ -110,24 +132,14 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
             pulumi.ResourceOptions(depends_on=[namespaces[config.operator.namespace], cluster]),
         )
 
-    assert secrets.grafana_admin_password is not None  # check_secrets
     monitoring = Monitoring(
         "monitoring",
-        MonitoringArgs(
-            provider=provider, config=config.monitoring, grafana_admin_password=secrets.grafana_admin_password
-        ),
+        MonitoringArgs(provider=provider, config=config.monitoring, grafana_admin_password=grafana_password),
         pulumi.ResourceOptions(depends_on=[cluster]),
     )
 
     completed = [complete_service(s, config.namespace_of(s), config.images, pools) for s in config.services]
     hf_ref = config.hf_token_secret or (SecretRef(name="hf-token") if secrets.hf_token is not None else None)
-    env = {
-        "TOKENFLEET_GATEWAY_IMAGE": config.images.gateway,
-        "TOKENFLEET_PROMETHEUS_NAMESPACE": mon_ns,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": monitoring.otlp_endpoint,
-    }
-    if hf_ref is not None:
-        env["TOKENFLEET_HF_TOKEN_SECRET"] = f"{hf_ref.name}/{hf_ref.key}"
     operator = Operator(
         "operator",
         OperatorArgs(
@@ -135,9 +147,9 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
             namespace=config.operator.namespace,
             image=config.images.operator,
             watch_namespaces=config.service_namespaces(),
-            env=env,
+            env=operator_env(config, monitoring, hf_ref),
             log_level=config.operator.log_level,
-            monitoring_namespace=mon_ns,
+            monitoring_namespace=config.monitoring.namespace,
             monitoring_release=monitoring.release,
             namespaces=namespaces,
             gateway_ports=[s.spec.gateway.port for s in completed],
@@ -148,6 +160,7 @@ def program(config: StackConfig, secrets: StackSecrets, stack: str | None = None
         LLMServicesArgs(
             provider=provider,
             services=completed,
+            service_namespaces=config.service_namespaces(),
             crd=operator.crd,
             operator=operator.deployment,
             namespaces=namespaces,

@@ -63,6 +63,7 @@ def custom_resource(service: LLMService) -> dict[str, Any]:
 class LLMServicesArgs:
     provider: k8s.Provider
     services: list[LLMService]  # completed (complete_service)
+    service_namespaces: list[str]  # every namespace the operator serves (the HF token goes to each)
     crd: pulumi.Resource
     operator: pulumi.Resource
     namespaces: dict[str, pulumi.Resource]
@@ -107,7 +108,7 @@ class LLMServices(pulumi.ComponentResource):
                 made.setdefault(ns, []).append(apply(secret, in_ns, string_data={KEYS_FILE: keys}))
         ref = args.hf_token_secret
         if ref is not None and args.hf_token is not None:
-            for ns in sorted({s.metadata.namespace for s in args.services}):
+            for ns in args.service_namespaces:
                 in_ns = pulumi.ResourceOptions.merge(
                     child, pulumi.ResourceOptions(depends_on=[args.namespaces[ns]])
                 )

@@ -443,7 +443,7 @@ def test_api_keys_and_hf_token_are_secrets_referenced_never_inlined(runs: dict[s
     assert keys["metadata"]["namespace"] == "llm"
     assert yaml.safe_load(keys["stringData"]["keys.yaml"]) == {"k-123": "search"}
     hf = [s for s in runs["existing-gpu"].recorder.kind("Secret") if s["metadata"]["name"] == "hf"]
-    assert {s["metadata"]["namespace"] for s in hf} == {"llm", "cpu-llm"}
+    assert {s["metadata"]["namespace"] for s in hf} == {"llm", "cpu-llm", "tokenfleet"}
     operator = next(
         d
         for d in runs["existing-gpu"].recorder.kind("Deployment")
