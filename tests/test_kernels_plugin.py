@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import tomllib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from conftest import free_port, tiny_service
 
 from tokenfleet.engine.launch import engine_command
 from tokenfleet.kernels import plugin
-from tokenfleet.kernels.names import KERNELS_ENV, custom_ops_for, parse_enabled
-from tokenfleet.spec import KNOWN_KERNELS
+from tokenfleet.kernels.names import KERNELS_ENV, KNOWN, custom_ops_for, parse_enabled
+from tokenfleet.spec import KNOWN_KERNELS, EngineSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,8 @@ def plugin_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 
 def test_known_kernels_match_the_spec() -> None:
-    assert set(KNOWN_KERNELS) == set(parse_enabled(",".join(KNOWN_KERNELS)))
+    (literal,) = typing.get_args(EngineSpec.model_fields["kernels"].annotation)
+    assert set(typing.get_args(literal)) == set(KNOWN_KERNELS) == set(KNOWN)
     with pytest.raises(ValueError, match="unknown tokenfleet kernels"):
         parse_enabled("rms_norm,flash_magic")
     assert parse_enabled(" rms_norm, rms_norm ,") == ["rms_norm"]
