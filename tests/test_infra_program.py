@@ -557,6 +557,35 @@ def test_every_manifest_validates_against_kubernetes_1_33_strict(runs: dict[str,
     assert checked >= 20
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_custom_resources_match_their_schemas(runs: dict[str, Run], name: str) -> None:
+    """kubernetes-validate skips custom kinds: LLMServices are checked against the CRD's own
+    schema; the prometheus-operator kinds (no schema here) for the fields their operator reads."""
+    recorder = runs[name].recorder
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for service in recorder.kind("LLMService"):
+        jsonschema.Draft4Validator(schema).validate(service)
+    services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in recorder.kind("Service")}
+    for monitor in recorder.kind("ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        (ns,) = monitor["spec"]["namespaceSelector"]["matchNames"]
+        # The endpoint's named port exists on a Service the selector matches.
+        matched = [
+            svc
+            for (svc_ns, _), svc in services.items()
+            if svc_ns == ns
+            and monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        ]
+        assert matched, monitor["metadata"]["name"]
+        port_names = {p["name"] for svc in matched for p in svc["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+    (rule,) = recorder.kind("PrometheusRule")
+    for group in rule["spec"]["groups"]:
+        assert group["name"]
+        assert group["rules"]
+        assert all(("alert" in r) != ("record" in r) and r["expr"] for r in group["rules"])
+
+
 def test_validation_catches_a_broken_manifest(runs: dict[str, Run]) -> None:
     (operator,) = [
         d for d in runs["eks"].recorder.kind("Deployment") if d["metadata"]["name"] == "tokenfleet-operator"
