@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenfleet.engine.gateway.bench import register as register_gateway_bench
 
     register_gateway_bench(bench_sub)
+    from tokenfleet.load.autoscale_bench import register as register_autoscale_bench
+
+    register_autoscale_bench(bench_sub)
     from tokenfleet.kernels.cli import register as register_kernels
 
     register_kernels(sub)

@@ -1,0 +1,115 @@
+"""`tokenfleet bench autoscale`: the analysis and the report, over a recorded-shape trace (the
+run itself starts real vLLM fleets and is a benchmark command, not a test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenfleet.cli import build_parser
+from tokenfleet.load.autoscale_bench import (
+    Event,
+    Sample,
+    Trace,
+    canary_response,
+    plot,
+    render,
+    reversals,
+    scale_changes,
+    services,
+    step_response,
+    step_workload,
+)
+
+
+def trace() -> Trace:
+    samples = [Sample(float(t), 1, 1, "idle", None) for t in range(0, 60)]
+    samples += [Sample(float(t), 3, 1, "idle", None) for t in range(60, 80)]
+    samples += [Sample(float(t), 3, 3, "idle", None) for t in range(80, 180)]
+    events = [
+        Event(72.5, "scale", "queue_depth 6.10/replica vs target 2: 1 -> 3"),
+        Event(150.0, "scale", "queue_depth 0.20/replica vs target 2: 3 -> 2"),
+        Event(170.0, "scale", "queue_depth 0.10/replica vs target 2: 2 -> 1"),
+    ]
+    return Trace(samples, events)
+
+
+def test_step_response_measures_decision_and_ready_times_and_flapping() -> None:
+    response = step_response(trace(), step_at=60.0, down_at=120.0)
+    assert response["decision_s"] == 12.5
+    assert response["ready_s"] == 20.0
+    assert response["changes_before_step"] == 0
+    assert response["reversals"] == 1
+    assert response["changes_after_down"] == [(30.0, 3, 2), (50.0, 2, 1)]
+    assert scale_changes(trace().events)[0] == (72.5, 1, 3)
+    assert reversals([(0, 1, 2), (1, 2, 1), (2, 1, 2)]) == 2
+
+
+def test_canary_response_times_the_split_and_the_verdict() -> None:
+    samples = [
+        Sample(10.0, 1, 1, "progressing", {"a": 100}),
+        Sample(50.0, 1, 1, "progressing", {"a": 50, "b": 50}),
+        Sample(90.0, 1, 1, "rolled_back", {"a": 100}),
+    ]
+    events = [Event(85.0, "rollout", "canary rolled back at 50%: TTFT p99 900 ms > 1.5x stable 200 ms")]
+    response = canary_response(Trace(samples, events), applied_at=5.0)
+    assert response == {
+        "traffic_split_s": 45.0,
+        "decision_s": 80.0,
+        "analysis_s": 35.0,
+        "verdict": "canary rolled back at 50%: TTFT p99 900 ms > 1.5x stable 200 ms",
+    }
+
+
+def test_step_workload_doubles_the_rate_in_the_middle_phase() -> None:
+    steps = step_workload(2.5, 30).arrival.shape.steps
+    assert [(s.value, s.duration_s) for s in steps] == [(2.5, 30), (5.0, 30), (2.5, 30)]
+    specs = services(2.5)
+    assert specs["autoscaled"].spec.autoscaling.enabled
+    assert specs["canary-bad"].spec.engine.max_num_seqs == 1
+    assert specs["canary"].spec.rollout.strategy == "canary"
+
+
+def test_report_renders_from_results(tmp_path: Path) -> None:
+    load = {
+        "requests": 540,
+        "failed": 0,
+        "errors": {},
+        "ttft_p99_ms": 812.0,
+        "slo_attainment": 0.97,
+        "goodput_req_per_s": 2.9,
+        "classes": {"interactive": {"slo_attainment": 0.99, "goodput_req_per_s": 1.0}},
+    }
+    t = trace()
+    recorded = {
+        "samples": [{"t": s.t, "desired": s.desired, "ready": s.ready} for s in t.samples],
+        "events": [{"t": e.t, "kind": e.kind, "reason": e.reason} for e in t.events],
+    }
+    step = {"load": load, "response": step_response(t, 60.0, 120.0), "trace": recorded}
+    rollout = {
+        "load": load,
+        "phase": "complete",
+        "finished_s": 95.0,
+        "events": ["rolling: 2 b replica(s) ready, a drained"],
+        "upstream_errors": {},
+        "canary": canary_response(Trace(), 0.0),
+    }
+    results = {
+        "config": {"rate": 3.0, "phase_s": 60.0, "rollout_s": 200.0, "started": 0.0},
+        "machine": {"cpus": 2, "cpu_model": "x", "memory_gib": 24},
+        "fixed": step,
+        "autoscaled": step,
+        "rolling": rollout,
+        "canary": rollout,
+    }
+    text = render(results)
+    assert "| step → scale-up decision | - | 12.5 s | ≤ 30 s |" in text
+    assert "| direction reversals (flapping) | - | 1 | 0 |" in text
+    assert "- 72.5 s: queue_depth 6.10/replica vs target 2: 1 -> 3" in text
+    assert "| 540 | 0 | none | complete | 95.0 s |" in text
+    plot(results, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_the_command_is_registered() -> None:
+    args = build_parser().parse_args(["bench", "autoscale", "--rate", "2", "--phase-s", "30"])
+    assert (args.rate, args.phase_s, args.render) == (2.0, 30.0, False)
