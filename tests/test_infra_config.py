@@ -238,3 +238,11 @@ def test_pinned_image_rule(image: str, ok: bool) -> None:
     else:
         with pytest.raises(ValueError, match="pin it"):
             check_pinned_image(image)
+
+
+def test_pulumi_project_runs_infra_main_in_the_venv() -> None:
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    assert project["name"] == "tokenfleet"  # the `tokenfleet:` config namespace
+    assert project["main"] == "infra/"
+    assert project["runtime"] == {"name": "python", "options": {"toolchain": "pip", "virtualenv": ".venv"}}
+    assert (ROOT / "infra" / "__main__.py").is_file()
