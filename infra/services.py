@@ -30,24 +30,21 @@ KEYS_FILE = "keys.yaml"  # the entry the gateway reads from apiKeysSecret (opera
 def complete_service(service: LLMService, namespace: str, images: Images, pools: list[GpuPool]) -> LLMService:
     """The service as it is applied: namespace, image and GPU pools filled from the stack."""
     engine = service.spec.engine
-    updates: dict[str, Any] = {}
+    document = service.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    engine_doc = document.setdefault("spec", {}).setdefault("engine", {})
     if "image" not in engine.model_fields_set:
-        updates["image"] = images.engine_gpu if engine.device == "gpu" else images.engine_cpu
+        # The stock vLLM image lacks tokenfleet's scheduler and kernels: use the stack's own.
+        engine_doc["image"] = images.engine_gpu if engine.device == "gpu" else images.engine_cpu
     if engine.device == "gpu" and not engine.gpu_pools:
-        fitting = [p for p in pools if p.gpus_per_node >= engine.gpus_per_replica]
-        updates["gpu_pools"] = [
+        engine_doc["gpuPools"] = [
             {
                 "name": p.name,
                 "nodeSelector": {POOL_LABEL: p.name},
                 "tolerations": [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
             }
-            for p in fitting
+            for p in pools
+            if p.gpus_per_node >= engine.gpus_per_replica
         ]
-    document = service.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    document.setdefault("spec", {}).setdefault("engine", {})
-    for key, value in updates.items():
-        alias = "gpuPools" if key == "gpu_pools" else key
-        document["spec"]["engine"][alias] = value
     document["metadata"]["namespace"] = namespace
     # Re-validated: the completed object must still be a valid LLMService.
     return LLMService.model_validate(document)
