@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenfleet.spec import LLMService, SpecError, default_service, json_schema, load_service
+from tokenfleet.spec import LLMService, SpecError, default_service, json_schema, load_service, local_problems
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -36,7 +36,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             ok = False
             print(f"{path}: cannot read: {exc.strerror}", file=sys.stderr)
         else:
-            print(f"{path}: valid LLMService {service.metadata.namespace}/{service.metadata.name}")
+            problems = local_problems(service) if args.local else []
+            if problems:
+                ok = False
+                print(f"{path}: not runnable by tokenfleet up ({len(problems)} error(s))", file=sys.stderr)
+                for field_path, reason in problems:
+                    print(f"  {field_path}: {reason}", file=sys.stderr)
+            else:
+                print(f"{path}: valid LLMService {service.metadata.namespace}/{service.metadata.name}")
     return 0 if ok else 1
 
 
@@ -85,7 +92,13 @@ def _default_example() -> str | None:
 def cmd_up(args: argparse.Namespace) -> int:
     from tokenfleet.engine.fleet import run_up
 
-    return run_up(_load(args.file), replicas=args.replicas, host=args.host, port=args.port)
+    service = _load(args.file)
+    problems = local_problems(service)
+    if problems:
+        for field_path, reason in problems:
+            print(f"{field_path}: {reason}", file=sys.stderr)
+        return 2
+    return run_up(service, replicas=args.replicas, host=args.host, port=args.port)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -112,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="validate LLMService files; print every error with its field")
     validate.add_argument("-f", "--file", action="append", required=True, help="service YAML (repeatable)")
+    validate.add_argument(
+        "--local", action="store_true", help="also refuse fields `tokenfleet up` cannot honour locally"
+    )
     validate.set_defaults(handler=cmd_validate)
 
     spec = sub.add_parser("spec", help="the LLMService spec")

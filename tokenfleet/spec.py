@@ -42,8 +42,19 @@ RESERVED_VLLM_FLAGS = frozenset(
         "--max-model-len",
         "--tensor-parallel-size",
         "--served-model-name",
+        # A config file could set any of the above (and anything else) behind the spec's back.
+        "--config",
     }
 )
+# Runs the model repository's own Python: allowed only when the spec says so explicitly.
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+
+
+def normalised_flag(arg: str) -> str:
+    """The flag as vLLM's argument parser sees it: `--max_model_len=9` is `--max-model-len`."""
+    flag = arg.split("=", 1)[0]
+    return "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+
 
 Name = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
 
@@ -146,26 +157,38 @@ class EngineSpec(_Spec):
         "build for the builtin model. Use 2-3 on GPUs, where compiled graphs pay off.",
     )
     extra_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow --trust-remote-code in extraArgs (runs the model repository's own code).",
+    )
     kernels: list[Literal["rms_norm", "silu_and_mul", "w4a16_gemm"]] = Field(
         default_factory=list, description="tokenfleet Triton kernels to enable through the vLLM plugin."
     )
-    image: str = Field("vllm/vllm-openai:v0.32.0", description="Container image on a cluster.")
+    image: str = Field("vllm/vllm-openai:v0.32.0", description="Container image on a cluster (cluster only).")
     gpu_pools: list[GpuPool] = Field(
         default_factory=list,
         description="GPU node pools in order of preference; a replica Pending beyond "
-        "failover.pendingTimeoutS falls back to the next. Needs device gpu.",
+        "failover.pendingTimeoutS falls back to the next. Needs device gpu. Cluster only.",
     )
 
     @field_validator("extra_args")
     @classmethod
     def _check_extra_args(cls, args: list[str]) -> list[str]:
         for arg in args:
-            flag = arg.split("=", 1)[0]
+            flag = normalised_flag(arg)
             if flag in RESERVED_VLLM_FLAGS:
                 raise ValueError(f"{flag} is set by tokenfleet from the spec; use the spec field instead")
         if args and not args[0].startswith("--"):
             raise ValueError(f"extra args must start with a --flag, got {args[0]!r}")
         return args
+
+    @model_validator(mode="after")
+    def _check_trust_remote_code(self) -> Self:
+        if not self.trust_remote_code and any(
+            normalised_flag(a) == TRUST_REMOTE_CODE_FLAG for a in self.extra_args
+        ):
+            raise ValueError("--trust-remote-code in extraArgs needs engine.trustRemoteCode: true")
+        return self
 
     @field_validator("image")
     @classmethod
@@ -212,6 +235,9 @@ class Tenant(_Spec):
     max_class: str | None = Field(None, description="Highest class this tenant may request.")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests of this tenant in the gateway at once (queued or running)."
+    )
 
 
 def _default_classes() -> list[SLOClass]:
@@ -384,6 +410,9 @@ class RateLimit(_Spec):
 
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests of one tenant in the gateway at once (queued or running)."
+    )
 
 
 class GatewaySpec(_Spec):
@@ -450,6 +479,26 @@ class LLMService(_Spec):
     kind: Literal["LLMService"] = "LLMService"
     metadata: Metadata
     spec: LLMServiceSpec = Field(default_factory=LLMServiceSpec)
+
+
+def local_problems(service: LLMService) -> list[tuple[str, str]]:
+    """Fields `tokenfleet up` cannot honour, as `(field path, reason)`: run before starting.
+
+    Every field is consumed somewhere or refused here: a local run that silently ignored one would
+    differ from what the spec says (apiKeysSecret alone answered 401 to every request). Fields
+    that are cluster-only by nature (engine.image, engine.gpuPools, failover.pendingTimeoutS)
+    are documented as such and harmless locally, so they are not refused.
+    """
+    problems: list[tuple[str, str]] = []
+    gateway = service.spec.gateway
+    if gateway.api_keys_secret and not gateway.api_keys_file:
+        problems.append(
+            (
+                "spec.gateway.apiKeysSecret",
+                "not supported by tokenfleet up (it is read by the operator on Kubernetes); set apiKeysFile",
+            )
+        )
+    return problems
 
 
 class SpecError(Exception):
