@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from tokenfleet.operator.control import (
     failover,
     percentile,
     restarts_after_ready,
+    revision_of,
     rollout,
     window_stats,
 )
@@ -63,12 +63,6 @@ DECISIONS_KEPT = 20
 # `scheduler` define a revision and roll out; the gateway's own sections need a restart.
 IN_PLACE = ("replicas", "autoscaling", "rollout", "failover")
 NEEDS_RESTART = ("routing", "gateway")
-
-
-def revision_of(spec: LLMServiceSpec) -> str:
-    """What engine processes run: a hash of the model, engine and scheduler sections."""
-    document = spec.model_dump(mode="json", by_alias=True, include={"model", "engine", "scheduler"})
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def changed_sections(old: LLMServiceSpec, new: LLMServiceSpec) -> list[str]:

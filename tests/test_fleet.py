@@ -19,10 +19,11 @@ import yaml
 from conftest import free_port, tiny_service
 from prometheus_client import generate_latest
 
-from tokenfleet.engine.fleet import LocalFleet, format_status, print_status, revision_of, serve_fleet
+from tokenfleet.engine.fleet import LocalFleet, format_status, print_status, serve_fleet
 from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess
 from tokenfleet.models import ensure_builtin
+from tokenfleet.operator.control import revision_of
 from tokenfleet.spec import LLMService
 
 # -- status --------------------------------------------------------------------------------------

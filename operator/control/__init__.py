@@ -16,6 +16,7 @@ from tokenfleet.operator.control.observe import (
     percentile,
     window_stats,
 )
+from tokenfleet.operator.control.revision import revision_of
 from tokenfleet.operator.control.rollout import RolloutPlan, RolloutState, begin_rollout, rollout
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "percentile",
     "restart_delay",
     "restarts_after_ready",
+    "revision_of",
     "rollout",
     "window_stats",
 ]
