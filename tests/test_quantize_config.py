@@ -234,3 +234,14 @@ def test_engine_command_names_the_quantization_method() -> None:
     argv = engine_command(_service("gptq-w4a16").spec, "/ckpt", port=8000).argv
     assert argv[argv.index("--quantization") + 1] == "compressed-tensors"
     assert "--quantization" not in engine_command(_service("none").spec, "/m", port=8000).argv
+
+
+def test_quant_env_pins_the_cpu_torch_and_is_keyed_by_its_requirements(tmp_path: Path) -> None:
+    from tokenfleet.engine.quantize.venv import DEFAULT_REQUIREMENTS, quant_env
+
+    # Unpinned, llm-compressor 0.14's torch<=2.14.0 resolves to a CUDA build with nvidia wheels.
+    assert "torch==2.13.0" in DEFAULT_REQUIREMENTS
+    a = quant_env(DEFAULT_REQUIREMENTS, root=tmp_path)
+    assert a.path == quant_env(list(reversed(DEFAULT_REQUIREMENTS)), root=tmp_path).path
+    assert a.path != quant_env([*DEFAULT_REQUIREMENTS, "numpy<3"], root=tmp_path).path
+    assert not a.is_ready()

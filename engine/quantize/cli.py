@@ -26,7 +26,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for name, action in dry_run(prep):
             print(f"{action:4}  {name}")
         return 0
-    run_pipeline(prep, progress=sys.stderr)
+    try:
+        run_pipeline(prep, progress=sys.stderr)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        # Finished steps are recorded: the same command resumes at the step that failed.
+        print(f"quantize: {exc}\nrerun the same command to resume from this step", file=sys.stderr)
+        return 1
     return 0
 
 

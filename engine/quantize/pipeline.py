@@ -184,7 +184,7 @@ def build_steps(prep: Prepared, progress: TextIO | None) -> list[Step]:
 
     def make_quantize(t: Technique) -> Step:
         def run() -> Result:
-            return _quantize(prep, t, env.python, data_path if t.needs_calibration else None, logs)
+            return _quantize(prep, t, env.python, data_path if t.needs_calibration else None, logs, progress)
 
         return Step(
             f"quantize:{t.name}",
@@ -218,7 +218,9 @@ def build_steps(prep: Prepared, progress: TextIO | None) -> list[Step]:
     return steps
 
 
-def _quantize(prep: Prepared, t: Technique, python: Path, calibration: Path | None, logs: Path) -> Result:
+def _quantize(
+    prep: Prepared, t: Technique, python: Path, calibration: Path | None, logs: Path, progress: TextIO | None
+) -> Result:
     job = {
         "model_dir": str(prep.model_dir),
         "out_dir": str(prep.out_dir / t.name),
@@ -234,6 +236,7 @@ def _quantize(prep: Prepared, t: Technique, python: Path, calibration: Path | No
     job_path = logs / f"quantize-{t.name}.job.json"
     job_path.write_text(json.dumps(job, indent=2))
     log_path = logs / f"quantize-{t.name}.log"
+    _say(progress, f"  {t.description}; log: {log_path}")
     with log_path.open("wb") as log:
         # -P: the repository's top-level folders must not shadow modules in the quant venv.
         code = subprocess.run(
