@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from conftest import free_port, tiny_service
 from test_fleet import fake_launcher
 
 from tokenfleet.engine.fleet import apply_spec, serve_fleet
+from tokenfleet.engine.launch import EngineCommand, EngineProcess
 from tokenfleet.spec import LLMService
 
 FAST_ROUTING = {"policy": "least_outstanding", "probeIntervalS": 0.1, "ejectCooldownS": 0.2}
@@ -333,3 +335,48 @@ def test_scale_to_zero_holds_the_first_request_while_a_replica_starts(tmp_path: 
     assert "idle" in decisions(idle, "scale")[-1]
     assert reply.status_code == 200
     assert any("activation: 1 request(s) waiting" in reason for reason in decisions(after, "scale"))
+
+
+def test_scaled_to_zero_a_replica_that_cannot_start_in_time_gets_503_with_retry_after(tmp_path: Path) -> None:
+    service = tiny_service(
+        routing=FAST_ROUTING,
+        replicas={"min": 0, "max": 1},
+        autoscaling={
+            "enabled": True,
+            "scaleToZero": True,
+            "scaleDownStabilizationS": 1,
+            "activationTimeoutS": 1,
+        },
+    )
+
+    def never_ready(service: LLMService, replica_id: str, port: int) -> EngineProcess:
+        return EngineProcess(
+            EngineCommand([sys.executable, "-c", "import time; time.sleep(60)"], {}), port=port
+        )
+
+    async def scenario() -> tuple[httpx.Response, float]:
+        port = free_port()
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            serve_fleet(
+                service, never_ready, replicas=1, port=port, stop=stop, log=lambda _: None, tick_s=0.1
+            )
+        )
+        fleet = Fleet(f"http://127.0.0.1:{port}", [])
+        try:
+            await fleet.wait(lambda s: s["fleet"]["desired"] == 0 and not s["fleet"]["slots"])
+            started = time.monotonic()
+            reply = await fleet.client.post(
+                f"{fleet.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}
+            )
+            return reply, time.monotonic() - started
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+            await fleet.client.aclose()
+
+    reply, waited = asyncio.run(scenario())
+    assert reply.status_code == 503
+    assert int(reply.headers["retry-after"]) >= 1
+    assert "no replica became ready within 1s (scaling up from zero)" in reply.json()["error"]["message"]
+    assert 0.9 <= waited < 10
