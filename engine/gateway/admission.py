@@ -111,8 +111,9 @@ class AdmissionQueue:
         self._queues[cls].append(future)
         started = time.monotonic()
         timeout = self.max_wait_s.get(cls, 30.0)
-        if self.slots == 0 and self.activation_wait_s is not None:
-            timeout = max(timeout, self.activation_wait_s)
+        activating = self.slots == 0 and self.activation_wait_s is not None
+        if activating and self.activation_wait_s is not None:
+            timeout = self.activation_wait_s  # the bound a scale-from-zero promises
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
         except TimeoutError:
@@ -121,6 +122,9 @@ class AdmissionQueue:
             self._discard(cls, future)
             self.shed_total[cls] += 1
             waited = time.monotonic() - started
+            if activating and self.slots == 0:
+                message = f"no replica became ready within {waited:.0f}s (scaling up from zero); retry later"
+                raise ShedError(message, self._retry_after(cls)) from None
             raise ShedError(
                 f"overloaded: waited {waited:.1f}s in the {cls} queue", self._retry_after(cls)
             ) from None
