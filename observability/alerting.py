@@ -254,7 +254,12 @@ class WebhookNotifier:
             response.raise_for_status()
         except httpx.HTTPError as exc:
             self.failed += 1
-            log.warning("alert webhook %s failed: %s", self.url, exc)
+            # A webhook URL's path and query are often its secret (Slack, Teams tokens), and
+            # httpx's error text repeats the URL: log the origin and the kind of failure only.
+            status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+            origin = httpx.URL(self.url).copy_with(path="/", query=None, fragment=None, userinfo=b"")
+            what = type(exc).__name__ + (f" (status {status})" if status is not None else "")
+            log.warning("alert webhook to %s failed: %s", origin, what)
             return False
         self.delivered += 1
         return True

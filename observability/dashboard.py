@@ -43,6 +43,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 WINDOW = "30s"  # rate window for the live charts: short, scrapes are every second
+# Live dashboard streams at once: each holds a connection and is sent every snapshot.
+MAX_SUBSCRIBERS = 16
+
+
+class TooManySubscribersError(RuntimeError):
+    pass
+
+
 COMPLETIONS = 'route=~"/v1/(chat/)?completions"'
 WEBHOOK_ENV = "TOKENFLEET_ALERT_WEBHOOK_URL"
 SLO = "tokenfleet_scheduler_slo_requests_total"
@@ -207,6 +215,7 @@ class LocalMonitor:
     ticks: int = 0
     _subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
     _client: httpx.AsyncClient | None = None
+    _ticking: asyncio.Future[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         for chart in self.charts:  # a typo in a chart query fails at start-up, not silently
@@ -307,6 +316,20 @@ class LocalMonitor:
             queue.put_nowait(self.snapshot)
         return self.snapshot
 
+    async def fresh_snapshot(self) -> dict[str, Any]:
+        """A snapshot at most `interval_s` old: the running loop's, else one tick shared by every
+        caller that asks meanwhile (a scrape of every replica costs the gateway 30+ ms; callers
+        polling the endpoint must not multiply it)."""
+        if self.snapshot is not None and self.clock() - float(self.snapshot["t"]) < self.interval_s:
+            return self.snapshot
+        if self._ticking is None:
+            self._ticking = asyncio.ensure_future(self.tick())
+            self._ticking.add_done_callback(self._ticked)
+        return await asyncio.shield(self._ticking)
+
+    def _ticked(self, _: asyncio.Future[dict[str, Any]]) -> None:
+        self._ticking = None
+
     @property
     def active(self) -> bool:
         return self.always_on or self.webhook is not None or bool(self._subscribers)
@@ -328,6 +351,8 @@ class LocalMonitor:
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            raise TooManySubscribersError(f"{MAX_SUBSCRIBERS} dashboard streams open already")
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=2)
         if self.snapshot is not None:
             queue.put_nowait(self.snapshot)
@@ -366,14 +391,20 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
         return Response(_static("dashboard.js"), media_type="text/javascript")
 
     async def snapshot() -> JSONResponse:
-        current = mounted.monitor
-        if current.snapshot is None or not current.active:
-            await current.tick()  # on demand when idle: a curl gets fresh numbers too
-        return JSONResponse(current.snapshot or {"tick": 0})
+        # Cached: a tick on demand only when the last one is older than the scrape interval.
+        return JSONResponse(await mounted.monitor.fresh_snapshot())
 
-    async def events(request: Request) -> StreamingResponse:
+    async def events(request: Request) -> Response:
+        monitor = mounted.monitor
+        if len(monitor._subscribers) >= MAX_SUBSCRIBERS:
+            return JSONResponse(
+                {"error": {"message": "too many dashboard streams; retry later", "code": 503}},
+                status_code=503,
+                headers={"retry-after": "10"},
+            )
+
         async def stream() -> AsyncIterator[bytes]:
-            async with mounted.monitor.subscribe() as queue:
+            async with monitor.subscribe() as queue:
                 yield b"retry: 2000\n\n"
                 while not await request.is_disconnected():
                     try:

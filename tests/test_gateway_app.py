@@ -188,6 +188,7 @@ def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:
     assert set(spec["paths"]) == {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/responses",
         "/v1/models",
         "/health",
         "/ready",

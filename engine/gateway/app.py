@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from tokenfleet.engine.gateway.tenancy import (
 )
 from tokenfleet.engine.gateway.tracing import Tracing
 from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
+from tokenfleet.engine.gateway.usage import UsageRelay
 from tokenfleet.engine.gateway.validation import (
     RequestError,
     estimated_tokens,
@@ -59,14 +62,21 @@ from tokenfleet.engine.gateway.validation import (
     parse_json,
     validate_body,
 )
-from tokenfleet.engine.gateway.wire import Answer
+from tokenfleet.engine.gateway.wire import ON_DISCONNECT, Answer
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 CLASS_HEADER = "x-tokenfleet-class"
 REPLICA_HEADER = "x-tokenfleet-replica"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
-OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+# With auth on, every other path needs a key unless the caller is on this host (operational
+# endpoints: /metrics, /dashboard, /openapi.json, /docs expose tenants, traces and alerts).
+OPEN_PATHS = frozenset({"/health", "/ready"})
+ADMIN_PREFIX = "/admin/"  # localhost-only by their own check: the fleet's CLI calls them keyless
+CLIENT_GONE = 499  # nginx's "client closed request": recorded, never sent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +93,8 @@ class Call:
     estimate: int = 0
     done: bool = False
     replica: str | None = None  # the replica of the latest attempt
+    holds_tenant_slot: bool = False  # counted in the tenant's concurrency until finished
+    client_gone: bool = False  # the client's connection closed before its answer
 
 
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
@@ -92,6 +104,11 @@ def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
 def sse_error(message: str) -> bytes:
     payload = json.dumps(error_body(502, message, "upstream_error"))
     return f"data: {payload}\n\n".encode()
+
+
+def request_id(call: Call) -> str:
+    """The client's x-request-id, else a fresh one: what an error answer and its log line share."""
+    return call.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
 
 
 class Gateway:
@@ -130,6 +147,7 @@ class Gateway:
         self.weights: dict[str, int] | None = None
         self.outcomes = Outcomes()
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
+        self.tenant_active: dict[str, int] = {}  # requests per tenant in the gateway now
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
@@ -228,6 +246,8 @@ class Gateway:
             method = "GET" if path == "/version" else "POST"
             proxy_route(path, method, self._passthrough(path, method))
         app.fast_routes = proxied
+        if self.keyring is not None:
+            app.guard = self._may_see
         app.add_api_route("/health", self._health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
         app.add_api_route("/metrics", self._metrics, methods=["GET"], include_in_schema=False)
@@ -282,6 +302,23 @@ class Gateway:
             return JSONResponse(error_body(403, "admin is localhost only", "forbidden"), status_code=403)
         return JSONResponse(self.status())
 
+    def _may_see(self, scope: Mapping[str, Any]) -> bool:
+        """With auth on, who may call a path that is not proxied: anyone for /health and /ready,
+        the admin endpoints' own localhost check for /admin/*, a caller on this host (the local
+        dashboard, a local Prometheus) or a holder of a valid key for the rest."""
+        path: str = scope["path"]
+        if path in OPEN_PATHS or path.startswith(ADMIN_PREFIX):
+            return True
+        client = scope.get("client")
+        if client is not None and client[0] in LOCAL_HOSTS:
+            return True
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            self._authenticate(headers)
+        except RequestError:
+            return False
+        return True
+
     async def _models(self, request: Request) -> Response:
         call = self._begin("/v1/models", request)
         try:
@@ -329,27 +366,74 @@ class Gateway:
             call.cls = slo_class.name
             call.estimate = estimated_tokens(body, self.spec.model.max_model_len)
             self._charge(tenant, call.estimate)
+            self._enter_tenant(call, tenant)
         except RequestError as exc:
             return self._refuse(call, exc)
-        fields, encoded = self._engine_fields(slo_class, tenant.name)
-        payload = with_fields(raw, document, fields, encoded)
-        try:
-            await self.admission.acquire(slo_class.name)
-        except ShedError as exc:
-            self._refund(tenant.name, call.estimate)  # a shed request did not use its allowance
-            return self._refuse(
-                call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
-            )
-        # Gauges (queued, routable) are refreshed by the prober's tick, not on this hot path.
+        except ClientDisconnect:  # gone (or timed out, wire.py) while sending its body
+            self._finish(call, CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)
         streaming = document.get("stream") is True
-        return await self._forward(
-            call,
-            "POST",
-            payload,
-            streaming=streaming,
-            release=self.admission.release,
-            document=document,
-        )
+        fields, cached = self._engine_fields(slo_class, tenant.name)
+        encoded: bytes | None = cached
+        usage: UsageRelay | None = None
+        if streaming and route != "/v1/responses" and (tenant.name, "tokens") in self.buckets:
+            # Settle a stream from the engine's own count: ask for its usage chunk, and take it
+            # out again if the client did not ask for it.
+            usage, fields = UsageRelay.for_request(document, fields)
+            encoded = None
+        elif streaming and (tenant.name, "tokens") in self.buckets:
+            usage = UsageRelay(strip=False)  # the Responses API streams its usage always
+        payload = with_fields(raw, document, fields, encoded)
+        # A client that goes away while the gateway waits (queued, or for a non-streaming answer)
+        # cancels this task: the upstream connection closes and the engine aborts the request.
+        scope = request.scope
+        scope[ON_DISCONNECT] = partial(self._client_gone, call, asyncio.current_task())
+        try:
+            try:
+                await self.admission.acquire(slo_class.name)
+            except ShedError as exc:
+                self._refund(tenant.name, call.estimate)  # a shed request did not use its allowance
+                return self._refuse(
+                    call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
+                )
+            # Gauges (queued, routable) are refreshed by the prober's tick, not on this hot path.
+            return await self._forward(
+                call,
+                "POST",
+                payload,
+                streaming=streaming,
+                release=self.admission.release,
+                document=document,
+                usage=usage,
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not call.client_gone or task is None:
+                raise
+            task.uncancel()
+            self._finish(call, CLIENT_GONE)
+            return Response(status_code=CLIENT_GONE)  # uvicorn drops it: the connection is gone
+        finally:
+            scope.pop(ON_DISCONNECT, None)
+
+    def _client_gone(self, call: Call, task: asyncio.Task[Any] | None) -> None:
+        call.client_gone = True
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _enter_tenant(self, call: Call, tenant: Tenant) -> None:
+        """Count the request against the tenant's concurrency cap, or refuse it (429)."""
+        cap = tenant.max_concurrent or self.spec.gateway.default_limits.max_concurrent
+        if cap is None:
+            return
+        active = self.tenant_active.get(tenant.name, 0)
+        if active >= cap:
+            self._refund(tenant.name, call.estimate)
+            raise RequestError(
+                429, f"tenant over its limit of {cap} concurrent requests; retry later", "rate_limit_exceeded"
+            )
+        self.tenant_active[tenant.name] = active + 1
+        call.holds_tenant_slot = True
 
     def _engine_fields(self, slo_class: SLOClass, tenant: str) -> tuple[dict[str, object], bytes]:
         """The fields the engine's scheduler reads, and their JSON: one of classes x tenants."""
@@ -436,15 +520,19 @@ class Gateway:
 
     def _settle_tokens(self, call: Call, content: bytes) -> None:
         """Post-pay: correct the tokens bucket with the response's real usage."""
-        key = (call.tenant, "tokens")
-        if key not in self.buckets:
+        if (call.tenant, "tokens") not in self.buckets:
             return
         try:
             usage = json.loads(content).get("usage") or {}
             actual = int(usage["total_tokens"])
         except (ValueError, TypeError, AttributeError, KeyError):
             return
-        self.buckets[key] = limits.adjust(self.buckets[key], actual - call.estimate, time.monotonic())
+        self._settle(call, actual)
+
+    def _settle(self, call: Call, actual: int) -> None:
+        key = (call.tenant, "tokens")
+        if key in self.buckets:
+            self.buckets[key] = limits.adjust(self.buckets[key], actual - call.estimate, time.monotonic())
 
     # -- forwarding ---------------------------------------------------------------------------
 
@@ -489,6 +577,7 @@ class Gateway:
         streaming: bool,
         release: Callable[[], None] | None,
         document: Mapping[str, Any] | None = None,
+        usage: UsageRelay | None = None,
     ) -> Response:
         headers = self._upstream_headers(call)
         key = self._route_key(call, document)
@@ -503,7 +592,7 @@ class Gateway:
                 if attempt:
                     self.metrics.retries.labels(call.route).inc()
                     call.span.set_attribute("tokenfleet.retries", attempt)
-                outcome = await self._attempt(call, replica, method, body, headers, streaming, release)
+                outcome = await self._attempt(call, replica, method, body, headers, streaming, release, usage)
                 if isinstance(outcome, Response):
                     release = None  # handed over to the response
                     return outcome
@@ -511,9 +600,15 @@ class Gateway:
         finally:
             if release is not None:
                 release()
-        status = 503 if not tried else 502
-        message = "no ready replica" if not tried else f"all {len(tried)} attempt(s) failed: {last_error}"
-        return self._refuse(call, RequestError(status, message, "upstream_error"), retry_after=1.0)
+        if not tried:
+            return self._refuse(
+                call, RequestError(503, "no ready replica", "upstream_error"), retry_after=1.0
+            )
+        # The cause (replica, exception text) goes to the log, never to the client.
+        rid = request_id(call)
+        log.warning("request %s: all %d attempt(s) failed: %s", rid, len(tried), last_error)
+        message = f"the model server failed to answer: all {len(tried)} attempt(s) failed (request id {rid})"
+        return self._refuse(call, RequestError(502, message, "upstream_error"), retry_after=1.0)
 
     async def _attempt(
         self,
@@ -524,6 +619,7 @@ class Gateway:
         headers: dict[str, str],
         streaming: bool,
         release: Callable[[], None] | None,
+        usage: UsageRelay | None = None,
     ) -> Response | str:
         """One try on one replica: a Response once committed to the client, else why it failed."""
         call.replica = replica.id
@@ -545,7 +641,7 @@ class Gateway:
                 self.replicas.request_succeeded(replica)
                 self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
                 headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
-                relay = self._relay(call, replica, upstream, first, chunks, release)
+                relay = self._relay(call, replica, upstream, first, chunks, release, usage)
                 upstream = None  # the relay owns it now
                 return StreamingResponse(relay, status_code=200, media_type=None, headers=headers)
             content = await upstream.read()
@@ -559,12 +655,16 @@ class Gateway:
             self.replicas.request_failed(replica, reason)
             self.outcomes.record(replica.revision, False, None)
             self._leave(replica)
+            log.info("request attempt on %s failed: %s", replica.id, reason)
             # A failed attempt is an event on the request's span (the retry is the next attempt).
             call.span.add_event(
                 "upstream attempt failed",
                 {"tokenfleet.replica": replica.id, "error.type": kind, "exception.message": reason},
             )
             return reason
+        except asyncio.CancelledError:  # the client went away (_client_gone): not the replica's fault
+            self._leave(replica)
+            raise
         finally:
             if upstream is not None:
                 upstream.close()
@@ -650,25 +750,45 @@ class Gateway:
         first: bytes,
         chunks: AsyncIterator[bytes],
         release: Callable[[], None] | None,
+        usage: UsageRelay | None = None,
     ) -> AsyncIterator[bytes]:
-        """Pass the engine's SSE bytes through untouched; a break becomes an SSE error event."""
+        """Pass the engine's SSE bytes through untouched (but for a usage chunk the client did
+        not ask for, see `UsageRelay`); a break becomes an SSE error event."""
         tail = first[-2:]
         status = 200
         try:
+            if usage is not None:
+                first = usage.feed(first)
             if first:
                 yield first
             async for chunk in chunks:
+                if usage is not None:
+                    chunk = usage.feed(chunk)
                 if chunk:
                     tail = (tail + chunk)[-2:]
                     yield chunk
+            if usage is not None and usage.held:
+                yield usage.flush()
         except UpstreamError as exc:
             status = 502
             self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
             self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
             self.outcomes.record(replica.revision, False, None)
+            rid = request_id(call)
+            log.warning("request %s: %s broke mid-stream: %s", rid, replica.id, exc)
+            held = usage.flush() if usage is not None else b""
+            tail = (tail + held)[-2:]
             prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
-            yield prefix + sse_error(f"the replica failed mid-stream ({exc.cause_name}); not retried")
+            yield (
+                held
+                + prefix
+                + sse_error(f"the model server failed mid-stream; not retried (request id {rid})")
+            )
         finally:
+            if status == 200:
+                replica.last_success = time.monotonic()  # alive: see breaker's `busy`
+            if usage is not None and usage.total_tokens is not None:
+                self._settle(call, usage.total_tokens)
             # Closing the upstream aborts the engine's request (frees its KV cache) even when
             # the client went away and this generator is being cancelled: a plain call, no await
             # that the cancellation could interrupt.
@@ -719,6 +839,8 @@ class Gateway:
         if call.done:
             return
         call.done = True
+        if call.holds_tenant_slot:
+            self.tenant_active[call.tenant] -= 1
         metrics = self.metrics
         metrics.child(metrics.requests, call.route, call.cls, call.tenant, code_class(status)).inc()
         metrics.child(metrics.latency, call.route, call.cls).observe(time.perf_counter() - call.started)

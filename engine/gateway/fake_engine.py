@@ -27,6 +27,8 @@ class Faults:
     error_rate: float = 0.0  # answer this fraction of requests with 500, at random
     waiting: int = 0  # reported as vllm:num_requests_waiting
     reject: str | None = None  # answer as the SLA scheduler does when a class queue is full
+    health_delay_s: float = 0.0  # /health answers this late (a CPU-starved engine)
+    cancelled: int = 0  # requests whose client (the gateway) went away before the answer
     seen: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -37,6 +39,7 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
 
     @app.get("/health")
     async def health() -> Response:
+        await asyncio.sleep(state.health_delay_s)
         return Response(status_code=200 if state.healthy else 503)
 
     @app.get("/metrics")
@@ -60,7 +63,13 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
         if state.status_5xx > 0 or random.random() < state.error_rate:
             state.status_5xx = max(0, state.status_5xx - 1)
             return JSONResponse({"error": "injected"}, status_code=500)
-        await asyncio.sleep(state.delay_s)
+        # Wait as vLLM's `with_cancellation` does: a client that disconnects aborts the request.
+        deadline = asyncio.get_running_loop().time() + state.delay_s
+        while asyncio.get_running_loop().time() < deadline:
+            if await request.is_disconnected():
+                state.cancelled += 1
+                return Response(status_code=499)
+            await asyncio.sleep(min(0.02, state.delay_s))
         n = int(body.get("max_tokens") or 4)
         if state.reject is not None:
             # vLLM's shape for a request the scheduler finished at once: 200, finish_reason abort.
@@ -90,6 +99,11 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
                 chunk = {"id": f"cmpl-{name}", "choices": [{"index": 0, "text": f"t{i}"}], "served_by": name}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
                 await asyncio.sleep(0.01)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                # vLLM's last chunk when asked: no choices, the usage (compact JSON, as vLLM's).
+                usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+                last = {"id": f"cmpl-{name}", "choices": [], "usage": usage}
+                yield f"data: {json.dumps(last, separators=(',', ':'))}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -104,6 +118,7 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
     app.add_api_route("/fault", set_faults, methods=["POST"])
     app.add_api_route("/v1/completions", generate, methods=["POST"])
     app.add_api_route("/v1/chat/completions", generate, methods=["POST"])
+    app.add_api_route("/v1/responses", generate, methods=["POST"])
     return app, state
 
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -25,6 +25,9 @@ class FastRoutedApp(FastAPI):
     """A FastAPI app; `fast_routes` maps an exact path to (method, endpoint) served directly."""
 
     fast_routes: Mapping[str, tuple[str, Endpoint]] = {}
+    # Who may call the other (operational) paths; None: anyone. The proxied routes check their
+    # own keys, so the hot path never runs this.
+    guard: Callable[[Scope], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -33,4 +36,13 @@ class FastRoutedApp(FastAPI):
                 response = await route[1](Request(scope, receive))
                 await response(scope, receive, send)
                 return
+            if self.guard is not None and not self.guard(scope):
+                await UNAUTHORIZED(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+
+UNAUTHORIZED = JSONResponse(
+    {"error": {"message": "missing or invalid API key", "type": "authentication_error", "code": 401}},
+    status_code=401,
+)

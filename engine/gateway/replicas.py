@@ -32,6 +32,8 @@ _SERIES_LINES = re.compile(
 )
 
 
+BUSY_WINDOW_S = 10.0
+
 # The SLA scheduler's TTFT SLO counters (engine/sla_metrics.py), for the autoscaler.
 SLO_SERIES = "tokenfleet_scheduler_slo_requests_total"
 _SLO_LINES = re.compile(r"^tokenfleet_scheduler_slo_requests_total\{([^}]*)\} (\S+)$", re.MULTILINE)
@@ -106,6 +108,7 @@ class Replica:
     last_error: str | None = None
     requests: int = 0
     revision: str = ""  # the spec revision it runs (canary traffic is split by revision)
+    last_success: float = -1e9  # monotonic time of its latest answered request
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.in_flight, int(self.stats.waiting))
@@ -147,6 +150,9 @@ class ReplicaSet:
         self.replicas: dict[str, Replica] = {}
         self.eject_after_failures = eject_after_failures
         self.cooldown_s = cooldown_s
+        # A replica that answered a request this recently is alive: a probe timeout alone (CPU
+        # starvation under load) does not eject it.
+        self.busy_window_s = BUSY_WINDOW_S
         self.on_transition = on_transition
 
     def set(self, members: Iterable[tuple[str, str]], revisions: Mapping[str, str] | None = None) -> None:
@@ -162,7 +168,12 @@ class ReplicaSet:
 
     def routable(self, exclude: Iterable[str] = ()) -> list[Replica]:
         skip = set(exclude)
-        return [r for r in self.replicas.values() if r.breaker.admits and r.id not in skip]
+        replicas = self.replicas.values()
+        if all(r.breaker.admits for r in replicas):  # the usual case: no panic arithmetic
+            return [r for r in replicas if r.id not in skip]
+        members = list(replicas)
+        chosen = breaker.routable([r.breaker for r in members])
+        return [members[i] for i in chosen if members[i].id not in skip]
 
     def _apply(self, replica: Replica, new: breaker.Breaker) -> None:
         old = replica.breaker.state
@@ -171,6 +182,7 @@ class ReplicaSet:
             self.on_transition(replica, old, new.state)
 
     def request_succeeded(self, replica: Replica) -> None:
+        replica.last_success = time.monotonic()
         self._apply(replica, breaker.on_request_success(replica.breaker))
 
     def request_failed(self, replica: Replica, error: str) -> None:
@@ -179,11 +191,18 @@ class ReplicaSet:
             replica, breaker.on_request_failure(replica.breaker, time.monotonic(), self.eject_after_failures)
         )
 
-    def probed(self, replica: Replica, ok: bool, error: str | None = None) -> None:
-        replica.last_probe = time.monotonic()
+    def probed(
+        self, replica: Replica, ok: bool, error: str | None = None, *, timed_out: bool = False
+    ) -> None:
+        now = time.monotonic()
+        replica.last_probe = now
         if error:
             replica.last_error = error
-        self._apply(replica, breaker.on_probe(replica.breaker, ok, time.monotonic(), self.cooldown_s))
+        busy = now - replica.last_success < self.busy_window_s
+        self._apply(
+            replica,
+            breaker.on_probe(replica.breaker, ok, now, self.cooldown_s, timed_out=timed_out, busy=busy),
+        )
 
 
 async def probe_once(client: Upstream, replicas: ReplicaSet, timeout_s: float) -> None:
@@ -193,7 +212,7 @@ async def probe_once(client: Upstream, replicas: ReplicaSet, timeout_s: float) -
             ok = status == 200
             replicas.probed(replica, ok, None if ok else f"/health answered {status}")
         except UpstreamError as exc:
-            replicas.probed(replica, False, f"/health: {exc.cause_name}")
+            replicas.probed(replica, False, f"/health: {exc.cause_name}", timed_out=exc.kind == "timeout")
             return
         if ok:
             with contextlib.suppress(UpstreamError):

@@ -137,9 +137,12 @@ def prompt_prefix(body: Mapping[str, Any], prefix_chars: int) -> str | None:
     Chat messages are joined role:content in order, so a shared system prompt makes a shared
     prefix, as it does in the engine's token-block prefix cache.
     """
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    prompt = body.get("prompt", body.get("input"))  # /v1/responses: `input`
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        # Token ids: ~4 characters per token, as for text.
+        return "ids:" + ",".join(str(t) for t in prompt[: max(1, prefix_chars // 4)])
     if isinstance(prompt, str):
         return prompt[:prefix_chars] or None
     messages = body.get("messages")

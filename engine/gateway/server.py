@@ -11,21 +11,40 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from tokenfleet.engine.gateway.wire import GatewayHttpProtocol
+from tokenfleet.engine.gateway.wire import ClientLimits, GatewayHttpProtocol
 
 # uvloop and httptools (C) rather than asyncio's pure-Python loop internals and h11: the
 # gateway's added latency is mostly its CPU per request (docs/results/gateway.md). HTTP is
 # uvicorn's httptools protocol, sending each answer in one write (wire.py).
 LOOP: Final = "uvloop"
 HTTP: Final = GatewayHttpProtocol
+# Connections (and requests in progress) at once; past it uvicorn answers 503 to new requests.
+# Each costs a few KB of gateway memory; a stream holds one for its whole length.
+MAX_CONNECTIONS: Final = 4096
+# Idle keep-alive connections close after this (uvicorn's default, stated: it bounds idle sockets).
+KEEPALIVE_S: Final = 5
 
 
-def gateway_config(app: FastAPI, host: str, port: int, *, drain_s: int, loop: str = LOOP) -> uvicorn.Config:
+def gateway_config(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    drain_s: int,
+    loop: str = LOOP,
+    limits: ClientLimits | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+) -> uvicorn.Config:
     """uvicorn as the gateway runs it, wherever it runs (its own process, a thread, `up`).
 
     No proxy-headers middleware: the gateway is the edge, so it must not take a client address
     from X-Forwarded-For (the admin endpoint trusts localhost), and it is a layer per request.
+    Slow or oversized clients are bounded: header and body read timeouts and a header size cap
+    (`ClientLimits`, 408/431), a connection cap (503), idle keep-alive closed after 5 s.
     """
+    http: type[GatewayHttpProtocol] = HTTP
+    if limits is not None and limits != GatewayHttpProtocol.limits:
+        http = type("GatewayHttpProtocol", (GatewayHttpProtocol,), {"limits": limits})
     return uvicorn.Config(
         app,
         host=host,
@@ -36,7 +55,9 @@ def gateway_config(app: FastAPI, host: str, port: int, *, drain_s: int, loop: st
         timeout_graceful_shutdown=drain_s,
         lifespan="on",
         loop=loop,
-        http=HTTP,
+        http=http,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=KEEPALIVE_S,
     )
 
 
@@ -51,10 +72,20 @@ def freeze_startup_heap() -> None:
 
 
 class ServerThread:
-    def __init__(self, app: FastAPI, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        limits: ClientLimits | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.port = port
         self.host = host
-        self.server = uvicorn.Server(gateway_config(app, host, port, drain_s=5))
+        self.server = uvicorn.Server(
+            gateway_config(app, host, port, drain_s=5, limits=limits, max_connections=max_connections)
+        )
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{port}", daemon=True)
 
     @property

@@ -31,7 +31,10 @@ def parse_keys(text: str) -> dict[str, str]:
     try:
         document = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
-        raise KeyFileError(f"not YAML/JSON: {exc}") from None
+        # Not the parser's text: it quotes the offending line, a key. The position is enough.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KeyFileError(f"not YAML/JSON{where}") from None
     if isinstance(document, list):
         pairs = {}
         for entry in document:
@@ -46,12 +49,13 @@ def parse_keys(text: str) -> dict[str, str]:
 
 def parse_keys_env(value: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
-    for item in value.split(","):
+    for position, item in enumerate(value.split(","), start=1):
         if not item.strip():
             continue
         key, sep, tenant = item.strip().partition("=")
         if not sep or not key or not tenant:
-            raise KeyFileError(f"{KEYS_ENV}: expected key=tenant, got {item.strip()[:4]}…")
+            # Which entry, never any of its characters: they may be a key.
+            raise KeyFileError(f"{KEYS_ENV}: entry {position} is not key=tenant")
         pairs[key] = tenant
     return pairs
 

@@ -42,10 +42,17 @@ class _Request(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=1_048_576)]
+
+
 class CompletionRequest(_Request):
+    # Every form vLLM and the OpenAI API accept: text, texts, token ids, lists of token ids.
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=16)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=16)]
     )
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = None
@@ -74,10 +81,26 @@ class ChatCompletionRequest(_Request):
     top_logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
+class ResponsesRequest(_Request):
+    """The OpenAI Responses API as vLLM serves it: `input` text or a list of input items (passed
+    through for the engine to judge, but for media parts, see `validate_body`)."""
+
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[dict[str, Any]], Field(min_length=1, max_length=512)]
+    )
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
 ROUTE_MODELS: dict[str, type[_Request]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/responses": ResponsesRequest,
 }
+# Responses API content parts the gateway forwards: text only, as for chat (image or file parts
+# would reach the engine's multimodal loaders, an SSRF surface, for a text-only model).
+TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -106,7 +129,15 @@ def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_
         raise RequestError(
             404, f"model {request.model!r} does not exist; serving {model_name!r}", "model_not_found"
         )
-    for field in ("max_tokens", "max_completion_tokens"):
+    if isinstance(request, ResponsesRequest) and isinstance(request.input, list):
+        _check_items(request.input)
+    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
+        for ids in _token_prompts(request.prompt):
+            if len(ids) > max_model_len:
+                raise RequestError(
+                    400, f"prompt of {len(ids)} tokens exceeds the context length {max_model_len}"
+                )
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         # From __dict__: getattr on a field a model lacks goes through pydantic's slow
         # __getattr__ (extra="allow") and an exception.
         value = request.__dict__.get(field)
@@ -115,21 +146,70 @@ def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_
     return request
 
 
-def estimated_tokens(request: _Request, max_model_len: int) -> int:
-    """Tokens to pre-charge a tenant's tokens/min bucket: prompt (≈4 chars per token) plus the
-    output cap; corrected from the response's usage when it has one."""
+def _check_items(items: list[dict[str, Any]]) -> None:
+    for item in items:
+        content = item.get("content")
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in TEXT_PARTS:
+                raise RequestError(400, f"invalid request: input content part type {kind!r}; text parts only")
+
+
+def _token_prompts(prompt: list[Any]) -> list[list[int]]:
+    """The token-id prompts of a completion's `prompt` list (none when it is a list of texts)."""
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]
+    return [p for p in prompt if isinstance(p, list)]
+
+
+def _text_tokens(chars: int) -> int:
+    return chars // 4 + 1  # ≈4 characters per token; usage corrects it afterwards
+
+
+def _items_chars(items: list[dict[str, Any]]) -> int:
+    chars = 0
+    for item in items:
+        content = item.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
+    return chars
+
+
+def prompt_tokens(request: _Request) -> list[int]:
+    """Tokens of each prompt in the request (exact for token ids, estimated for text)."""
     if isinstance(request, CompletionRequest):
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        chars = sum(len(p) for p in prompts)
-    elif isinstance(request, ChatCompletionRequest):
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            return [_text_tokens(len(prompt))]
+        if isinstance(prompt[0], str):
+            return [_text_tokens(len(p)) for p in prompt if isinstance(p, str)]
+        return [len(ids) for ids in _token_prompts(prompt)]
+    if isinstance(request, ChatCompletionRequest):
         chars = sum(
             len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
             for m in request.messages
         )
-    else:  # pragma: no cover - only two routes
-        chars = 0
-    output = request.__dict__.get("max_completion_tokens") or request.max_tokens or 16
-    return min(max_model_len, chars // 4 + 1) + output * (request.n or 1)
+        return [_text_tokens(chars)]
+    if isinstance(request, ResponsesRequest):
+        given = request.input
+        chars = len(given) if isinstance(given, str) else _items_chars(given)
+        return [_text_tokens(chars + len(request.instructions or ""))]
+    return [1]  # pragma: no cover - every route has its model
+
+
+def estimated_tokens(request: _Request, max_model_len: int) -> int:
+    """Tokens to pre-charge a tenant's tokens/min bucket: each prompt plus what the engine may
+    generate for it — the output cap, or without one the rest of the context (vLLM's own
+    default), `n` times; corrected from the engine's usage afterwards."""
+    fields = request.__dict__
+    cap = fields.get("max_completion_tokens") or fields.get("max_output_tokens") or request.max_tokens
+    total = 0
+    for tokens in prompt_tokens(request):
+        tokens = min(max_model_len, tokens)
+        total += tokens + (request.n or 1) * (cap or max(1, max_model_len - tokens))
+    return total
 
 
 def openapi_components(
@@ -142,9 +222,9 @@ def openapi_components(
         ref_template="#/components/schemas/{model}",
     )
     components: dict[str, Any] = top.get("$defs", {})
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
         components[name]["properties"]["model"] = {"type": "string", "enum": [model_name], "title": "Model"}
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             prop = components[name]["properties"].get(field)
             if prop is not None:
                 prop["anyOf"][0]["maximum"] = max_model_len

@@ -12,7 +12,9 @@ body (or head and first SSE chunk) are always written in the same turn.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from starlette.responses import Response
@@ -89,17 +91,118 @@ class _TurnBuffered:
         return getattr(self._transport, name)
 
 
+# The scope key of a callable the gateway sets while it waits for an answer to a request; the
+# protocol calls it when the client's connection is lost before the response completed, so the
+# gateway can stop the engine's work at once (uvicorn would only tell a task blocked in
+# `receive`, and a non-streaming proxy is blocked on the engine, not on its client).
+ON_DISCONNECT = "tokenfleet.on_disconnect"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Bounds on what one client connection may hold (a slowloris or a 16 MiB header).
+
+    `head_timeout_s`: from the connection's first byte (or its opening) to the end of a request's
+    headers; `body_timeout_s`: from the end of the headers to the end of the body. Both answer 408
+    and close. `max_head_bytes`: request line and headers, else 431 and close.
+    """
+
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_head_bytes: int = 64 * 1024
+
+
+def refusal(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, in the gateway's error shape."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}})
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}"
+    ).encode()
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's `http="httptools"` protocol over a `_TurnBuffered` transport."""
+    """uvicorn's `http="httptools"` protocol over a `_TurnBuffered` transport, with `ClientLimits`
+    (uvicorn's httptools protocol has no header or body read timeout and no header size cap)."""
+
+    limits = ClientLimits()
+    _phase = "head"  # "head": reading a request's headers; "body": its body; "app": neither
+    _head_bytes = 0
+    _timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # The proxy is duck-typed: uvicorn uses write, close, is_closing, get_extra_info and
         # the reading/writing pause calls of its transport.
         self.buffered = _TurnBuffered(transport, asyncio.get_running_loop())
         super().connection_made(cast(asyncio.Transport, self.buffered))
+        self._arm(self.limits.head_timeout_s)  # a connection that never sends a byte is bounded too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            hook = cast(dict[str, Any], cycle.scope).get(ON_DISCONNECT)
+            if hook is not None:
+                hook()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == "head":
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._phase == "head" and self._head_bytes > self.limits.max_head_bytes:
+            # Checked after parsing this read (a head that ends inside it is fine): memory held
+            # for a head stays under the cap plus one read.
+            self._refuse(431, "Request Header Fields Too Large", "request headers too large")
+        elif self._phase == "body" and self._timer is None:
+            # Only a body that did not come with its head costs a timer.
+            self._arm(self.limits.body_timeout_s)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = "head"
+        if self._timer is None:  # the first request's timer runs from the connection's opening
+            self._arm(self.limits.head_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._phase = "body"
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._phase = "app"
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         # The answer is whole: on the wire now, not at the end of the loop turn (one loop
         # iteration sooner; the queued flush then finds nothing held).
         self.buffered.flush()
         super().on_response_complete()
+
+    def _arm(self, seconds: float) -> None:
+        self._timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._phase == "head":
+            self._refuse(408, "Request Timeout", "request headers not received in time")
+        elif self._phase == "body":
+            self._refuse(408, "Request Timeout", "request body not received in time")
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._disarm()
+        self._phase = "app"
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            # Nothing of an answer is on the wire yet: the client gets a status, not just a close.
+            self.buffered.write(refusal(status, reason, message))
+        self.transport.close()
