@@ -99,6 +99,51 @@ class LocalReplica:
         return self.process.process.pid if self.process.process is not None else None
 
 
+ENGINE_MARKER = "vllm.entrypoints.openai.api_server"
+
+
+def write_pid_file(path: Path, pids: list[int]) -> None:
+    """The engines a running fleet owns (process-group leaders), for `reap_leftovers`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"fleet": os.getpid(), "engines": sorted(pids)}))
+    temporary.replace(path)
+
+
+def reap_leftovers(path: Path, marker: str = ENGINE_MARKER) -> list[int]:
+    """Stop the engines a fleet that died without cleaning up left behind: each listed process
+    group whose leader still runs `marker` (a pid reused by something else is left alone)."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    fleet = recorded.get("fleet")
+    if isinstance(fleet, int) and fleet != os.getpid() and _alive(fleet):
+        return []  # that fleet is still running: its engines are not leftovers
+    stopped = []
+    for pid in recorded.get("engines", []):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                stopped.append(pid)
+    path.unlink(missing_ok=True)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     at: float  # unix time
@@ -115,6 +160,7 @@ class LocalFleet:
     desired: int
     log: Callable[[str], None] = print
     prepare: Callable[[LLMService], None] | None = None  # resolve a new revision's model, off-loop
+    pid_file: Path | None = None  # where the engines' pids are kept for a later `reap_leftovers`
     replicas: dict[str, LocalReplica] = field(default_factory=dict)
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
 
@@ -127,6 +173,7 @@ class LocalFleet:
         self.rollout_state = RolloutState(stable=self.revision)
         self.weights: dict[str, int] | None = None
         self._serial = 0
+        self._recorded: list[int] | None = None
         self.gateway.extra_status = self.status
         # The control loop's own series, on the gateway's /metrics (dashboards and alerts use them).
         self.service_name = self.service.metadata.name
@@ -250,7 +297,16 @@ class LocalFleet:
         self.gateway.set_weights(plan.weights)
         self._drain(now)
         self.sync_gateway()
+        self._record_pids()
         return decisions
+
+    def _record_pids(self) -> None:
+        if self.pid_file is None:
+            return
+        pids = [r.pid for r in self.replicas.values() if r.pid is not None]
+        if pids != self._recorded:
+            write_pid_file(self.pid_file, pids)
+            self._recorded = pids
 
     def _decided(self, kind: str, reason: str) -> Decision:
         decision = Decision(time.time(), kind, reason)
@@ -432,6 +488,8 @@ class LocalFleet:
             with contextlib.suppress(Exception):
                 process.stop(timeout_s=self.service.spec.engine.shutdown_timeout_s + 10)
         self.replicas.clear()
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
 
 
 class _ApplyError(Exception):
@@ -486,7 +544,8 @@ def engine_launcher(log_dir: Path) -> tuple[Launcher, Callable[[LLMService], Non
     def launch(service: LLMService, replica_id: str, port: int) -> EngineProcess:
         prepare(service)
         command = engine_command(service.spec, paths[service.spec.model.model_dump_json()], port=port)
-        return EngineProcess(command, port=port, log_path=log_dir / f"{replica_id}.log", cwd=log_dir)
+        log_path = log_dir / f"{replica_id}.log"
+        return EngineProcess(command, port=port, log_path=log_path, cwd=log_dir, die_with_parent=True)
 
     return launch, prepare
 
@@ -511,9 +570,10 @@ async def serve_fleet(
     log: Callable[[str], None] = print,
     prepare: Callable[[LLMService], None] | None = None,
     tick_s: float = 0.5,
+    pid_file: Path | None = None,
 ) -> int:
     gateway = Gateway(service)
-    fleet = LocalFleet(gateway, launcher, replicas, log=log, prepare=prepare)
+    fleet = LocalFleet(gateway, launcher, replicas, log=log, prepare=prepare, pid_file=pid_file)
     freeze_startup_heap()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -585,6 +645,13 @@ def run_up(
         return 2
     log_dir = cache_dir() / "logs" / service.metadata.name
     log_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = cache_dir() / "run" / f"{service.metadata.name}.json"
+    leftovers = reap_leftovers(pid_file)
+    if leftovers:
+        print(
+            f"tokenfleet: stopped {len(leftovers)} engine(s) an earlier `tokenfleet up` left behind",
+            flush=True,
+        )
     launcher, prepare = engine_launcher(log_dir)
     print(f"tokenfleet: resolving model {spec.model.source}", flush=True)
     prepare(service)
@@ -599,6 +666,7 @@ def run_up(
             port=port or spec.gateway.port,
             log=lambda line: print(line, flush=True),
             prepare=prepare,
+            pid_file=pid_file,
         )
     )
 

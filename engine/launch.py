@@ -123,6 +123,40 @@ def _gib_str(gib: float) -> str:
     return str(max(1, round(gib)))
 
 
+# What an engine process may see of its parent's environment: runtime and library settings, not
+# credentials (API keys of the gateway, cloud keys) that a model's code could read.
+ENV_PREFIXES = (
+    "VLLM_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "CUDA", "NVIDIA_", "NCCL_", "TRITON_",
+    "HF_HOME", "HF_HUB_", "TRANSFORMERS_", "PYTHON", "COVERAGE", "LC_", "OTEL_", "XDG_", "TOKENFLEET_",
+)  # fmt: skip
+ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TERM", "SHELL", "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH", "LD_PRELOAD", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+        "https_proxy", "no_proxy", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", PROMETHEUS_MULTIPROC_ENV,
+    }
+)  # fmt: skip
+ENV_SECRETS = frozenset({"TOKENFLEET_API_KEYS"})
+
+
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The parent's environment less everything an engine does not need (secrets above all)."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name not in ENV_SECRETS and (name in ENV_NAMES or name.startswith(ENV_PREFIXES))
+    }
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux PR_SET_PDEATHSIG), so a
+    SIGKILLed `tokenfleet up` cannot leave engines holding ports, CPU and memory."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 @dataclass
 class EngineProcess:
     """One vLLM server process: start, wait until ready, drain on stop."""
@@ -131,6 +165,9 @@ class EngineProcess:
     port: int
     log_path: Path | None = None
     cwd: Path | None = None
+    # Only for processes started from a thread that lives as long as the parent (the fleet's
+    # event loop): the kernel sends the signal when the *thread* that forked exits.
+    die_with_parent: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
     _metrics_dir: str | None = field(default=None, init=False)
@@ -140,7 +177,7 @@ class EngineProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, extra_env: Mapping[str, str] | None = None) -> None:
-        env = {**os.environ, **self.command.env, **(extra_env or {})}
+        env = {**engine_environment(os.environ), **self.command.env, **(extra_env or {})}
         ours = SCHEDULER_SPEC_ENV in env or TIMED_SCHEDULER_CLS in self.command.argv
         if ours and PROMETHEUS_MULTIPROC_ENV not in env:
             # Our schedulers' metrics live in the EngineCore process; in prometheus_client's
@@ -159,6 +196,7 @@ class EngineProcess:
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
             start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
         )
 
     def is_running(self) -> bool:

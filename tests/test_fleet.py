@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -346,3 +347,32 @@ def test_tokenfleet_up_serves_through_the_gateway_and_stops_cleanly(tmp_path: Pa
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_a_new_fleet_stops_engines_a_dead_fleet_left_behind(tmp_path: Path) -> None:
+    from tokenfleet.engine.fleet import ENGINE_MARKER, reap_leftovers, write_pid_file
+
+    # A stand-in engine (its command line carries the marker) and an unrelated process.
+    engine = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", ENGINE_MARKER], start_new_session=True
+    )
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    dead_fleet = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_fleet.wait()
+    pid_file = tmp_path / "run" / "svc.json"
+    try:
+        write_pid_file(pid_file, [engine.pid, other.pid])
+        data = json.loads(pid_file.read_text())
+        data["fleet"] = dead_fleet.pid
+        pid_file.write_text(json.dumps(data))
+        assert reap_leftovers(pid_file) == [engine.pid]
+        assert engine.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None  # a pid that is not an engine is left alone
+        assert not pid_file.exists()
+        write_pid_file(pid_file, [other.pid])  # this process's own fleet: still alive, not reaped
+        assert reap_leftovers(pid_file) == []
+    finally:
+        for process in (engine, other):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

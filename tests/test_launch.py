@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conftest import tiny_service
 
 from tokenfleet.engine.launch import SLA_SCHEDULER_CLS, engine_command
@@ -58,3 +60,61 @@ def test_gpu_command_has_tensor_parallel_and_revision() -> None:
     assert _flag(command.argv, "--revision") == "v2"
     assert command.argv[-1] == "--x"
     assert "VLLM_CPU_KVCACHE_SPACE" not in command.env
+
+
+def test_engines_see_runtime_settings_but_no_credentials() -> None:
+    from tokenfleet.engine.launch import engine_environment
+
+    env = engine_environment(
+        {
+            "PATH": "/bin",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OMP_NUM_THREADS": "2",
+            "HF_TOKEN": "hf_x",
+            "TOKENFLEET_API_KEYS": "k1=acme",
+            "OPENAI_API_KEY": "sk-x",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "GITHUB_TOKEN": "g",
+        }
+    )
+    assert env == {"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2", "HF_TOKEN": "hf_x"}
+
+
+def test_an_engine_started_to_die_with_its_parent_dies_when_the_parent_is_sigkilled() -> None:
+    """The fleet's engines get PR_SET_PDEATHSIG: a SIGKILLed `tokenfleet up` takes them along."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from tokenfleet.engine.launch import EngineCommand, EngineProcess\n"
+            "child = EngineProcess(EngineCommand([sys.executable, '-c', 'import time; time.sleep(120)'], {}),"
+            " port=1, die_with_parent=True)\n"
+            "child.start()\n"
+            "print(child.process.pid, flush=True)\n"
+            "time.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split()[2]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break
+        assert time.monotonic() < deadline, "the engine outlived its parent"
+        time.sleep(0.05)
