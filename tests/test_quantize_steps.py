@@ -181,7 +181,7 @@ def test_recommendation_follows_the_constraint() -> None:
     assert fastest.choice == "rtn-w8a8"
     none = recommend(ROWS, ConstraintConfig(max_recovery_loss=0.001))
     assert none.choice == BASELINE
-    assert "rtn-w8a8 at 99.5%" in none.reason
+    assert "rtn-w8a8 at 99.50%" in none.reason
 
 
 def test_targets_are_checked_against_the_measured_rows() -> None:

@@ -59,6 +59,12 @@ class EvaluationConfig(_Cfg):
     kv_cache_gib: float = Field(1.0, gt=0, le=1024)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     start_timeout_s: float = Field(600.0, gt=0, description="How long a vLLM server may take to start.")
+    sample_prompt: str = Field(
+        "class Config:\n    def __init__(self, path):\n        self.",
+        min_length=1,
+        description="Prompt of the greedy sample each model completes (shown in the report).",
+    )
+    sample_tokens: int = Field(32, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _fits(self) -> EvaluationConfig:

@@ -24,9 +24,6 @@ from tokenfleet.engine.quantize.config import EvaluationConfig
 from tokenfleet.spec import parse_service
 
 SERVED_NAME = "quant-eval"
-# A fixed greedy completion per model: a glance at what the numbers mean (and proof it generates).
-SAMPLE_PROMPT = "def read_config(path):\n"
-SAMPLE_TOKENS = 32
 
 
 def weights_mb(model_dir: Path) -> float:
@@ -65,8 +62,9 @@ def perplexity(client: httpx.Client, url: str, windows: Sequence[Sequence[int]])
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": float(tokens)}
 
 
-def sample(client: httpx.Client, url: str) -> str:
-    body = {"model": SERVED_NAME, "prompt": SAMPLE_PROMPT, "max_tokens": SAMPLE_TOKENS, "temperature": 0.0}
+def sample(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> str:
+    """A greedy completion: a glance at what the numbers mean (and proof that the model generates)."""
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     response = client.post(f"{url}/v1/completions", json=body, timeout=300.0)
     response.raise_for_status()
     return str(response.json()["choices"][0]["text"])
@@ -162,7 +160,7 @@ def evaluate(
             ppl_started = time.monotonic()
             result: dict[str, Any] = perplexity(client, engine.url, windows)
             result["ppl_s"] = round(time.monotonic() - ppl_started, 1)
-            result["sample_text"] = sample(client, engine.url)
+            result["sample_text"] = sample(client, engine.url, cfg.sample_prompt, cfg.sample_tokens)
         if cfg.bench_duration_s > 0:
             result |= bench(engine.url, cfg, out_dir / "bench")
     result |= {"weights_mb": weights_mb(model_dir), "start_s": round(ready_s, 1)}

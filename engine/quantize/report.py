@@ -74,7 +74,7 @@ def recommend(rows: Sequence[Row], constraint: ConstraintConfig) -> Recommendati
     rule = f"recovery ≥ {floor:.1%} (maxRecoveryLoss {constraint.max_recovery_loss:g})"
     if not eligible:
         best = max((r for r in rows if r.name != BASELINE), key=lambda r: r.recovery, default=None)
-        closest = f"; the closest is {best.name} at {best.recovery:.1%}" if best else ""
+        closest = f"; the closest is {best.name} at {best.recovery:.2%}" if best else ""
         return Recommendation(BASELINE, f"no technique meets {rule}{closest}: serve the unquantized model")
     if constraint.optimize == "throughput" and all(r.output_tok_per_s is not None for r in eligible):
         choice = max(eligible, key=lambda r: (r.output_tok_per_s or 0.0, r.recovery))
@@ -85,7 +85,7 @@ def recommend(rows: Sequence[Row], constraint: ConstraintConfig) -> Recommendati
     others = ", ".join(r.name for r in eligible if r is not choice) or "none"
     return Recommendation(
         choice.name,
-        f"{choice.name}: among techniques with {rule} it has {why} at {choice.recovery:.1%} recovery "
+        f"{choice.name}: among techniques with {rule} it has {why} at {choice.recovery:.2%} recovery "
         f"(also eligible: {others})",
     )
 

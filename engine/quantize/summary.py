@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenfleet.engine.quantize.evaluate import SAMPLE_PROMPT, SAMPLE_TOKENS
 from tokenfleet.engine.quantize.report import BASELINE, Row, recommend, rows_from, table, write_report
 
 if TYPE_CHECKING:
@@ -124,11 +123,11 @@ def write_summary(prep: Prepared, results: Mapping[str, Mapping[str, Any]], path
     }
     fence = "`" * 3
     sample_lines = [
-        f"Greedy completion of `{SAMPLE_PROMPT.strip()}` ({SAMPLE_TOKENS} tokens) by each model:\n"
+        f"Greedy completion ({cfg.evaluation.sample_tokens} tokens, the prompt in bold) by each model:\n"
     ]
     for name, result in evaluations.items():
         text = str(result.get("sample_text", "")).replace(fence, "`` `")
-        sample_lines.append(f"**{name}**\n\n{fence}python\n{SAMPLE_PROMPT}{text}\n{fence}\n")
+        sample_lines.append(f"{name}:\n\n{fence}python\n{cfg.evaluation.sample_prompt}{text}\n{fence}\n")
     extra = [
         "## Targets (default model, CPU)\n",
         "\n".join(target_lines) + "\n",
