@@ -123,7 +123,7 @@ def write_summary(prep: Prepared, results: Mapping[str, Mapping[str, Any]], path
     }
     fence = "`" * 3
     sample_lines = [
-        f"Greedy completion ({cfg.evaluation.sample_tokens} tokens, the prompt in bold) by each model:\n"
+        f"Greedy completion ({cfg.evaluation.sample_tokens} tokens after the prompt) by each model:\n"
     ]
     for name, result in evaluations.items():
         text = str(result.get("sample_text", "")).replace(fence, "`` `")
