@@ -2,7 +2,7 @@
 
 One bounded test: RTN W4A16 and RTN W8A8 of the small random-weight model, evaluated through vLLM
 by the pipeline (which serves each checkpoint and generates text), then a service whose
-`model.quantization` names a technique is served and answers. On a fresh machine it creates the
+`model.quantization` names the W4A16 checkpoint is served and answers. On a fresh machine it creates the
 quantization venv (about a minute; cached under the tokenfleet cache, keyed by requirements).
 """
 
@@ -33,8 +33,9 @@ KERNELS = {"rtn-w4a16": "CPUWNA16LinearKernel", "rtn-w8a8": "CPUInt8ScaledMMLine
 def test_pipeline_quantizes_then_vllm_serves_both_checkpoints(tmp_path: Path) -> None:
     config = parse_config(
         {
-            # Default output dir: the cache, where model.quantization looks the checkpoints up.
             "model": "builtin://tiny-random",
+            # A fresh folder, so every run quantizes and evaluates (the venv stays cached).
+            "outputDir": str(tmp_path / "checkpoints"),
             "techniques": TECHNIQUES,
             "calibration": {"samples": 4, "seqLen": 64},
             "evaluation": {
@@ -54,17 +55,14 @@ def test_pipeline_quantizes_then_vllm_serves_both_checkpoints(tmp_path: Path) ->
     results = run_pipeline(prep, progress=progress)
 
     for name in TECHNIQUES:
-        checkpoint = prep.out_dir / name
-        assert (checkpoint / "quantize_result.json").is_file()
+        assert (prep.out_dir / name / "quantize_result.json").is_file()
         evaluation = results[f"eval:{name}"]
         assert math.isfinite(evaluation["ppl"])
         assert evaluation["sample_text"].strip()
         assert evaluation["weights_mb"] < results["eval:baseline"]["weights_mb"]
         assert evaluation["requests_ok"] > 0
         log = prep.out_dir / "eval" / name / "engine.log"
-        # A rerun skips evaluation steps whose results were recorded, so there may be no fresh log.
-        if log.exists():
-            assert KERNELS[name] in log.read_text(errors="replace")
+        assert KERNELS[name] in log.read_text(errors="replace")
     report = (tmp_path / "report" / "quantization.md").read_text()
     assert "| rtn-w4a16 | rtn | W4A16 |" in report
     assert "**Recommendation:**" in report
@@ -75,18 +73,18 @@ def test_pipeline_quantizes_then_vllm_serves_both_checkpoints(tmp_path: Path) ->
     run_pipeline(prepare(config), progress=again)
     assert again.getvalue().count("unchanged, skipped") == 2 + 2 * len(TECHNIQUES) + 1
 
-    # Served by spec: model.quantization names the technique; the engine serves that checkpoint.
-    service = tiny_service(
-        "tiny-w4",
-        model={
-            "name": "tiny-w4",
-            "source": "builtin://tiny-random",
-            "maxModelLen": 256,
-            "quantization": "rtn-w4a16",
-        },
-    )
+    # Served by spec: model.quantization names the checkpoint (a technique name resolves to the
+    # same folder under the cache; test_quantize_config covers that lookup).
+    checkpoint = str(prep.out_dir / "rtn-w4a16")
+    model = {
+        "name": "tiny-w4",
+        "source": "builtin://tiny-random",
+        "maxModelLen": 256,
+        "quantization": checkpoint,
+    }
+    service = tiny_service("tiny-w4", model=model)
     model_path = resolve_model(service.spec.model)
-    assert model_path == str(prep.out_dir / "rtn-w4a16")
+    assert model_path == checkpoint
     port = free_port()
     engine = EngineProcess(
         engine_command(service.spec, model_path, port=port), port=port, log_path=tmp_path / "spec-engine.log"
