@@ -245,3 +245,26 @@ def test_quant_env_pins_the_cpu_torch_and_is_keyed_by_its_requirements(tmp_path:
     assert a.path == quant_env(list(reversed(DEFAULT_REQUIREMENTS)), root=tmp_path).path
     assert a.path != quant_env([*DEFAULT_REQUIREMENTS, "numpy<3"], root=tmp_path).path
     assert not a.is_ready()
+
+
+def test_dry_run_shows_the_plan_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TOKENFLEET_CACHE", str(tmp_path / "cache"))
+    model = _model_dir(tmp_path, TINY_CODE)
+    out = tmp_path / "out"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"model: {model}\noutputDir: {out}\ntechniques: [rtn-w8a8, gptq-w4a16]\n")
+    assert main(["quantize", "-c", str(path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert [line.split() for line in lines if line] == [
+        ["run", "quant-env"],
+        ["run", "data"],
+        ["run", "quantize:rtn-w8a8"],
+        ["run", "quantize:gptq-w4a16"],
+        ["run", "eval:baseline"],
+        ["run", "eval:rtn-w8a8"],
+        ["run", "eval:gptq-w4a16"],
+    ]
+    assert not out.exists()
+    assert not (tmp_path / "cache" / "venvs").exists()

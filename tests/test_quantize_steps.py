@@ -205,3 +205,27 @@ def test_rows_compute_recovery_from_the_baseline() -> None:
     assert rows[1].recovery == pytest.approx(0.8)
     assert rows[1].quantize_s == 1.5
     assert json.dumps(rows[0].output_tok_per_s) == "50.0"
+
+
+def test_worker_writes_the_group_size_the_pipeline_chose() -> None:
+    from tokenfleet.engine.quantize.worker import config_groups, weight_args
+
+    # W4A16: explicit groups (the preset's 128 does not divide the default model's 704).
+    assert config_groups("W4A16", 64) == {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 64,
+            },
+        }
+    }
+    assert weight_args("W4A16", -1)["strategy"] == "channel"
+    # The 8-bit schemes use llm-compressor's presets (per-channel weights).
+    assert config_groups("W8A8", 64) is None
+    assert weight_args("W8A8", 64) == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    with pytest.raises(ValueError, match="FP8_DYNAMIC"):
+        weight_args("FP8_DYNAMIC", 64)
