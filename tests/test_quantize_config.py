@@ -268,3 +268,11 @@ def test_dry_run_shows_the_plan_and_creates_nothing(
     ]
     assert not out.exists()
     assert not (tmp_path / "cache" / "venvs").exists()
+
+
+def test_example_service_names_a_technique_the_example_pipeline_makes() -> None:
+    from tokenfleet.spec import load_service
+
+    service = load_service(EXAMPLE.parent / "service.yaml")
+    assert service.spec.model.quantization in load_config(EXAMPLE).technique_names()
+    assert service.spec.model.source == load_config(EXAMPLE).model
