@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,10 @@ from tokenfleet.models import resolve_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+# CI quantizes the random-weight model (built in seconds); with
+# TOKENFLEET_QUANT_E2E_MODEL=builtin://tiny-code the same test runs on the default model.
+MODEL = os.environ.get("TOKENFLEET_QUANT_E2E_MODEL", "builtin://tiny-random")
+
 TECHNIQUES = ["rtn-w4a16", "rtn-w8a8"]
 # The CPU kernel vLLM picks for each scheme (its log line), so a silent fall-back to full
 # precision would fail the test.
@@ -33,7 +38,7 @@ KERNELS = {"rtn-w4a16": "CPUWNA16LinearKernel", "rtn-w8a8": "CPUInt8ScaledMMLine
 def test_pipeline_quantizes_then_vllm_serves_both_checkpoints(tmp_path: Path) -> None:
     config = parse_config(
         {
-            "model": "builtin://tiny-random",
+            "model": MODEL,
             # A fresh folder, so every run quantizes and evaluates (the venv stays cached).
             "outputDir": str(tmp_path / "checkpoints"),
             "techniques": TECHNIQUES,
@@ -78,7 +83,7 @@ def test_pipeline_quantizes_then_vllm_serves_both_checkpoints(tmp_path: Path) ->
     checkpoint = str(prep.out_dir / "rtn-w4a16")
     model = {
         "name": "tiny-w4",
-        "source": "builtin://tiny-random",
+        "source": MODEL,
         "maxModelLen": 256,
         "quantization": checkpoint,
     }
