@@ -27,6 +27,7 @@ from tokenfleet.engine.gateway.app import Gateway, create_app
 from tokenfleet.engine.gateway.breaker import Breaker
 from tokenfleet.engine.gateway.breaker import routable as breaker_routable
 from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
+from tokenfleet.engine.gateway.resume import StreamResume
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.gateway.tenancy import KeyFileError, parse_keys, parse_keys_env
 from tokenfleet.engine.gateway.validation import estimated_tokens, validate_body
@@ -413,3 +414,53 @@ def test_prompt_forms_and_responses_route(fakes: tuple[Fake, Fake]) -> None:
         max_model_len=512,
     )
     assert estimated_tokens(ids, 512) == (2 + 5) + (1 + 5)  # token ids count exactly
+
+
+# -- item 14: a stream resumed on another replica ------------------------------------------------
+
+
+def test_broken_stream_is_resumed_on_another_replica(fakes: tuple[Fake, Fake]) -> None:
+    service = tiny_service(routing={**FAST, "policy": "round_robin"})
+    with running(service, [("r0", fakes[0].url), ("r1", fakes[1].url)]) as (url, gateway):
+        fakes[0].faults.die_after_chunks = 3  # r0 (round robin's first pick) breaks; r1 resumes
+        body = {"model": "tiny", "prompt": "def f(", "max_tokens": 8, "stream": True}
+        reply = httpx.post(f"{url}/v1/completions", json=body)
+        chunks = [json.loads(e[6:]) for e in reply.text.split("\n\n") if e.startswith("data: {")]
+        assert not any("error" in c for c in chunks)
+        # One unbroken run: positions 6..13 (the prompt is 6 long), each once, in order.
+        assert [c["choices"][0]["text"] for c in chunks] == [f"t{k}" for k in range(6, 14)]
+        assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+        assert all("token_ids" not in c["choices"][0] for c in chunks)  # not asked for
+        assert reply.text.endswith("data: [DONE]\n\n")
+        continuation = fakes[1].faults.seen[-1]
+        assert continuation["prompt"] == [ord(c) for c in "def f("] + [1006, 1007, 1008]
+        assert continuation["max_tokens"] == 5
+        assert gateway.replicas.replicas["r0"].in_flight == 0
+        assert gateway.replicas.replicas["r1"].in_flight == 0
+
+
+def test_resumed_chat_chunks_keep_the_chat_shape() -> None:
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    resume, fields = StreamResume.for_request("/v1/chat/completions", chat, {"priority": 0}, 512)
+    assert fields["return_token_ids"] is True
+    first = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "tiny"}
+    head = {**first, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    token = {**first, "choices": [{"index": 0, "delta": {"content": "a"}, "token_ids": [7]}]}
+    sent = resume.feed(
+        f"data: {json.dumps({**head, 'prompt_token_ids': [1, 2]})}\n\ndata: {json.dumps(token)}\n\n".encode()
+    )
+    assert b"token_ids" not in sent
+    assert resume.remaining() == 3
+    body = json.loads(resume.continuation("tiny"))
+    assert body["prompt"] == [1, 2, 7]
+    assert body["max_tokens"] == 3
+    assert body["priority"] == 0
+    more = {
+        "id": "cmpl-9",
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": "b", "token_ids": [8]}],
+    }
+    out = json.loads(resume.feed(f"data: {json.dumps(more)}\n\n".encode())[6:])
+    assert out["id"] == "chatcmpl-1"
+    assert out["object"] == "chat.completion.chunk"
+    assert out["choices"][0]["delta"] == {"content": "b"}

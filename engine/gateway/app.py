@@ -43,6 +43,7 @@ from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.outcomes import Outcomes
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
+from tokenfleet.engine.gateway.resume import StreamResume, resumable
 from tokenfleet.engine.gateway.tenancy import (
     ClassError,
     KeyRing,
@@ -148,6 +149,9 @@ class Gateway:
         self.outcomes = Outcomes()
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
         self.tenant_active: dict[str, int] = {}  # requests per tenant in the gateway now
+        # Resume streams broken by a dead replica on another one (resume.py). Engines that do not
+        # return token ids (not vLLM) would need it off.
+        self.resume_streams = True
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()
@@ -383,6 +387,11 @@ class Gateway:
             encoded = None
         elif streaming and (tenant.name, "tokens") in self.buckets:
             usage = UsageRelay(strip=False)  # the Responses API streams its usage always
+        resume: StreamResume | None = None
+        if streaming and self.resume_streams and resumable(route, document):
+            # Keep the token ids relayed, so a replica that dies mid-stream can be resumed.
+            resume, fields = StreamResume.for_request(route, document, fields, self.spec.model.max_model_len)
+            encoded = None
         payload = with_fields(raw, document, fields, encoded)
         # A client that goes away while the gateway waits (queued, or for a non-streaming answer)
         # cancels this task: the upstream connection closes and the engine aborts the request.
@@ -405,6 +414,7 @@ class Gateway:
                 release=self.admission.release,
                 document=document,
                 usage=usage,
+                resume=resume,
             )
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -578,6 +588,7 @@ class Gateway:
         release: Callable[[], None] | None,
         document: Mapping[str, Any] | None = None,
         usage: UsageRelay | None = None,
+        resume: StreamResume | None = None,
     ) -> Response:
         headers = self._upstream_headers(call)
         key = self._route_key(call, document)
@@ -592,7 +603,9 @@ class Gateway:
                 if attempt:
                     self.metrics.retries.labels(call.route).inc()
                     call.span.set_attribute("tokenfleet.retries", attempt)
-                outcome = await self._attempt(call, replica, method, body, headers, streaming, release, usage)
+                outcome = await self._attempt(
+                    call, replica, method, body, headers, streaming, release, usage, resume
+                )
                 if isinstance(outcome, Response):
                     release = None  # handed over to the response
                     return outcome
@@ -620,6 +633,7 @@ class Gateway:
         streaming: bool,
         release: Callable[[], None] | None,
         usage: UsageRelay | None = None,
+        resume: StreamResume | None = None,
     ) -> Response | str:
         """One try on one replica: a Response once committed to the client, else why it failed."""
         call.replica = replica.id
@@ -641,7 +655,7 @@ class Gateway:
                 self.replicas.request_succeeded(replica)
                 self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
                 headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
-                relay = self._relay(call, replica, upstream, first, chunks, release, usage)
+                relay = self._relay(call, replica, upstream, first, chunks, release, usage, resume)
                 upstream = None  # the relay owns it now
                 return StreamingResponse(relay, status_code=200, media_type=None, headers=headers)
             content = await upstream.read()
@@ -751,53 +765,112 @@ class Gateway:
         chunks: AsyncIterator[bytes],
         release: Callable[[], None] | None,
         usage: UsageRelay | None = None,
+        resume: StreamResume | None = None,
     ) -> AsyncIterator[bytes]:
-        """Pass the engine's SSE bytes through untouched (but for a usage chunk the client did
-        not ask for, see `UsageRelay`); a break becomes an SSE error event."""
+        """Pass the engine's SSE bytes through (less a usage chunk the client did not ask for,
+        see `UsageRelay`). A break is resumed on another replica when `resume` allows (see
+        `resume.py`), else it becomes an SSE error event."""
         tail = first[-2:]
         status = 200
+        resumes_left = self.routing.retries
+        tried = [replica.id]
+        current: tuple[Replica, UpstreamResponse] | None = (replica, upstream)
+        pending = first
         try:
-            if usage is not None:
-                first = usage.feed(first)
-            if first:
-                yield first
-            async for chunk in chunks:
-                if usage is not None:
-                    chunk = usage.feed(chunk)
-                if chunk:
-                    tail = (tail + chunk)[-2:]
-                    yield chunk
-            if usage is not None and usage.held:
-                yield usage.flush()
-        except UpstreamError as exc:
-            status = 502
-            self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
-            self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
-            self.outcomes.record(replica.revision, False, None)
-            rid = request_id(call)
-            log.warning("request %s: %s broke mid-stream: %s", rid, replica.id, exc)
-            held = usage.flush() if usage is not None else b""
-            tail = (tail + held)[-2:]
-            prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
-            yield (
-                held
-                + prefix
-                + sse_error(f"the model server failed mid-stream; not retried (request id {rid})")
-            )
+            while current is not None:
+                try:
+                    if pending:
+                        out = _shaped(pending, usage, resume)
+                        if out:
+                            tail = (tail + out)[-2:]
+                            yield out
+                    async for chunk in chunks:
+                        out = _shaped(chunk, usage, resume)
+                        if out:
+                            tail = (tail + out)[-2:]
+                            yield out
+                    if usage is not None and usage.held:
+                        yield usage.flush()
+                    break
+                except UpstreamError as exc:
+                    broken, broken_upstream = current
+                    current = None
+                    self._stream_broke(call, broken, exc)
+                    broken_upstream.close()
+                    self._leave(broken)
+                    if resume is not None and resume.finished:
+                        yield b"data: [DONE]\n\n"  # only the stream's end was lost
+                        break
+                    if resume is not None and resumes_left > 0 and resume.remaining() > 0:
+                        resumes_left -= 1
+                        resume.broken()
+                        opened = await self._continue_stream(call, resume, tried)
+                        if opened is not None:
+                            current = (opened[0], opened[1])
+                            chunks, pending = opened[2], opened[3]
+                            continue
+                    status = 502
+                    rid = request_id(call)
+                    held = usage.flush() if usage is not None else b""
+                    tail = (tail + held)[-2:]
+                    prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
+                    message = f"the model server failed mid-stream; not retried (request id {rid})"
+                    yield held + prefix + sse_error(message)
         finally:
-            if status == 200:
-                replica.last_success = time.monotonic()  # alive: see breaker's `busy`
+            if current is not None:
+                # Closing the upstream aborts the engine's request (frees its KV cache) even when
+                # the client went away and this generator is being cancelled: a plain call, no
+                # await that the cancellation could interrupt.
+                live, live_upstream = current
+                if status == 200:
+                    live.last_success = time.monotonic()  # alive: see breaker's `busy`
+                live_upstream.close()
+                self._leave(live)
             if usage is not None and usage.total_tokens is not None:
                 self._settle(call, usage.total_tokens)
-            # Closing the upstream aborts the engine's request (frees its KV cache) even when
-            # the client went away and this generator is being cancelled: a plain call, no await
-            # that the cancellation could interrupt.
-            upstream.close()
-            self._leave(replica)
             if release is not None:
                 release()
             # A client that disconnected surfaces here as GeneratorExit: still one finished call.
             self._finish(call, status)
+
+    def _stream_broke(self, call: Call, replica: Replica, exc: UpstreamError) -> None:
+        self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
+        self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
+        self.outcomes.record(replica.revision, False, None)
+        log.warning("request %s: %s broke mid-stream: %s", request_id(call), replica.id, exc)
+
+    async def _continue_stream(
+        self, call: Call, resume: StreamResume, tried: list[str]
+    ) -> tuple[Replica, UpstreamResponse, AsyncIterator[bytes], bytes] | None:
+        """Open the continuation of a broken stream on a replica not tried yet, up to its first
+        chunk; None when no replica could take it."""
+        body = resume.continuation(self.spec.model.name)
+        headers = self._upstream_headers(call)
+        key = self._route_key(call, resume.document)
+        while (replica := self._pick(key, tried)) is not None:
+            tried.append(replica.id)
+            self._enter(replica)
+            upstream: UpstreamResponse | None = None
+            try:
+                upstream = await self.upstream.send("POST", f"{replica.url}/v1/completions", body, headers)
+                if upstream.status != 200:
+                    raise _UpstreamStatusError(upstream.status)
+                chunks = upstream.chunks()
+                first = await anext(chunks, b"")
+            except (UpstreamError, _UpstreamStatusError) as exc:
+                if upstream is not None:
+                    upstream.close()
+                self._leave(replica)
+                if isinstance(exc, _UpstreamStatusError) and exc.status < 500:
+                    log.warning("request %s: continuation refused: %s", request_id(call), exc)
+                    return None  # every replica would refuse it alike
+                self.replicas.request_failed(replica, f"{replica.id}: {exc}")
+                continue
+            self.metrics.retries.labels(call.route).inc()
+            call.span.set_attribute("tokenfleet.resumed", len(tried) - 1)
+            call.replica = replica.id
+            return replica, upstream, chunks, first
+        return None
 
     def _enter(self, replica: Replica) -> None:
         replica.in_flight += 1
@@ -860,6 +933,16 @@ class Gateway:
 
 
 REJECTED_PREFIX = "tokenfleet:rejected"
+
+
+def _shaped(chunk: bytes, usage: UsageRelay | None, resume: StreamResume | None) -> bytes:
+    """An upstream chunk as the client gets it: resumable streams rewritten first (whole events,
+    token ids it did not ask for removed), then a usage chunk it did not ask for taken out."""
+    if resume is not None:
+        chunk = resume.feed(chunk)
+    if usage is not None:
+        chunk = usage.feed(chunk)
+    return chunk
 
 
 def scheduler_rejection(content: bytes) -> str | None:

@@ -92,12 +92,27 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
                 }
             )
 
+        # Deterministic "greedy" tokens: the token at position k of the sequence is id 1000 + k,
+        # text t<k>, so a continuation from prompt + generated ids goes on where a run stopped.
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            prompt_ids = list(prompt)
+        else:
+            prompt_ids = [ord(c) % 256 for c in str(prompt if prompt is not None else body.get("messages"))]
+
         async def events() -> AsyncIterator[bytes]:
             for i in range(n):
                 if state.die_after_chunks is not None and i >= state.die_after_chunks:
                     raise RuntimeError("injected mid-stream death")
-                chunk = {"id": f"cmpl-{name}", "choices": [{"index": 0, "text": f"t{i}"}], "served_by": name}
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                k = len(prompt_ids) + i
+                choice: dict[str, Any] = {"index": 0, "text": f"t{k}"}
+                if body.get("return_token_ids"):  # as vLLM: prompt ids with the first token
+                    choice["prompt_token_ids"] = prompt_ids if i == 0 else None
+                    choice["token_ids"] = [1000 + k]
+                if i == n - 1:
+                    choice["finish_reason"] = "length"
+                chunk = {"id": f"cmpl-{name}", "choices": [choice], "served_by": name}
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
                 await asyncio.sleep(0.01)
             if (body.get("stream_options") or {}).get("include_usage"):
                 # vLLM's last chunk when asked: no choices, the usage (compact JSON, as vLLM's).
