@@ -382,7 +382,7 @@ def test_stream_dying_before_first_byte_is_retried(
             text = reply.read().decode()
         assert reply.status_code == 200
         assert text.endswith("data: [DONE]\n\n")
-        assert '"served_by": "b"' in text
+        assert '"served_by":"b"' in text
 
 
 def test_stream_breaking_midway_ends_with_an_error_event_and_is_not_replayed(
@@ -391,9 +391,9 @@ def test_stream_breaking_midway_ends_with_an_error_event_and_is_not_replayed(
     url, _ = gateway
     for fake in fakes:
         fake.faults.die_after_chunks = 2
-    with httpx.stream(
-        "POST", f"{url}/v1/completions", json={**COMPLETION, "stream": True, "max_tokens": 5}
-    ) as reply:
+    # With logprobs a stream cannot be resumed from token ids (test_gateway_hardening resumes one).
+    body = {**COMPLETION, "stream": True, "max_tokens": 5, "logprobs": 1}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body) as reply:
         events = [e for e in reply.read().decode().split("\n\n") if e]
     assert reply.status_code == 200
     assert len(events) == 3

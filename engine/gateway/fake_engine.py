@@ -105,10 +105,14 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
                 if state.die_after_chunks is not None and i >= state.die_after_chunks:
                     raise RuntimeError("injected mid-stream death")
                 k = len(prompt_ids) + i
-                choice: dict[str, Any] = {"index": 0, "text": f"t{k}"}
-                if body.get("return_token_ids"):  # as vLLM: prompt ids with the first token
-                    choice["prompt_token_ids"] = prompt_ids if i == 0 else None
-                    choice["token_ids"] = [1000 + k]
+                # As vLLM: the id fields always there, null unless asked (prompt ids come first).
+                asked = body.get("return_token_ids") is True
+                choice: dict[str, Any] = {
+                    "index": 0,
+                    "text": f"t{k}",
+                    "prompt_token_ids": prompt_ids if asked and i == 0 else None,
+                    "token_ids": [1000 + k] if asked else None,
+                }
                 if i == n - 1:
                     choice["finish_reason"] = "length"
                 chunk = {"id": f"cmpl-{name}", "choices": [choice], "served_by": name}

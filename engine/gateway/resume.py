@@ -74,12 +74,11 @@ def resumable(route: str, document: Mapping[str, Any]) -> bool:
 
 
 def _strip_ids(document: dict[str, Any]) -> None:
-    for key in IDS_KEYS:
-        document.pop(key, None)
-    for choice in document.get("choices") or ():
-        if isinstance(choice, dict):
-            for key in IDS_KEYS:
-                choice.pop(key, None)
+    """Token ids the client did not ask for, as vLLM sends them then: present, null."""
+    for holder in (document, *(c for c in document.get("choices") or () if isinstance(c, dict))):
+        for key in IDS_KEYS:
+            if holder.get(key) is not None:
+                holder[key] = None
 
 
 @dataclass(slots=True)
@@ -143,7 +142,9 @@ class StreamResume:
             document = self._as_original(document)
         if not self.keep_ids:
             _strip_ids(document)
-        return b"data: " + json.dumps(document, separators=(",", ":")).encode() + EVENT_END
+        # vLLM's own serialisation (compact, UTF-8): an unbroken stream keeps vLLM's bytes.
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        return b"data: " + text.encode() + EVENT_END
 
     def _first(self, document: dict[str, Any]) -> None:
         ids = document.get("prompt_token_ids")  # chat: top level

@@ -81,13 +81,29 @@ class ChatCompletionRequest(_Request):
     top_logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
+class InputText(BaseModel):
+    # Text parts only, as for chat: image or file parts would reach the engine's multimodal
+    # loaders (an SSRF surface) for a text-only model.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["message"] | None = None
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | Annotated[list[InputText], Field(max_length=64)]
+
+
 class ResponsesRequest(_Request):
-    """The OpenAI Responses API as vLLM serves it: `input` text or a list of input items (passed
-    through for the engine to judge, but for media parts, see `validate_body`)."""
+    """The OpenAI Responses API as vLLM serves it: `input` text or a list of message items."""
 
     input: (
         Annotated[str, Field(min_length=1)]
-        | Annotated[list[dict[str, Any]], Field(min_length=1, max_length=512)]
+        | Annotated[list[InputMessage], Field(min_length=1, max_length=512)]
     )
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -98,9 +114,6 @@ ROUTE_MODELS: dict[str, type[_Request]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/responses": ResponsesRequest,
 }
-# Responses API content parts the gateway forwards: text only, as for chat (image or file parts
-# would reach the engine's multimodal loaders, an SSRF surface, for a text-only model).
-TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -129,8 +142,6 @@ def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_
         raise RequestError(
             404, f"model {request.model!r} does not exist; serving {model_name!r}", "model_not_found"
         )
-    if isinstance(request, ResponsesRequest) and isinstance(request.input, list):
-        _check_items(request.input)
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list):
         for ids in _token_prompts(request.prompt):
             if len(ids) > max_model_len:
@@ -146,15 +157,6 @@ def validate_body(route: str, document: dict[str, Any], *, model_name: str, max_
     return request
 
 
-def _check_items(items: list[dict[str, Any]]) -> None:
-    for item in items:
-        content = item.get("content")
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in TEXT_PARTS:
-                raise RequestError(400, f"invalid request: input content part type {kind!r}; text parts only")
-
-
 def _token_prompts(prompt: list[Any]) -> list[list[int]]:
     """The token-id prompts of a completion's `prompt` list (none when it is a list of texts)."""
     if prompt and isinstance(prompt[0], int):
@@ -166,15 +168,10 @@ def _text_tokens(chars: int) -> int:
     return chars // 4 + 1  # ≈4 characters per token; usage corrects it afterwards
 
 
-def _items_chars(items: list[dict[str, Any]]) -> int:
-    chars = 0
-    for item in items:
-        content = item.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, dict))
-    return chars
+def _items_chars(items: list[InputMessage]) -> int:
+    return sum(
+        len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content) for m in items
+    )
 
 
 def prompt_tokens(request: _Request) -> list[int]:
