@@ -38,11 +38,14 @@ def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
                 "round_robin": {"ttft": {"mean": 0.1, "p50": 0.1, "p99": 0.2}, "prefix_cache_hit_rate": 0.5}
             },
             "failover": {"requests": 10, "lost_before_streaming": 0},
+            "failover_resume": {"requests": 10, "broken_mid_stream": 0},
         }
     )
     assert "| fake |" in report
     assert "| round_robin | None | None | 100 ms | 100 ms | 200 ms | 50.0% | 0.0 |" in report
     assert "- lost before streaming: 0" in report
+    assert "## Failover with stream resume" in report
+    assert "- broken mid stream: 0" in report
 
 
 def test_parse_replica_argument() -> None:
@@ -66,7 +69,7 @@ def test_cli_wires_bench_gateway(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         "out": Path("somewhere"),
         "pairs": 7,
         "policy_duration_s": 40.0,
-        "failover_requests": 60,
+        "failover_requests": 100,
         "skip": ["failover"],
     }
     assert "# Gateway benchmark" in capsys.readouterr().out

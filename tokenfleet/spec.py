@@ -372,6 +372,11 @@ class RoutingSpec(_Spec):
     eject_cooldown_s: float = Field(
         5.0, ge=0, le=600, description="Minimum time ejected before a good probe re-admits."
     )
+    resume_streams: bool = Field(
+        True,
+        description="Resume a stream whose replica dies on another replica, from the token ids "
+        "already relayed (single-choice streams without logprobs or structured output).",
+    )
 
 
 class RolloutSpec(_Spec):

@@ -149,9 +149,8 @@ class Gateway:
         self.outcomes = Outcomes()
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
         self.tenant_active: dict[str, int] = {}  # requests per tenant in the gateway now
-        # Resume streams broken by a dead replica on another one (resume.py). Engines that do not
-        # return token ids (not vLLM) would need it off.
-        self.resume_streams = True
+        # Resume streams broken by a dead replica on another one (resume.py).
+        self.resume_streams = self.routing.resume_streams
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
         self.counter = itertools.count()
         self.rng = random.Random()

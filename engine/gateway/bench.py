@@ -43,7 +43,9 @@ from tokenfleet.spec import LLMService, parse_service
 Log = Callable[[str], None]
 
 
-def bench_service(policy: str = "least_outstanding", name: str = "tiny") -> LLMService:
+def bench_service(
+    policy: str = "least_outstanding", name: str = "tiny", *, resume: bool = True
+) -> LLMService:
     return parse_service(
         {
             "apiVersion": "tokenfleet.dev/v1alpha1",
@@ -57,6 +59,7 @@ def bench_service(policy: str = "least_outstanding", name: str = "tiny") -> LLMS
                     "probeIntervalS": 0.5,
                     "ejectCooldownS": 1.0,
                     "ejectAfterFailures": 1,
+                    "resumeStreams": resume,
                 },
                 "gateway": {"maxQueuePerClass": 256},
             },
@@ -248,7 +251,7 @@ def stream_once(url: str, index: int) -> dict[str, Any]:
     body = {
         "model": "tiny",
         "prompt": f"req {index}: def f(",
-        "max_tokens": 32,
+        "max_tokens": 128,  # long enough that the kill lands in the middle of some streams
         "stream": True,
         "ignore_eos": True,
     }
@@ -267,13 +270,15 @@ def stream_once(url: str, index: int) -> dict[str, Any]:
     return outcome
 
 
-def failover_run(service: LLMService, model_path: str, work: Path, requests: int, log: Log) -> dict[str, Any]:
+def failover_run(
+    service: LLMService, model_path: str, work: Path, requests: int, log: Log, *, resume: bool = True
+) -> dict[str, Any]:
     engines = [start_engine(service, model_path, work), start_engine(service, model_path, work)]
     try:
         for engine in engines:
             engine.wait_ready(600)
         members = [("keep", engines[0].url), ("victim", engines[1].url)]
-        with gateway_process(bench_service("round_robin"), members, work) as url:
+        with gateway_process(bench_service("round_robin", resume=resume), members, work) as url:
             victim = engines[1]
             timeline: dict[str, float] = {}
 
@@ -296,7 +301,8 @@ def failover_run(service: LLMService, model_path: str, work: Path, requests: int
             chaos = threading.Thread(target=kill_then_restart)
             started = time.monotonic()
             chaos.start()
-            log(f"bench gateway: failover, {requests} streams, 4 at a time; SIGKILL at 3 s")
+            mode = "with" if resume else "without"
+            log(f"bench gateway: failover {mode} resume, {requests} streams, 4 at a time; SIGKILL at 3 s")
             with ThreadPoolExecutor(max_workers=4) as pool:
                 outcomes = list(pool.map(lambda i: stream_once(url, i), range(requests)))
             load_s = time.monotonic() - started
@@ -361,10 +367,15 @@ def render(results: dict[str, Any]) -> str:
                 f"{_ms(ttft.get('p50'))} | {_ms(ttft.get('p99'))} | {'-' if hit is None else f'{hit:.1%}'} | "
                 f"{row.get('load_average', 0):.1f} |"
             )
-    failover = results.get("failover")
-    if failover:
-        lines += ["", "## Failover (SIGKILL of one of 2 replicas under streaming load, then restart)", ""]
-        lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in failover.items()]
+    for key, title in (("failover", "without stream resume"), ("failover_resume", "with stream resume")):
+        failover = results.get(key)
+        if failover:
+            lines += [
+                "",
+                f"## Failover {title} (SIGKILL of one of 2 replicas under streaming load, then restart)",
+                "",
+            ]
+            lines += [f"- {name.replace('_', ' ')}: {value}" for name, value in failover.items()]
     lines += ["", "Raw numbers: `gateway.json` next to this file.", ""]
     return "\n".join(lines)
 
@@ -378,7 +389,7 @@ def run_bench(
     *,
     pairs: int = 1000,
     policy_duration_s: float = 40.0,
-    failover_requests: int = 60,
+    failover_requests: int = 100,
     skip: Sequence[str] = (),
     log: Log = print,
 ) -> dict[str, Any]:
@@ -421,7 +432,11 @@ def run_bench(
             for engine in engines:
                 engine.stop(timeout_s=20)
         if "failover" not in skip:
-            results["failover"] = failover_run(service, model_path, work, failover_requests, log)
+            # Broken streams without and with resume (issue 12: 0 broken, 0 failed with it).
+            results["failover"] = failover_run(
+                service, model_path, work, failover_requests, log, resume=False
+            )
+            results["failover_resume"] = failover_run(service, model_path, work, failover_requests, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gateway.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "gateway.md").write_text(render(results))
@@ -450,6 +465,6 @@ def register(bench_sub: Any) -> None:
         help="paired requests per latency measurement (p99 from the top 10)",
     )
     parser.add_argument("--duration", type=float, default=40.0, help="seconds per policy run")
-    parser.add_argument("--failover-requests", type=int, default=60)
+    parser.add_argument("--failover-requests", type=int, default=100)
     parser.add_argument("--skip", action="append", choices=["overhead", "policies", "failover"])
     parser.set_defaults(handler=cmd_bench_gateway)
