@@ -522,7 +522,7 @@ def register(bench_sub: Any) -> None:
     )
     parser.add_argument("--out", default="runs/control-loop", help="results directory")
     parser.add_argument(
-        "--rate", type=float, default=3.0, help="steady arrival rate (req/s); the step doubles it"
+        "--rate", type=float, default=2.5, help="steady arrival rate (req/s); the step doubles it"
     )
     parser.add_argument("--phase-s", type=float, default=90.0, help="seconds of each phase of the step")
     parser.add_argument("--rollout-s", type=float, default=200.0, help="seconds of load for each update")
