@@ -784,6 +784,8 @@ class Gateway:
                             tail = (tail + out)[-2:]
                             yield out
                     async for chunk in chunks:
+                        # Tokens are flowing: the replica is alive whatever its probes say.
+                        current[0].last_success = time.monotonic()
                         out = _shaped(chunk, usage, resume)
                         if out:
                             tail = (tail + out)[-2:]

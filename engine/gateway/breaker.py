@@ -8,10 +8,11 @@ breaker closes again on the first successful probe once `cooldown_s` has passed,
 flapping replica from bouncing in and out every probe interval.
 
 Under CPU starvation a probe can time out on a replica that is still producing tokens: a probe
-*timeout* does not eject a replica that completed a request recently (`busy`). And, as Envoy's
-panic threshold: when fewer than `PANIC_THRESHOLD` of the started replicas are closed, the ones
-ejected softly (timeouts, 5xx — not a refused connection) are routed to as well, so a fleet-wide
-slowdown degrades service rather than turning every request into a 503.
+*timeout* does not eject a replica that answered a request or streamed a chunk recently
+(`busy`). And, as Envoy's panic threshold: when fewer than `PANIC_THRESHOLD` of the started
+replicas are closed, the ones ejected softly (timeouts, 5xx — not a refused connection) are
+routed to as well, so a fleet-wide slowdown degrades service rather than turning every request
+into a 503.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class Replica:
     last_error: str | None = None
     requests: int = 0
     revision: str = ""  # the spec revision it runs (canary traffic is split by revision)
-    last_success: float = -1e9  # monotonic time of its latest answered request
+    last_success: float = -1e9  # monotonic time of its latest answer or streamed chunk
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.in_flight, int(self.stats.waiting))
