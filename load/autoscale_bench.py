@@ -284,6 +284,10 @@ def run_rollout(
         applier.start()
         result = run_workload(constant_workload(rate), url, duration_s, out / name / "load")
         applier.join()
+        # A rollout that outlasts the load is still followed to its end (its requests were counted
+        # while the load ran; the report says when it ended).
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: bool(trace.samples) and trace.samples[-1].phase != "progressing", 300)
         monitor.done.set()
         monitor.join()
         metrics = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
