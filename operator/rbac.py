@@ -29,8 +29,9 @@ class Rule:
 
 # Rules on namespaced resources: a Role per watched namespace when the operator is namespaced.
 NAMESPACED_RULES: tuple[Rule, ...] = (
-    # kopf lists and watches the resource, patches finalizers/annotations and the status.
-    Rule(API_GROUP, ("llmservices",), ("list", "watch", "patch")),
+    # kopf lists and watches the resource and patches finalizers/annotations; the operator
+    # re-reads one before each reconcile and patches its status.
+    Rule(API_GROUP, ("llmservices",), ("get", "list", "watch", "patch")),
     Rule(API_GROUP, ("llmservices/status",), ("patch",)),
     Rule("apps", ("deployments",), CHILD_VERBS),
     Rule("", ("services", "configmaps"), CHILD_VERBS),

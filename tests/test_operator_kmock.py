@@ -1,0 +1,328 @@
+"""The kopf operator running for real against kmock (an in-memory Kubernetes API).
+
+kmock stores objects and merges patches; it has no controllers. Two gaps are filled here, in
+an emulator subclass, the way a real API server behaves: server-side apply creates a missing
+object. kmock has no `scale` subresource, so the scale test writes what the API server would:
+the count at the CRD's specReplicasPath.
+Deployments never get a status by themselves: tests patch it to play the Deployment controller.
+Time is looptime's fake loop clock, which the operator's timer and the control core's clock use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import kmock
+import pytest
+import pytest_asyncio
+from kmock._internal import enums, rendering
+
+from tokenfleet.operator.control import Signals, WindowStats
+from tokenfleet.operator.crd import SPEC_REPLICAS_PATH
+from tokenfleet.operator.handlers import FINALIZER, OperatorConfig, build_registry
+from tokenfleet.operator.loop import Metrics
+from tokenfleet.operator.rbac import granted, rbac_manifests
+from tokenfleet.spec import LLMService
+
+NS = "llm"
+RES = "tokenfleet.dev/v1alpha1/llmservices"
+BASE = f"/apis/tokenfleet.dev/v1alpha1/namespaces/{NS}/llmservices"
+
+
+class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock plus server-side apply's create-if-missing (see module doc)."""
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None and request.method == "PATCH" and request.name is not None:
+            key = (request.resource, request.namespace, request.name)
+            content_type = request.headers.get("Content-Type", "")
+            if content_type.startswith("application/apply-patch") and (
+                key not in self._objects or self._objects[key].deleted
+            ):
+                async with self._lock:
+                    if key in self._objects:
+                        self._objects[key].create(request.data)
+                    else:
+                        self._objects[key] = request.data
+        return await super()._handle(request)
+
+
+def scale_write(replicas: int) -> dict[str, Any]:
+    """What the API server writes for a `scale` subresource update: n at specReplicasPath."""
+    data: dict[str, Any] = {}
+    node = data
+    *parents, leaf = SPEC_REPLICAS_PATH.strip(".").split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = replicas
+    return data
+
+
+def service_doc(name: str = "chat", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"name": "tiny-code", "source": "builtin://tiny-code"},
+        "replicas": {"min": 2, "max": 4},
+        "rollout": {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 60, "minRequests": 20},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "tokenfleet.dev/v1alpha1",
+        "kind": "LLMService",
+        # kopf guards finalizer patches with a JSON-patch test of resourceVersion; kmock keeps none.
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": base,
+    }
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.05)
+
+
+def obj(k: Any, resource: str, name: str) -> dict[str, Any] | None:
+    try:
+        found = k.objects[resource, NS, name]
+    except KeyError:
+        return None
+    return None if found.deleted else dict(found)
+
+
+def status_of(k: Any, name: str = "chat") -> dict[str, Any]:
+    found = obj(k, RES, name)
+    return (found or {}).get("status") or {}
+
+
+class Harness:
+    def __init__(self, k: Any, metrics: Metrics | None = None) -> None:
+        self.k = k
+        self.metrics = metrics
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def source(service: LLMService) -> Metrics | None:
+            return self.metrics
+
+        config = OperatorConfig(
+            server=str(self.k.url), metrics_source=source, control_interval_s=10, clock=loop.time
+        )
+        registry, _ = build_registry(config)
+        watch = self.k[f"watch {RES}"]  # one view: every kmock[...] adds a filter to scan
+        watches = len(watch)
+        self.stop_flag = asyncio.Event()
+        self.task = asyncio.create_task(
+            kopf_operator(registry=registry, clusterwide=True, standalone=True, stop_flag=self.stop_flag)
+        )
+        await wait_for(lambda: len(watch) > watches)
+
+    async def stop(self) -> None:
+        # A graceful stop: kopf runs the cleanup handlers (our HTTP session closes) and waits up
+        # to 5 s of loop time for stragglers — fake time under looptime.
+        if self.task is None:
+            return
+        task, self.task = self.task, None
+        self.stop_flag.set()
+        await asyncio.wait_for(task, 30)
+
+
+def kopf_operator(**kwargs: Any) -> Awaitable[None]:
+    import kopf
+
+    return kopf.operator(**kwargs)
+
+
+@pytest_asyncio.fixture
+async def api(kmock: Any) -> AsyncIterator[Any]:
+    kmock.resources.load_bundled()
+    kmock.resources[RES] = kmock.ResourceInfo(
+        kind="LLMService",
+        singular="llmservice",
+        namespaced=True,
+        verbs={"list", "watch", "get", "patch", "create", "delete"},
+        subresources={"status", "scale"},
+    )
+    kmock.resources["monitoring.coreos.com/v1/servicemonitors"] = kmock.ResourceInfo(
+        kind="ServiceMonitor",
+        singular="servicemonitor",
+        namespaced=True,
+        verbs={"get", "patch", "create", "delete"},
+    )
+    yield kmock
+
+
+@pytest_asyncio.fixture
+async def run_operator(api: Any) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """Start an operator (a fresh registry each time); every one is stopped at teardown."""
+    started: list[Harness] = []
+
+    async def start(metrics: Metrics | None = None) -> Harness:
+        harness = Harness(api, metrics)
+        started.append(harness)
+        await harness.start()
+        return harness
+
+    yield start
+    for harness in started:
+        await harness.stop()
+
+
+async def mark_ready(k: Any, name: str, ready: int, generation: int = 1) -> None:
+    """Play the Deployment controller: `ready` replicas up to date and ready."""
+    resp = await k.patch(
+        f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status",
+        json={
+            "metadata": {"generation": generation},
+            "status": {
+                "replicas": ready,
+                "readyReplicas": ready,
+                "updatedReplicas": ready,
+                "observedGeneration": generation,
+            },
+        },
+    )
+    assert resp.status == 200
+
+
+async def patch_spec(k: Any, name: str, spec: dict[str, Any], generation: int) -> None:
+    resp = await k.patch(f"{BASE}/{name}", json={"metadata": {"generation": generation}, "spec": spec})
+    assert resp.status == 200
+
+
+def events(k: Any) -> list[dict[str, Any]]:
+    return [r.data for r in k if r.method == "POST" and r.url.path.endswith("/events")]
+
+
+pytestmark = [pytest.mark.kmock(cls=ApiServer)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -> None:
+    k = api
+    harness = await run_operator(Metrics(Signals(), {}))
+    resp = await k.post(BASE, json=service_doc())
+    assert resp.status == 200
+
+    # create: every child object, owned by the service, and a status with conditions
+    await wait_for(lambda: status_of(k).get("observedGeneration") == 1)
+    expected = {
+        "apps/v1/deployments": ["chat-engine", "chat-gateway"],
+        "v1/services": ["chat", "chat-engine"],
+        "v1/configmaps": ["chat-gateway"],
+        "policy/v1/poddisruptionbudgets": ["chat-engine", "chat-gateway"],
+        "networking.k8s.io/v1/networkpolicies": ["chat-default-deny", "chat-engine", "chat-gateway"],
+        "monitoring.coreos.com/v1/servicemonitors": ["chat"],
+    }
+    for resource, names in expected.items():
+        for name in names:
+            child = obj(k, resource, name)
+            assert child is not None, (resource, name)
+            assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+    assert obj(k, "apps/v1/deployments", "chat-engine-canary") is None
+    stable = obj(k, "apps/v1/deployments", "chat-engine")
+    assert stable is not None and stable["spec"]["replicas"] == 2
+    status = status_of(k)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "ReplicasNotReady"
+    assert status["selector"] == "tokenfleet.dev/component=engine,tokenfleet.dev/service=chat"
+    assert FINALIZER in obj(k, RES, "chat")["metadata"]["finalizers"]  # type: ignore[index]
+    # server-side apply, with our field manager
+    applies = [r for r in k if r.method == "PATCH" and "apply-patch" in r.headers.get("Content-Type", "")]
+    assert applies and all(r.params.get("fieldManager") == "tokenfleet-operator" for r in applies)
+    await wait_for(lambda: any("applied 11 objects for generation 1" in e["message"] for e in events(k)))
+
+    # status patches: the Deployment controller reports ready → the timer turns Ready True
+    await mark_ready(k, "chat-engine", 2)
+    await mark_ready(k, "chat-gateway", 1)
+    await asyncio.sleep(11)
+    conditions = {c["type"]: c for c in status_of(k)["conditions"]}
+    assert conditions["Ready"]["status"] == "True", conditions
+    assert conditions["Progressing"]["reason"] == "RolloutComplete"
+    assert status_of(k)["replicas"] == 2
+
+    # scale subresource: kubectl scale --replicas=3 → spec.replicas.min = 3 → 3 engines
+    resp = await k.patch(f"{BASE}/chat", json=scale_write(3))
+    assert resp.status == 200
+    assert obj(k, RES, "chat")["spec"]["replicas"] == {"min": 3, "max": 4}  # type: ignore[index]
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine")["spec"]["replicas"] == 3)  # type: ignore[index]
+    await wait_for(lambda: status_of(k).get("desiredReplicas") == 3)
+    await mark_ready(k, "chat-engine", 3)
+
+    # a new engine revision under the canary strategy: a canary Deployment at 50%
+    old_revision = status_of(k)["rollout"]["revision"]
+    await patch_spec(k, "chat", {"engine": {"maxNumSeqs": 16}}, generation=2)
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is not None)
+    canary = obj(k, "apps/v1/deployments", "chat-engine-canary")
+    assert canary is not None and canary["spec"]["replicas"] == 2  # ceil(3 * 50%)
+    assert "16" in canary["spec"]["template"]["spec"]["containers"][0]["command"]
+    stable = obj(k, "apps/v1/deployments", "chat-engine")
+    assert stable is not None and "8" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert status_of(k)["rollout"]["stableRevision"] == old_revision
+    new_revision = status_of(k)["rollout"]["revision"]
+    assert new_revision != old_revision
+
+    # a rollout step: canary ready, healthy analysis window, stepDurationS passes → 100%
+    await mark_ready(k, "chat-engine-canary", 2)
+    harness.metrics = Metrics(
+        Signals(recent_requests=100),
+        {old_revision: WindowStats(requests=80, errors=0), new_revision: WindowStats(requests=40, errors=0)},
+    )
+    await wait_for(lambda: status_of(k)["rollout"]["canaryWeightPercent"] == 50, timeout=30)
+    assert status_of(k)["phase"] == "Progressing"
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary")["spec"]["replicas"] == 3, 120)  # type: ignore[index]
+    await mark_ready(k, "chat-engine-canary", 3)
+    # promoted: the stable track runs the new revision, the canary is deleted
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=60)
+    stable = obj(k, "apps/v1/deployments", "chat-engine")
+    assert stable is not None and "16" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert status_of(k)["rollout"]["stableRevision"] == new_revision
+    messages = [e.get("message", "") for e in events(k)]
+    assert any("step 1 (50%) passed" in m for m in messages), messages
+    assert any("canary promoted" in m for m in messages), messages
+
+    # delete: the finalizer removes every child, then the object goes
+    resp = await k.delete(f"{BASE}/chat")
+    assert resp.status == 200
+    await wait_for(lambda: obj(k, RES, "chat") is None)
+    for resource, names in expected.items():
+        for name in names:
+            assert obj(k, resource, name) is None, (resource, name)
+    await harness.stop()
+
+    # every request the operator made is granted by its RBAC (verbs from method + URL)
+    rules = granted(rbac_manifests("tokenfleet-system"))
+    used = set()
+    for request in k:
+        if request.resource is None or request.resource.plural is None:
+            continue  # discovery (/apis/<group>/<version>): open to every authenticated user
+        if "kmock" in request.headers.get("User-Agent", "").lower():
+            continue  # the test's own client
+        used.add(_verb_of(request))
+    test_only = {("", "deployments/status"), ("tokenfleet.dev", "llmservices/scale")}
+    missing = {u for u in used if (u[0], u[1]) not in test_only and (u[0], u[1], u[2], None) not in rules}
+    assert not missing, missing
+
+
+def _verb_of(request: Any) -> tuple[str, str, str]:
+    resource = request.resource
+    plural = resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    action = request.action
+    verb = {
+        enums.action.LIST: "list",
+        enums.action.WATCH: "watch",
+        enums.action.FETCH: "get",
+        enums.action.CREATE: "create",
+        enums.action.UPDATE: "patch",
+        enums.action.DELETE: "delete",
+    }[action]
+    return (resource.group, plural, verb)
