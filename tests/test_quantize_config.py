@@ -124,6 +124,10 @@ def test_group_size_must_divide_every_input() -> None:
     shapes = checks.linear_shapes(TINY_CODE)
     problems = checks.technique_problems(lookup("rtn-w4a16"), "cpu", shapes, group_size=128)
     assert problems == ["mlp.down_proj: input size 704 is not a multiple of group size 128"]
+    # W8A16 (GPU) is grouped too; W8A8 is per channel.
+    w8a16 = checks.technique_problems(lookup("gptq-w8a16"), "gpu", shapes, group_size=128)
+    assert w8a16 == ["mlp.down_proj: input size 704 is not a multiple of group size 128"]
+    assert checks.technique_problems(lookup("rtn-w8a8"), "cpu", shapes, group_size=128) == []
 
 
 def test_fp8_on_cpu_needs_amx_and_w8a16_needs_a_gpu() -> None:

@@ -224,6 +224,9 @@ def test_worker_writes_the_group_size_the_pipeline_chose() -> None:
         }
     }
     assert weight_args("W4A16", -1)["strategy"] == "channel"
+    # W8A16's preset also uses groups of 128: explicit groups for it too.
+    assert config_groups("W8A16", 64)["group_0"]["weights"]["num_bits"] == 8
+    assert config_groups("W8A16", 64)["group_0"]["weights"]["group_size"] == 64
     # The 8-bit schemes use llm-compressor's presets (per-channel weights).
     assert config_groups("W8A8", 64) is None
     assert weight_args("W8A8", 64) == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}

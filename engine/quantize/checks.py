@@ -106,7 +106,7 @@ def technique_problems(
             problems.append("vLLM's CPU backend has no W8A16 kernel (int8 weight-only needs a GPU)")
         if scheme == "FP8_DYNAMIC" and not has_amx(cpu_flag_set):
             problems.append("FP8 on CPU needs AMX (amx_tile, amx_bf16 in /proc/cpuinfo); this CPU has none")
-    if scheme == "W4A16":
+    if scheme in ("W4A16", "W8A16"):  # the weight-only schemes use groups
         if group_size != -1 and (group_size <= 0 or group_size % 2):
             problems.append(f"group size {group_size} must be even (or -1, per channel)")
         for shape in shapes:
@@ -115,7 +115,7 @@ def technique_problems(
                     f"{shape.name}: input size {shape.in_features} is not a multiple of "
                     f"group size {group_size}"
                 )
-            if device == "cpu":
+            if device == "cpu" and scheme == "W4A16":
                 in_part = shape.in_features
                 out_part = shape.out_features
                 # Row-parallel layers split the input, column-parallel ones the output.

@@ -108,7 +108,9 @@ class PipelineConfig(_Cfg):
         default_factory=list, description="Technique names, or {method, scheme}; empty = all the device runs."
     )
     group_size: int | None = Field(
-        None, description="W4A16 group size; default: the largest of 128/64/32 dividing every layer."
+        None,
+        description="Weight-only (W4A16, W8A16) group size; default: the largest of 128/64/32 "
+        "dividing every layer.",
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -119,7 +119,7 @@ def step_keys(
     keys["eval:baseline"] = step_key(["eval", model_fp, eval_data_key, eval_inputs])
     for t in techniques:
         inputs: list[Any] = [model_fp, t.method, t.scheme, quant_env_key, worker_hash]
-        if t.scheme == "W4A16":
+        if t.scheme in ("W4A16", "W8A16"):
             inputs.append(group_size)
         if t.method == "smoothquant+gptq":
             inputs.append(SMOOTHING_STRENGTH)

@@ -19,22 +19,27 @@ from typing import Any
 RESULT_NAME = "quantize_result.json"
 
 
+WEIGHT_ONLY_BITS = {"W4A16": 4, "W8A16": 8}
+
+
 def weight_args(scheme: str, group_size: int) -> dict[str, Any]:
     """compressed-tensors quantization args for the weights of `scheme`."""
-    if scheme == "W4A16":
+    if scheme in WEIGHT_ONLY_BITS:
         strategy = "channel" if group_size == -1 else "group"
-        args: dict[str, Any] = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": strategy}
+        bits = WEIGHT_ONLY_BITS[scheme]
+        args: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy}
         if strategy == "group":
             args["group_size"] = group_size
         return args
-    if scheme in ("W8A8", "W8A16"):
+    if scheme == "W8A8":
         return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     raise ValueError(f"no custom weight args for {scheme}")
 
 
 def config_groups(scheme: str, group_size: int) -> dict[str, Any] | None:
-    """Explicit config groups where the preset's group size would not fit; None = use the preset."""
-    if scheme == "W4A16":
+    """Explicit groups for the weight-only schemes, whose presets use groups of 128 (which need
+    not divide the model's layers; the pipeline chose a size that does); None = use the preset."""
+    if scheme in WEIGHT_ONLY_BITS:
         return {"group_0": {"targets": ["Linear"], "weights": weight_args(scheme, group_size)}}
     return None
 
