@@ -92,6 +92,8 @@ def test_plan_is_a_pure_decision(tmp_path: Path) -> None:
         ("c", "run"),
     ]
     assert fake.runs == {}
+    forced = plan(steps, {"a": {"key": "k1"}, "c": {"key": "k1"}}, rerun=["c*"])
+    assert [action for _, action in forced] == ["skip", "run", "run"]
 
 
 def _keys(**config: object) -> dict[str, str]:

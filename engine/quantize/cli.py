@@ -23,11 +23,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"quantize: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for name, action in dry_run(prep):
+        for name, action in dry_run(prep, args.rerun):
             print(f"{action:4}  {name}")
         return 0
     try:
-        run_pipeline(prep, progress=sys.stderr)
+        run_pipeline(prep, progress=sys.stderr, rerun=args.rerun)
     except (RuntimeError, TimeoutError, OSError) as exc:
         # Finished steps are recorded: the same command resumes at the step that failed.
         print(f"quantize: {exc}\nrerun the same command to resume from this step", file=sys.stderr)
@@ -42,4 +42,11 @@ def register(subparsers: Any) -> None:
     quantize.add_argument("-c", "--config", help="pipeline YAML (default: every CPU technique on tiny-code)")
     quantize.add_argument("--report", help="write the markdown report here (overrides the config's report)")
     quantize.add_argument("--dry-run", action="store_true", help="validate and show which steps would run")
+    quantize.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run matching steps even if unchanged, e.g. 'eval:*' (repeatable)",
+    )
     quantize.set_defaults(handler=cmd_quantize)

@@ -249,22 +249,24 @@ def _quantize(
     return result
 
 
-def dry_run(prep: Prepared) -> list[tuple[str, str]]:
+def dry_run(prep: Prepared, rerun: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(step, run|skip) for every step, from the recorded state; nothing runs."""
     steps = build_steps(prep, None)
     from tokenfleet.engine.quantize.steps import load_state
 
-    return [(s.name, action) for s, action in plan(steps, load_state(prep.out_dir / STATE_NAME))]
+    return [(s.name, action) for s, action in plan(steps, load_state(prep.out_dir / STATE_NAME), rerun)]
 
 
-def run_pipeline(prep: Prepared, progress: TextIO | None = sys.stderr) -> dict[str, Result]:
+def run_pipeline(
+    prep: Prepared, progress: TextIO | None = sys.stderr, rerun: Sequence[str] = ()
+) -> dict[str, Result]:
     started = time.monotonic()
     _say(progress, f"quantize {prep.config.model} ({prep.model_dir}) -> {prep.out_dir}")
     _say(
         progress,
         f"  techniques: {', '.join(t.name for t in prep.techniques)}; W4A16 group size {prep.group_size}",
     )
-    results = run_steps(build_steps(prep, progress), prep.out_dir / STATE_NAME, progress)
+    results = run_steps(build_steps(prep, progress), prep.out_dir / STATE_NAME, progress, rerun)
     if prep.config.report:
         from tokenfleet.engine.quantize.summary import write_summary
 

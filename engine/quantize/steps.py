@@ -7,6 +7,7 @@ the first unfinished step), and prints one progress line per step.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -35,8 +36,11 @@ class Step:
     outputs: tuple[Path, ...] = ()
 
 
-def plan(steps: Sequence[Step], state: Mapping[str, Mapping[str, Any]]) -> list[tuple[Step, Action]]:
-    """Which steps run: those never recorded, recorded with another key, or missing an output."""
+def plan(
+    steps: Sequence[Step], state: Mapping[str, Mapping[str, Any]], rerun: Sequence[str] = ()
+) -> list[tuple[Step, Action]]:
+    """Which steps run: those never recorded, recorded with another key, missing an output, or
+    matching a `rerun` pattern (shell-style, e.g. "eval:*" to measure again on a quiet machine)."""
     decisions: list[tuple[Step, Action]] = []
     for step in steps:
         recorded = state.get(step.name)
@@ -44,6 +48,7 @@ def plan(steps: Sequence[Step], state: Mapping[str, Mapping[str, Any]]) -> list[
             recorded is not None
             and recorded.get("key") == step.key
             and all(path.exists() for path in step.outputs)
+            and not any(fnmatch.fnmatchcase(step.name, pattern) for pattern in rerun)
         )
         decisions.append((step, "skip" if fresh else "run"))
     return decisions
@@ -64,11 +69,13 @@ def save_state(path: Path, state: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-def run_steps(steps: Sequence[Step], state_path: Path, progress: TextIO | None = None) -> dict[str, Result]:
+def run_steps(
+    steps: Sequence[Step], state_path: Path, progress: TextIO | None = None, rerun: Sequence[str] = ()
+) -> dict[str, Result]:
     """Run the stale steps in order; return every step's result (recorded or fresh)."""
     state = load_state(state_path)
     results: dict[str, Result] = {}
-    decisions = plan(steps, state)
+    decisions = plan(steps, state, rerun)
     total = len(decisions)
     for index, (step, action) in enumerate(decisions, start=1):
         prefix = f"[{index}/{total}] {step.name}"
