@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokenfleet.engine.quantize.report import BASELINE, Row, recommend, rows_from, table, write_report
+from tokenfleet.engine.quantize.report import Row, recommend, rows_from, write_report
 
 if TYPE_CHECKING:
     from tokenfleet.engine.quantize.pipeline import Prepared
@@ -137,6 +137,3 @@ def write_summary(prep: Prepared, results: Mapping[str, Mapping[str, Any]], path
         *sample_lines,
     ]
     return write_report(path, rows, recommendation, raw, notes=notes, extra=extra)
-
-
-__all__ = ["BASELINE", "check_targets", "table", "write_summary"]
