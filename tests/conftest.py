@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 
@@ -67,3 +68,14 @@ def engine(start_engine: StartEngine) -> EngineProcess:
 @pytest.fixture(scope="session")
 def engine_url(engine: EngineProcess) -> str:
     return engine.url
+
+
+@pytest.fixture(scope="module")
+def event_loop_for_pulumi() -> Iterator[None]:
+    """Pulumi's SDK (mocks included) calls asyncio.get_event_loop(); after any asyncio.run() in
+    the same process there is none (run() unsets it), so Pulumi tests bring their own."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()

@@ -11,6 +11,9 @@ import yaml
 
 from tokenfleet.infra.stackconfig import EksCluster, StackConfigError, check_pinned_image, parse_stack_config
 
+# Pulumi needs an event loop in the main thread (see conftest.event_loop_for_pulumi).
+pytestmark = pytest.mark.usefixtures("event_loop_for_pulumi")
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {
     "engineGpu": "ghcr.io/tokenfleet/tokenfleet-engine-gpu:0.1.0",

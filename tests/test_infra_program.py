@@ -29,7 +29,11 @@ from tokenfleet.infra.program import Stack, program
 from tokenfleet.infra.stackconfig import StackConfigError, StackSecrets, load_stack_config, parse_stack_config
 from tokenfleet.operator.crd import crd_manifest
 
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestReturnNotNoneWarning")
+# Pulumi needs an event loop in the main thread (see conftest.event_loop_for_pulumi).
+pytestmark = [
+    pytest.mark.usefixtures("event_loop_for_pulumi"),
+    pytest.mark.filterwarnings("error::pytest.PytestReturnNotNoneWarning"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.33"
