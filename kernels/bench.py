@@ -62,12 +62,24 @@ class Plan:
     gemm_shapes: list[tuple[int, int]]  # (K, N)
     group_size: int
     budget_s: float
+    # Elementwise kernels only: prefill-sized batches, where HBM bandwidth (not launch latency)
+    # decides and "% of peak" means something.
+    bandwidth_tokens: list[int] = field(default_factory=list)
 
     @classmethod
     def full(cls, budget_s: float) -> Plan:
         # Llama-3-8B (4096 / 14336) and a 70B-class layer (8192 / 28672).
         inter = {4096: 14336, 8192: 28672}
-        return cls(torch.bfloat16, [4096, 8192], [1, 16, 64, 256], inter, list(inter.items()), 128, budget_s)
+        return cls(
+            torch.bfloat16,
+            [4096, 8192],
+            [1, 16, 64, 256],
+            inter,
+            list(inter.items()),
+            128,
+            budget_s,
+            [4096, 16384],
+        )
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -213,7 +225,7 @@ def bench_rms_norm(r: Runner) -> None:
     eps, vllm_op = 1e-6, _vllm_c_op("fused_add_rms_norm")
     for h in r.plan.hidden:
         w = r.randn(h)
-        for t in r.plan.tokens:
+        for t in r.plan.tokens + r.plan.bandwidth_tokens:
             x0, r0 = r.randn(t, h), r.randn(t, h)
             ref = rmsnorm.fused_add_rms_norm_reference(x0.float(), r0.float(), w.float(), eps)[0]
             nbytes = (4 * t * h + h) * x0.element_size()
@@ -237,7 +249,7 @@ def bench_silu_and_mul(r: Runner) -> None:
     vllm_op = _vllm_c_op("silu_and_mul")
     for h in r.plan.hidden:
         inter = r.plan.intermediate[h]
-        for t in r.plan.tokens:
+        for t in r.plan.tokens + r.plan.bandwidth_tokens:
             x = r.randn(t, 2 * inter)
             ref = activation.silu_and_mul_reference(x.float())
             nbytes = 3 * t * inter * x.element_size()
