@@ -11,6 +11,9 @@ Time is looptime's fake loop clock, which the operator's timer and the control c
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -172,8 +175,10 @@ async def run_operator(api: Any) -> AsyncIterator[Callable[..., Awaitable[Harnes
         return harness
 
     yield start
+    # Tests stop their operators themselves (in fake time); this only cleans up after a failure.
     for harness in started:
-        await harness.stop()
+        with contextlib.suppress(BaseException):
+            await harness.stop()
 
 
 async def mark_ready(k: Any, name: str, ready: int, generation: int = 1) -> None:
@@ -230,15 +235,18 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
             assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
     assert obj(k, "apps/v1/deployments", "chat-engine-canary") is None
     stable = obj(k, "apps/v1/deployments", "chat-engine")
-    assert stable is not None and stable["spec"]["replicas"] == 2
+    assert stable is not None
+    assert stable["spec"]["replicas"] == 2
     status = status_of(k)
     conditions = {c["type"]: c for c in status["conditions"]}
-    assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "ReplicasNotReady"
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["Ready"]["reason"] == "ReplicasNotReady"
     assert status["selector"] == "tokenfleet.dev/component=engine,tokenfleet.dev/service=chat"
     assert FINALIZER in obj(k, RES, "chat")["metadata"]["finalizers"]  # type: ignore[index]
     # server-side apply, with our field manager
     applies = [r for r in k if r.method == "PATCH" and "apply-patch" in r.headers.get("Content-Type", "")]
-    assert applies and all(r.params.get("fieldManager") == "tokenfleet-operator" for r in applies)
+    assert applies
+    assert all(r.params.get("fieldManager") == "tokenfleet-operator" for r in applies)
     await wait_for(lambda: any("applied 11 objects for generation 1" in e["message"] for e in events(k)))
 
     # status patches: the Deployment controller reports ready → the timer turns Ready True
@@ -263,10 +271,12 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     await patch_spec(k, "chat", {"engine": {"maxNumSeqs": 16}}, generation=2)
     await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is not None)
     canary = obj(k, "apps/v1/deployments", "chat-engine-canary")
-    assert canary is not None and canary["spec"]["replicas"] == 2  # ceil(3 * 50%)
+    assert canary is not None
+    assert canary["spec"]["replicas"] == 2
     assert "16" in canary["spec"]["template"]["spec"]["containers"][0]["command"]
     stable = obj(k, "apps/v1/deployments", "chat-engine")
-    assert stable is not None and "8" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert stable is not None
+    assert "8" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
     assert status_of(k)["rollout"]["stableRevision"] == old_revision
     new_revision = status_of(k)["rollout"]["revision"]
     assert new_revision != old_revision
@@ -284,7 +294,8 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     # promoted: the stable track runs the new revision, the canary is deleted
     await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=60)
     stable = obj(k, "apps/v1/deployments", "chat-engine")
-    assert stable is not None and "16" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert stable is not None
+    assert "16" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
     assert status_of(k)["rollout"]["stableRevision"] == new_revision
     messages = [e.get("message", "") for e in events(k)]
     assert any("step 1 (50%) passed" in m for m in messages), messages
@@ -326,3 +337,110 @@ def _verb_of(request: Any) -> tuple[str, str, str]:
         enums.action.DELETE: "delete",
     }[action]
     return (resource.group, plural, verb)
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_restart_mid_rollout_resumes_without_duplicates(api: Any, run_operator: Any) -> None:
+    k = api
+    first = await run_operator()
+    assert (await k.post(BASE, json=service_doc())).status == 200
+    await wait_for(lambda: status_of(k).get("observedGeneration") == 1)
+    await mark_ready(k, "chat-engine", 2)
+    await mark_ready(k, "chat-gateway", 1)
+    await patch_spec(k, "chat", {"engine": {"maxNumSeqs": 32}}, generation=2)
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is not None)
+    await wait_for(lambda: status_of(k).get("observedGeneration") == 2)
+    before = copy.deepcopy(status_of(k)["control"]["rollout"])
+    assert before["phase"] == "progressing"
+    await first.stop()
+
+    # a new operator process: kopf's resume handler and the timer reconcile the same object
+    second = await run_operator()
+    await asyncio.sleep(25)  # two timer ticks
+    after = status_of(k)["control"]["rollout"]
+    assert after["target"] == before["target"]
+    assert after["stable"] == before["stable"]
+    canary = obj(k, "apps/v1/deployments", "chat-engine-canary")
+    assert canary is not None
+    assert canary["spec"]["replicas"] == 1  # ceil(2 * 50%), not restarted from scratch
+    deployments = sorted(name for (res, ns, name) in k.objects if res == "apps/v1/deployments")
+    assert deployments == ["chat-engine", "chat-engine-canary", "chat-gateway"]
+    assert not [r for r in k if r.method == "DELETE"], "nothing deleted on restart"
+    started = [e for e in events(k) if "canary rollout of" in e["message"]]
+    assert len(started) == 1, started
+    await second.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_invalid_spec_reported_in_status_then_fixed(api: Any, run_operator: Any) -> None:
+    k = api
+    harness = await run_operator()
+    bad = service_doc(replicas={"min": 5, "max": 2})
+    assert (await k.post(BASE, json=bad)).status == 200
+    await wait_for(lambda: status_of(k).get("phase") == "Invalid")
+    status = status_of(k)
+    assert status["errors"] == [{"field": "spec.replicas", "reason": "min (5) must not exceed max (2)"}]
+    degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
+    assert degraded["status"] == "True"
+    assert degraded["reason"] == "InvalidSpec"
+    assert obj(k, "apps/v1/deployments", "chat-engine") is None, "nothing applied for an invalid spec"
+    await wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in events(k)))
+
+    await patch_spec(k, "chat", {"replicas": {"min": 1, "max": 2}}, generation=2)
+    await wait_for(lambda: status_of(k).get("phase") not in (None, "Invalid"))
+    assert status_of(k).get("errors") is None
+    assert obj(k, "apps/v1/deployments", "chat-engine") is not None
+    await harness.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_api_keys_secret_read_and_rolls_gateway(api: Any, run_operator: Any) -> None:
+    k = api
+    harness = await run_operator()
+    doc = service_doc(gateway={"auth": True, "apiKeysSecret": "chat-keys"})
+    assert (await k.post(BASE, json=doc)).status == 200
+    await wait_for(lambda: status_of(k).get("phase") == "Degraded")
+    degraded = {c["type"]: c for c in status_of(k)["conditions"]}["Degraded"]
+    assert degraded["reason"] == "ApiKeysUnavailable"
+    assert "'chat-keys' (gateway.apiKeysSecret) not found" in degraded["message"]
+
+    keys = base64.b64encode(b"sk-123: default\n").decode()
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-keys", "namespace": NS}}
+    assert (
+        await k.post(f"/api/v1/namespaces/{NS}/secrets", json={**secret, "data": {"keys.yaml": keys}})
+    ).status == 200
+    await wait_for(lambda: status_of(k).get("phase") != "Degraded", timeout=30)
+    gateway = obj(k, "apps/v1/deployments", "chat-gateway")
+    assert gateway is not None
+    template = gateway["spec"]["template"]
+    first_hash = template["metadata"]["annotations"]["tokenfleet.dev/api-keys-hash"]
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "chat-keys"
+    config = obj(k, "v1/configmaps", "chat-gateway")
+    assert config is not None
+    assert "apiKeysFile: /etc/tokenfleet/keys/keys.yaml" in config["data"]["service.yaml"]
+
+    # rotated keys → a new hash on the pod template → the gateway rolls
+    rotated = base64.b64encode(b"sk-456: default\n").decode()
+    resp = await k.patch(f"/api/v1/namespaces/{NS}/secrets/chat-keys", json={"data": {"keys.yaml": rotated}})
+    assert resp.status == 200
+    await wait_for(
+        lambda: (
+            obj(k, "apps/v1/deployments", "chat-gateway")["spec"]["template"]["metadata"]["annotations"][  # type: ignore[index]
+                "tokenfleet.dev/api-keys-hash"
+            ]
+            != first_hash
+        ),
+        timeout=30,
+    )
+
+    # keys for a tenant the spec does not have: Degraded with the reason
+    unknown = base64.b64encode(b"sk-789: mallory\n").decode()
+    await k.patch(f"/api/v1/namespaces/{NS}/secrets/chat-keys", json={"data": {"keys.yaml": unknown}})
+    await wait_for(lambda: status_of(k).get("phase") == "Degraded", timeout=30)
+    degraded = {c["type"]: c for c in status_of(k)["conditions"]}["Degraded"]
+    assert "unknown tenants ['mallory']" in degraded["message"]
+    await harness.stop()
