@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     docs = spec_sub.add_parser("docs", help="render the spec reference (markdown)")
     docs.add_argument("-o", "--output", help="write to this file instead of stdout")
     docs.set_defaults(handler=cmd_spec_docs)
+    from tokenfleet.operator.cli import register as register_operator
+
+    register_operator(sub, spec_sub)
 
     model = sub.add_parser("model", help="builtin models")
     model_sub = model.add_subparsers(dest="model_command", required=True)
