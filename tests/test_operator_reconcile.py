@@ -1,0 +1,331 @@
+"""The pure reconcile and control tick: rendered objects, their validity, status and decisions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tokenfleet.engine.launch import engine_command
+from tokenfleet.operator.control import Signals, WindowStats
+from tokenfleet.operator.loop import ControlState, Metrics, control_tick, stable_spec_of
+from tokenfleet.operator.model import (
+    ApiKeysView,
+    ControlDecision,
+    Conventions,
+    DeploymentView,
+    Observed,
+    revision_of,
+)
+from tokenfleet.operator.rbac import NAMESPACED_RULES, rbac_manifests
+from tokenfleet.operator.reconcile import desired_objects, desired_status
+from tokenfleet.operator.workloads import cluster_model_path
+from tokenfleet.spec import LLMService, load_service, parse_service
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_VERSION = "1.33"
+NOW = "2026-01-01T00:00:00Z"
+
+
+def gpu() -> LLMService:
+    return load_service(ROOT / "examples" / "gpu.yaml")
+
+
+def with_spec(service: LLMService, **spec: Any) -> LLMService:
+    document = service.model_dump(mode="json", by_alias=True)
+    for key, value in spec.items():
+        document["spec"][key] = {**document["spec"].get(key, {}), **value}
+    return parse_service(document)
+
+
+def objects_of(service: LLMService, decision: ControlDecision | None = None) -> list[dict[str, Any]]:
+    decision = decision or ControlDecision(stable_replicas=2, canary_replicas=1, canary_weight_percent=10)
+    return desired_objects(service, Observed(uid="uid-1"), decision)
+
+
+def by_name(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("example", ["default.yaml", "gpu.yaml"])
+def test_every_rendered_manifest_is_valid_kubernetes(example: str) -> None:
+    objects = objects_of(load_service(ROOT / "examples" / example))
+    kinds = {o["kind"] for o in objects}
+    assert kinds == {
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    }
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":
+            continue  # a custom kind: kubernetes-validate has no schema (checked by hand below)
+        assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
+        assert obj["metadata"]["ownerReferences"] == [
+            {
+                "apiVersion": "tokenfleet.dev/v1alpha1",
+                "kind": "LLMService",
+                "name": obj["metadata"]["ownerReferences"][0]["name"],
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+def test_rbac_manifests_are_valid_and_least_privilege() -> None:
+    for objects in (rbac_manifests("tokenfleet-system"), rbac_manifests("ops", ["llm", "batch"])):
+        for obj in objects:
+            assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
+            for rule in obj.get("rules", []):
+                assert "*" not in rule["verbs"]
+                assert "*" not in rule["resources"]
+                assert "*" not in rule["apiGroups"]
+        assert not any(
+            o["kind"] == "ClusterRoleBinding" and o["roleRef"]["name"] == "cluster-admin" for o in objects
+        )
+    namespaced = rbac_manifests("ops", ["llm", "batch"])
+    roles = [o for o in namespaced if o["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["batch", "llm"]
+    cluster_role = next(o for o in namespaced if o["kind"] == "ClusterRole")
+    # Watching chosen namespaces: nothing namespaced is granted cluster-wide.
+    assert {r["resources"][0] for r in cluster_role["rules"]} == {"customresourcedefinitions", "namespaces"}
+    secrets = [r for r in NAMESPACED_RULES if "secrets" in r.resources]
+    assert [r.verbs for r in secrets] == [("get",)]
+
+
+def test_service_monitor_shape() -> None:
+    monitor = by_name(objects_of(gpu()), "ServiceMonitor", "llama-8b")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"] == {"matchLabels": {"tokenfleet.dev/service": "llama-8b"}}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}
+    ]
+    # Both Services it selects carry the label and name their port "http".
+    services = [o for o in objects_of(gpu()) if o["kind"] == "Service"]
+    assert len(services) == 2
+    for service in services:
+        assert service["metadata"]["labels"]["tokenfleet.dev/service"] == "llama-8b"
+        assert service["spec"]["ports"][0]["name"] == "http"
+
+
+def test_engine_pod_runs_the_local_fleet_argv_and_is_hardened() -> None:
+    service = gpu()
+    stable = by_name(objects_of(service), "Deployment", "llama-8b-engine")
+    pod = stable["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    expected = engine_command(
+        service.spec,
+        cluster_model_path(service.spec.model, Conventions()),
+        port=8000,
+        host="0.0.0.0",
+        python="python3",
+    )
+    assert container["command"] == expected.argv
+    assert {e["name"]: e["value"] for e in container["env"]}.items() >= expected.env.items()
+    # Startup sized for model load (failover.startupTimeoutS), readiness and liveness on /health.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= service.spec.failover.startup_timeout_s
+    assert startup["httpGet"]["path"] == "/v1/models"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # Drain: preStop sleep, then vLLM's --shutdown-timeout, inside the grace period.
+    drain = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > drain + service.spec.engine.shutdown_timeout_s
+    # GPU request, pool placement, restricted security context.
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    # The gateway outlives the engines' drain (a stream through it must finish).
+    gateway = by_name(objects_of(service), "Deployment", "llama-8b-gateway")["spec"]["template"]["spec"]
+    assert gateway["terminationGracePeriodSeconds"] >= pod["terminationGracePeriodSeconds"]
+
+
+def test_gpu_pool_and_fallback_pool_placement() -> None:
+    pools = [
+        {
+            "name": "h100",
+            "nodeSelector": {"pool": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        },
+        {"name": "a100", "nodeSelector": {"pool": "a100"}, "gpuResource": "amd.com/gpu"},
+    ]
+    service = with_spec(gpu(), engine={"gpuPools": pools})
+    first = by_name(objects_of(service), "Deployment", "llama-8b-engine")["spec"]["template"]["spec"]
+    assert first["nodeSelector"] == {"pool": "h100"}
+    assert first["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    fallback = objects_of(service, ControlDecision(stable_replicas=2, gpu_pool=1))
+    pod = by_name(fallback, "Deployment", "llama-8b-engine")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+
+
+def test_canary_deployment_only_during_a_canary() -> None:
+    names = {o["metadata"]["name"] for o in objects_of(gpu(), ControlDecision(stable_replicas=3))}
+    assert "llama-8b-engine-canary" not in names
+    objects = objects_of(
+        gpu(), ControlDecision(stable_replicas=3, canary_replicas=1, canary_weight_percent=25)
+    )
+    canary = by_name(objects, "Deployment", "llama-8b-engine-canary")
+    stable = by_name(objects, "Deployment", "llama-8b-engine")
+    assert canary["spec"]["replicas"] == 1
+    assert stable["spec"]["replicas"] == 3
+    # Disjoint selectors (a Deployment must own only its pods); one Service over both tracks.
+    assert canary["spec"]["selector"]["matchLabels"]["tokenfleet.dev/track"] == "canary"
+    assert stable["spec"]["selector"]["matchLabels"]["tokenfleet.dev/track"] == "stable"
+    engines = by_name(objects, "Service", "llama-8b-engine")
+    assert "tokenfleet.dev/track" not in engines["spec"]["selector"]
+
+
+def test_network_policies_default_deny_then_only_the_needed_paths() -> None:
+    objects = objects_of(gpu())
+    deny = by_name(objects, "NetworkPolicy", "llama-8b-default-deny")
+    assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny["spec"]
+    assert "egress" not in deny["spec"]
+    engine = by_name(objects, "NetworkPolicy", "llama-8b-engine")["spec"]
+    (ingress,) = engine["ingress"]
+    peers = ingress["from"]
+    assert peers[0] == {
+        "podSelector": {
+            "matchLabels": {"tokenfleet.dev/service": "llama-8b", "tokenfleet.dev/component": "gateway"}
+        }
+    }
+    assert peers[1]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 8000}]
+    # hf:// weights: HTTPS out, but not into the cluster's private ranges.
+    https = [e for e in engine["egress"] if e["ports"] == [{"protocol": "TCP", "port": 443}]]
+    assert https[0]["to"][0]["ipBlock"]["except"]
+    builtin = objects_of(load_service(ROOT / "examples" / "default.yaml"))
+    engine = by_name(builtin, "NetworkPolicy", "tiny-code-engine")["spec"]
+    assert all(e["ports"][0]["port"] == 53 for e in engine["egress"]), "no egress but DNS"
+    gateway = by_name(objects, "NetworkPolicy", "llama-8b-gateway")["spec"]
+    assert gateway["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
+    assert gateway["egress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+
+
+def test_status_conditions_and_observed_generation() -> None:
+    service = gpu()
+    decision = ControlDecision(stable_replicas=2)
+    views = {
+        "llama-8b-engine": DeploymentView(
+            replicas=2, ready_replicas=2, updated_replicas=2, generation=3, observed_generation=3
+        ),
+        "llama-8b-gateway": DeploymentView(
+            replicas=1, ready_replicas=1, updated_replicas=1, generation=1, observed_generation=1
+        ),
+    }
+    keys = ApiKeysView(name="llama-8b-api-keys", found=True, digest="d", tenants=frozenset({"search"}))
+    status = desired_status(
+        service, Observed(uid="u", generation=7, deployments=views, api_keys=keys), decision, (), NOW
+    )
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["observedGeneration"] == 7
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("True", "AllReplicasReady")
+    assert (conditions["Progressing"]["status"], conditions["Progressing"]["reason"]) == (
+        "False",
+        "RolloutComplete",
+    )
+    assert (conditions["Degraded"]["status"], conditions["Degraded"]["reason"]) == ("False", "AsExpected")
+    assert status["phase"] == "Ready"
+    # A later status keeps lastTransitionTime while a condition's status does not flip.
+    later = desired_status(
+        service,
+        Observed(uid="u", generation=7, deployments=views, api_keys=keys),
+        decision,
+        status["conditions"],
+        "2027-01-01T00:00:00Z",
+    )
+    assert later["conditions"] == status["conditions"]
+    rolled_back = ControlDecision(
+        stable_replicas=2, phase="RolledBack", reasons=("canary rolled back at 50%: error rate 9.0%",)
+    )
+    status = desired_status(
+        service, Observed(uid="u", deployments=views, api_keys=keys), rolled_back, (), NOW
+    )
+    degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "CanaryRolledBack")
+    assert "error rate 9.0%" in degraded["message"]
+
+
+def _ready(name: str, n: int) -> DeploymentView:
+    return DeploymentView(
+        replicas=n, ready_replicas=n, updated_replicas=n, generation=1, observed_generation=1
+    )
+
+
+def test_control_tick_canary_rolls_back_on_errors_and_keeps_the_stable_spec() -> None:
+    service = with_spec(gpu(), autoscaling={"enabled": False}, rollout={"canarySteps": [50, 100]})
+    state = ControlState.from_status(None, service.spec)
+    stable_rev = state.rollout.stable
+    changed = with_spec(service, engine={"maxNumSeqs": 64})
+    new_rev = revision_of(changed.spec)
+    observed = Observed(uid="u", deployments={"llama-8b-engine": _ready("s", 2)})
+    decision, state, events = control_tick(changed, observed, state, None, now=0.0)
+    assert decision.phase == "Progressing"
+    assert (decision.stable_replicas, decision.canary_replicas) == (2, 1)
+    assert any("canary rollout of" in e for e in events)
+    assert stable_spec_of(state, changed.spec) == service.spec  # the stable track keeps the old spec
+    views = {"llama-8b-engine": _ready("s", 2), "llama-8b-engine-canary": _ready("c", 1)}
+    observed = Observed(uid="u", deployments=views)
+    decision, state, _ = control_tick(changed, observed, state, None, now=10.0)
+    assert decision.canary_weight_percent == 50
+    bad = Metrics(Signals(), {stable_rev: WindowStats(100, 0), new_rev: WindowStats(40, 10)})
+    decision, state, events = control_tick(changed, observed, state, bad, now=20.0)
+    assert decision.phase == "RolledBack"
+    assert decision.canary_replicas == 0
+    assert any("rolled back" in e for e in events)
+    assert state.rollout.stable == stable_rev
+    assert stable_spec_of(state, changed.spec) == service.spec
+
+
+def test_control_tick_rolling_is_left_to_the_deployment() -> None:
+    service = with_spec(gpu(), autoscaling={"enabled": False}, rollout={"strategy": "rolling"})
+    state = ControlState.from_status(None, service.spec)
+    changed = with_spec(service, engine={"maxNumSeqs": 64})
+    decision, state, events = control_tick(changed, Observed(uid="u"), state, None, now=0.0)
+    assert decision.canary_replicas == 0
+    assert state.rollout.stable == revision_of(changed.spec)
+    assert stable_spec_of(state, changed.spec) is None  # the stable Deployment gets the new template
+    assert events == [f"rolling update to {revision_of(changed.spec)}"]
+
+
+def test_control_tick_autoscales_on_queue_depth() -> None:
+    service = with_spec(gpu(), rollout={"strategy": "rolling"})  # autoscaling on: queue_depth target 8
+    state = ControlState.from_status(None, service.spec)
+    state = ControlState(rollout=state.rollout, stable_spec=state.stable_spec, desired=2)
+    views = {"llama-8b-engine": _ready("s", 2)}
+    busy = Metrics(Signals(gateway_queued=80))
+    decision, state, _ = control_tick(service, Observed(uid="u", deployments=views), state, busy, now=0.0)
+    for tick in range(1, 5):  # past scaleUpStabilizationS (15 s)
+        decision, state, _events = control_tick(
+            service, Observed(uid="u", deployments=views), state, busy, now=tick * 10.0
+        )
+    assert decision.stable_replicas > 2
+    assert decision.stable_replicas <= service.spec.replicas.max
+    # State survives a round trip through status (an operator restart).
+    restored = ControlState.from_status(state.to_status(), service.spec)
+    assert restored.desired == state.desired
+    assert restored.scale.history == state.scale.history
+
+
+def test_startup_budget_follows_failover_startup_timeout() -> None:
+    service = with_spec(gpu(), failover={"startupTimeoutS": 1800})
+    container = by_name(objects_of(service), "Deployment", "llama-8b-engine")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["startupProbe"]["failureThreshold"] == math.ceil(1800 / 10)
