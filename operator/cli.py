@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -24,8 +26,11 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     from tokenfleet.operator.handlers import OperatorConfig, build_registry
     from tokenfleet.operator.model import Conventions
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    conventions = Conventions(gateway_image=args.gateway_image) if args.gateway_image else Conventions()
+    level = os.environ.get("TOKENFLEET_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    conventions = Conventions.from_env(os.environ)
+    if args.gateway_image:
+        conventions = replace(conventions, gateway_image=args.gateway_image)
     config = OperatorConfig(conventions=conventions, control_interval_s=args.interval)
     registry, _ = build_registry(config)
     if args.metrics_port:
@@ -36,7 +41,7 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
         kopf.operator(
             registry=registry,
             standalone=True,
-            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+            liveness_endpoint=args.liveness or None,
             **namespaces,
         )
     )
@@ -56,6 +61,13 @@ def register(sub: Any, spec_sub: Any) -> None:
     run.add_argument("-n", "--namespace", action="append", help="serve only these namespaces (repeatable)")
     run.add_argument("--interval", type=float, default=15.0, help="control loop period, seconds")
     run.add_argument("--metrics-port", type=int, default=9100, help="Prometheus metrics port (0: off)")
-    run.add_argument("--health-port", type=int, default=8080, help="kopf liveness endpoint port (0: off)")
-    run.add_argument("--gateway-image", help="image that runs `python -m tokenfleet.engine.gateway`")
+    run.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="kopf's liveness endpoint URL, as `kopf run --liveness` ('' turns it off)",
+    )
+    run.add_argument(
+        "--gateway-image",
+        help="image that runs `python -m tokenfleet.engine.gateway` (default: $TOKENFLEET_GATEWAY_IMAGE)",
+    )
     run.set_defaults(handler=cmd_operator_run)

@@ -121,6 +121,17 @@ class Conventions:
     )
     cluster_domain: str = "cluster.local"
     drain_s: int = 10  # preStop: time for endpoint removal to reach every proxy before SIGTERM
+    hf_token_secret: str | None = None  # "<secret>/<key>" in each service's namespace
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Conventions:
+        """The installation's settings as infra/ passes them to the operator's container."""
+        base = cls()
+        return cls(
+            gateway_image=environ.get("TOKENFLEET_GATEWAY_IMAGE") or base.gateway_image,
+            prometheus_namespace=environ.get("TOKENFLEET_PROMETHEUS_NAMESPACE") or base.prometheus_namespace,
+            hf_token_secret=environ.get("TOKENFLEET_HF_TOKEN_SECRET") or None,
+        )
 
 
 def revision_of(spec: LLMServiceSpec) -> str:

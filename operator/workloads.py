@@ -33,7 +33,7 @@ CONFIG_DIR = "/etc/tokenfleet/config"
 SERVICE_FILE = "service.yaml"
 PROBE_PERIOD_S = 10
 VLLM_EXIT_MARGIN_S = 15  # vLLM's own teardown after its drain (engine core, workers)
-RUN_AS = 1000
+RUN_AS = 10001  # the non-root uid every tokenfleet image creates (images/*.Dockerfile)
 
 
 def common_labels(service: LLMService, component: str) -> dict[str, str]:
@@ -156,11 +156,17 @@ def engine_container(spec: LLMServiceSpec, conventions: Conventions, pool_index:
         "VLLM_CACHE_ROOT": "/cache/vllm",
     }
     startup_failures = max(1, math.ceil(startup_budget_s(spec) / PROBE_PERIOD_S))
+    env_list: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    if spec.model.source.startswith("hf://") and conventions.hf_token_secret:
+        # Gated hub models: the token comes from a Secret by reference, never in the manifest.
+        secret, _, key = conventions.hf_token_secret.partition("/")
+        ref = {"name": secret, "key": key or "token", "optional": True}
+        env_list.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
     return {
         "name": "engine",
         "image": spec.engine.image,
         "command": command.argv,
-        "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+        "env": env_list,
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         # /v1/models answers only once the weights are loaded (/health can go 200 earlier).
         "startupProbe": {
