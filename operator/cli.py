@@ -24,6 +24,7 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from tokenfleet.operator.handlers import OperatorConfig, build_registry
+    from tokenfleet.operator.metrics import GatewayScraper
     from tokenfleet.operator.model import Conventions
 
     level = os.environ.get("TOKENFLEET_LOG_LEVEL", "INFO").upper()
@@ -31,7 +32,11 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     conventions = Conventions.from_env(os.environ)
     if args.gateway_image:
         conventions = replace(conventions, gateway_image=args.gateway_image)
-    config = OperatorConfig(conventions=conventions, control_interval_s=args.interval)
+    config = OperatorConfig(
+        conventions=conventions,
+        control_interval_s=args.interval,
+        metrics_source=GatewayScraper(conventions),
+    )
     registry, _ = build_registry(config)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=config.metrics.registry)

@@ -329,3 +329,16 @@ def test_startup_budget_follows_failover_startup_timeout() -> None:
         "containers"
     ][0]
     assert container["startupProbe"]["failureThreshold"] == math.ceil(1800 / 10)
+
+
+def test_gateway_metrics_become_signals() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tokenfleet.engine.gateway.metrics import GatewayMetrics
+    from tokenfleet.operator.metrics import signals_from_text
+
+    metrics = GatewayMetrics(registry=CollectorRegistry())
+    metrics.queued.labels("interactive").set(3)
+    metrics.queued.labels("batch").set(4)
+    text = generate_latest(metrics.registry).decode()
+    assert signals_from_text(text).gateway_queued == 7
