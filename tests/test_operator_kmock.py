@@ -17,11 +17,13 @@ import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import kmock
 import pytest
 import pytest_asyncio
 from kmock._internal import enums, rendering
 
+from tokenfleet.engine.fleet import free_port
 from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.crd import SPEC_REPLICAS_PATH
 from tokenfleet.operator.handlers import FINALIZER, OperatorConfig, build_registry
@@ -105,10 +107,12 @@ def status_of(k: Any, name: str = "chat") -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, k: Any, metrics: Metrics | None = None) -> None:
+    def __init__(self, k: Any, metrics: Metrics | None = None, liveness: str | None = None) -> None:
         self.k = k
         self.metrics = metrics
+        self.liveness = liveness
         self.task: asyncio.Task[None] | None = None
+        self.config: OperatorConfig | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -119,12 +123,19 @@ class Harness:
         config = OperatorConfig(
             server=str(self.k.url), metrics_source=source, control_interval_s=10, clock=loop.time
         )
+        self.config = config
         registry, _ = build_registry(config)
         watch = self.k[f"watch {RES}"]  # one view: every kmock[...] adds a filter to scan
         watches = len(watch)
         self.stop_flag = asyncio.Event()
         self.task = asyncio.create_task(
-            kopf_operator(registry=registry, clusterwide=True, standalone=True, stop_flag=self.stop_flag)
+            kopf_operator(
+                registry=registry,
+                clusterwide=True,
+                standalone=True,
+                stop_flag=self.stop_flag,
+                liveness_endpoint=self.liveness,
+            )
         )
         await wait_for(lambda: len(watch) > watches)
 
@@ -168,8 +179,8 @@ async def run_operator(api: Any) -> AsyncIterator[Callable[..., Awaitable[Harnes
     """Start an operator (a fresh registry each time); every one is stopped at teardown."""
     started: list[Harness] = []
 
-    async def start(metrics: Metrics | None = None) -> Harness:
-        harness = Harness(api, metrics)
+    async def start(metrics: Metrics | None = None, liveness: str | None = None) -> Harness:
+        harness = Harness(api, metrics, liveness)
         started.append(harness)
         await harness.start()
         return harness
@@ -376,7 +387,8 @@ async def test_restart_mid_rollout_resumes_without_duplicates(api: Any, run_oper
 @pytest.mark.looptime
 async def test_invalid_spec_reported_in_status_then_fixed(api: Any, run_operator: Any) -> None:
     k = api
-    harness = await run_operator()
+    port = free_port()
+    harness = await run_operator(liveness=f"http://127.0.0.1:{port}/healthz")
     bad = service_doc(replicas={"min": 5, "max": 2})
     assert (await k.post(BASE, json=bad)).status == 200
     await wait_for(lambda: status_of(k).get("phase") == "Invalid")
@@ -392,6 +404,24 @@ async def test_invalid_spec_reported_in_status_then_fixed(api: Any, run_operator
     await wait_for(lambda: status_of(k).get("phase") not in (None, "Invalid"))
     assert status_of(k).get("errors") is None
     assert obj(k, "apps/v1/deployments", "chat-engine") is not None
+
+    # the operator's own health (kopf's liveness endpoint) and metrics
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        assert resp.status == 200
+    assert harness.config is not None
+    registry = harness.config.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    triggers = ("create", "update", "resume", "timer")
+    invalid = sum(
+        sample("tokenfleet_operator_reconciles_total", trigger=t, outcome="invalid") for t in triggers
+    )
+    assert invalid >= 1
+    assert sample("tokenfleet_operator_reconciles_total", trigger="update", outcome="ok") >= 1
+    assert sample("tokenfleet_operator_decisions_total", reason="InvalidSpec") == 1
+    assert sample("tokenfleet_operator_applied_objects_total", kind="Deployment") >= 2
     await harness.stop()
 
 
