@@ -14,13 +14,17 @@ import asyncio
 import base64
 import contextlib
 import copy
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import kmock
 import pytest
 import pytest_asyncio
+import yaml
 from kmock._internal import enums, rendering
 
 from tokenfleet.engine.fleet import free_port
@@ -218,7 +222,10 @@ def events(k: Any) -> list[dict[str, Any]]:
     return [r.data for r in k if r.method == "POST" and r.url.path.endswith("/events")]
 
 
-pytestmark = [pytest.mark.kmock(cls=ApiServer)]
+pytestmark = [
+    pytest.mark.kmock(cls=ApiServer),
+    pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning"),
+]
 
 
 @pytest.mark.asyncio
@@ -474,3 +481,54 @@ async def test_api_keys_secret_read_and_rolls_gateway(api: Any, run_operator: An
     degraded = {c["type"]: c for c in status_of(k)["conditions"]}["Degraded"]
     assert "unknown tenants ['mallory']" in degraded["message"]
     await harness.stop()
+
+
+@pytest.mark.asyncio
+async def test_cli_operator_run_logs_in_with_the_kubeconfig(api: Any, tmp_path: Path) -> None:
+    """`tokenfleet operator run` as a process: kopf's kubeconfig login, then a real reconcile."""
+    k = api
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(k.url).rstrip("/")}}],
+                "users": [{"name": "dev", "user": {"token": "t"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "dev"}}],
+                "current-context": "kmock",
+            }
+        )
+    )
+    health = free_port()
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TOKENFLEET_GATEWAY_IMAGE": "example.org/gw:1.2.3"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenfleet.cli",
+        "operator",
+        "run",
+        "--metrics-port=0",
+        f"--liveness=http://127.0.0.1:{health}/healthz",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        watch = k[f"watch {RES}"]
+        await wait_for(lambda: len(watch) > 0, timeout=60)
+        assert (await k.post(BASE, json=service_doc())).status == 200
+        await wait_for(lambda: status_of(k).get("observedGeneration") == 1, timeout=60)
+        gateway = obj(k, "apps/v1/deployments", "chat-gateway")
+        assert gateway is not None
+        assert gateway["spec"]["template"]["spec"]["containers"][0]["image"] == "example.org/gw:1.2.3"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{health}/healthz") as resp,
+        ):
+            assert resp.status == 200
+        assert any(r.headers.get("Authorization") == "Bearer t" for r in k)
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
