@@ -172,7 +172,6 @@ def open_api_schema() -> dict[str, Any]:
     schema: dict[str, Any] = {
         "type": "object",
         "description": "An LLM served inside its SLAs: engines, gateway, autoscaling, rollouts.",
-        "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
