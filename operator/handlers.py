@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import kopf
@@ -27,7 +27,17 @@ from tokenfleet.engine.gateway.tenancy import KeyFileError, parse_keys
 from tokenfleet.operator.crd import PLURAL, VERSION
 from tokenfleet.operator.kube import Kube
 from tokenfleet.operator.loop import ControlState, Metrics, MetricsSource, control_tick, stable_spec_of
-from tokenfleet.operator.model import ApiKeysView, ControlDecision, Conventions, DeploymentView, Observed
+from tokenfleet.operator.model import (
+    POOL_LABEL,
+    ApiKeysView,
+    ControlDecision,
+    Conventions,
+    DeploymentView,
+    Observed,
+    PodView,
+    engine_selector,
+    selector_string,
+)
 from tokenfleet.operator.reconcile import desired_objects, desired_status, invalid_status, owned_names
 from tokenfleet.operator.workloads import KEYS_FILE, engine_name, gateway_name
 from tokenfleet.spec import API_GROUP, LLMService, Metadata, SpecError, parse_service
@@ -101,6 +111,22 @@ def read_api_keys(name: str, secret: dict[str, Any] | None) -> ApiKeysView:
     return ApiKeysView(name=name, found=True, digest=digest, tenants=frozenset(keys.values()))
 
 
+def pending_pods(pods: list[dict[str, Any]]) -> tuple[PodView, ...]:
+    """Engine pods the scheduler could not place yet (no capacity), with when they were made."""
+    out = []
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if status.get("phase") != "Pending" or status.get("hostIP"):
+            continue
+        created = meta.get("creationTimestamp")
+        if not created:
+            continue
+        since = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()
+        pool = str((meta.get("labels") or {}).get(POOL_LABEL, "0"))
+        out.append(PodView(str(meta.get("name")), since, int(pool) if pool.isdigit() else 0))
+    return tuple(out)
+
+
 class Operator:
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
@@ -167,11 +193,17 @@ class Operator:
         secret_name = service.spec.gateway.api_keys_secret
         if secret_name:
             keys = read_api_keys(secret_name, await kube.get("Secret", namespace, secret_name))
+        pending: tuple[PodView, ...] = ()
+        if len(service.spec.engine.gpu_pools) > 1:
+            # Only pool fallback needs pods: a service without a second pool never lists them.
+            selector = selector_string(engine_selector(service))
+            pending = pending_pods(await kube.list("Pod", namespace, selector))
         observed = Observed(
             uid=str(meta.get("uid", "")),
             generation=generation,
             deployments={k: v for k, v in deployments.items() if v is not None},
             api_keys=keys,
+            pending_pods=pending,
         )
 
         state = ControlState.from_status(status.get("control"), service.spec)
@@ -179,13 +211,7 @@ class Operator:
         if trigger == "timer" and self.config.metrics_source is not None:
             metrics = await self.config.metrics_source(service)
         decision, new_state, messages = control_tick(service, observed, state, metrics, self.config.clock())
-        observed = Observed(
-            uid=observed.uid,
-            generation=generation,
-            deployments=observed.deployments,
-            stable_spec=stable_spec_of(new_state, service.spec),
-            api_keys=keys,
-        )
+        observed = replace(observed, stable_spec=stable_spec_of(new_state, service.spec))
 
         objects = desired_objects(service, observed, decision, self.config.conventions)
         fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()

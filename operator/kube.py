@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "ConfigMap": ("/api/v1", "configmaps"),
     "Secret": ("/api/v1", "secrets"),
+    "Pod": ("/api/v1", "pods"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "ServiceMonitor": ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
@@ -72,6 +73,15 @@ class Kube:
             await _raise_for(resp)
             body: dict[str, Any] = await resp.json()
             return body
+
+    async def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        async with self._client().get(
+            object_path(kind, namespace), params={"labelSelector": selector}
+        ) as resp:
+            await _raise_for(resp)
+            body: dict[str, Any] = await resp.json()
+            items: list[dict[str, Any]] = body.get("items") or []
+            return items
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply; JSON is YAML, so the body is sent as JSON text."""

@@ -23,6 +23,7 @@ from tokenfleet.operator.control import (
     WindowStats,
     autoscale,
     begin_rollout,
+    failover,
     rollout,
 )
 from tokenfleet.operator.control.observe import Phase
@@ -49,12 +50,14 @@ class ControlState:
     rollout: RolloutState
     scale: ScaleState = field(default_factory=ScaleState)
     desired: int | None = None  # the replica count last decided
+    gpu_pool: int = 0  # index into engine.gpuPools the engines are placed on
     stable_spec: dict[str, Any] | None = None  # spec of rollout.stable, to keep running it
 
     def to_status(self) -> dict[str, Any]:
         r = self.rollout
         return {
             "desired": self.desired,
+            "gpuPool": self.gpu_pool,
             "stableSpec": self.stable_spec,
             "rollout": {
                 "stable": r.stable,
@@ -93,6 +96,7 @@ class ControlState:
             rollout=state,
             scale=ScaleState(history=history),
             desired=control.get("desired"),
+            gpu_pool=int(control.get("gpuPool", 0)),
             stable_spec=control.get("stableSpec"),
         )
 
@@ -169,6 +173,7 @@ def control_tick(
     if scale.desired != current:
         events.append(f"scale {current} -> {scale.desired}: {scale.reason}")
 
+    pool = _pool_after_failover(service, observed, state.gpu_pool, now, events)
     plan = rollout(spec.rollout, rollout_state, scale.desired, replicas, metrics.per_revision, now)
     events.extend(plan.events)
     new_rollout = plan.state
@@ -183,12 +188,35 @@ def control_tick(
         canary_replicas=canary_count,
         canary_weight_percent=weights.get(target, 0) if target else 0,
         phase=_phase_of(new_rollout),
+        gpu_pool=pool,
         reasons=tuple(r for r in (scale.reason, new_rollout.reason) if r),
     )
     new_state = replace(
-        state, rollout=new_rollout, scale=scale.state, desired=scale.desired, stable_spec=stable_spec
+        state,
+        rollout=new_rollout,
+        scale=scale.state,
+        desired=scale.desired,
+        stable_spec=stable_spec,
+        gpu_pool=pool,
     )
     return decision, new_state, events
+
+
+def _pool_after_failover(
+    service: LLMService, observed: Observed, pool: int, now: float, events: list[str]
+) -> int:
+    """The core's failover on unscheduled pods: Pending past pendingTimeoutS moves to the next pool."""
+    pools = len(service.spec.engine.gpu_pools)
+    pending = [
+        ReplicaObservation(p.name, "", "pending", since=p.pending_since, pool=p.pool)
+        for p in observed.pending_pods
+        if p.pool == pool
+    ]
+    moves = [r for r in failover(service.spec.failover, pending, now, pools=pools) if r.kind == "fallback"]
+    if not moves:
+        return pool
+    events.append(moves[0].reason)
+    return max(r.pool for r in moves)
 
 
 def stable_spec_of(state: ControlState, current: LLMServiceSpec) -> LLMServiceSpec | None:

@@ -24,6 +24,7 @@ SERVICE_LABEL = f"{GROUP_LABEL}/service"
 COMPONENT_LABEL = f"{GROUP_LABEL}/component"
 TRACK_LABEL = f"{GROUP_LABEL}/track"
 REVISION_LABEL = f"{GROUP_LABEL}/revision"
+POOL_LABEL = f"{GROUP_LABEL}/gpu-pool"
 MANAGED_BY = "tokenfleet-operator"
 
 
@@ -98,6 +99,15 @@ class ApiKeysView:
 
 
 @dataclass(frozen=True, slots=True)
+class PodView:
+    """An engine pod that has not been scheduled: what GPU-pool fallback looks at."""
+
+    name: str
+    pending_since: float  # creation time on the operator's clock (seconds)
+    pool: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     """What the operator read from the cluster for one LLMService."""
 
@@ -107,6 +117,7 @@ class Observed:
     # The spec of the revision that serves outside a rollout; None: the current spec.
     stable_spec: LLMServiceSpec | None = None
     api_keys: ApiKeysView | None = None
+    pending_pods: tuple[PodView, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule("policy", ("poddisruptionbudgets",), CHILD_VERBS),
     Rule("networking.k8s.io", ("networkpolicies",), CHILD_VERBS),
     Rule("monitoring.coreos.com", ("servicemonitors",), CHILD_VERBS),
+    # GPU-pool fallback: which engine pods are still unscheduled (only with two pools or more).
+    Rule("", ("pods",), ("list",)),
     # gateway.apiKeysSecret: read to check it and to roll the gateway when the keys change.
     Rule("", ("secrets",), ("get",)),
     # One Kubernetes event per decision (kopf posts them).

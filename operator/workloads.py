@@ -17,6 +17,7 @@ from tokenfleet.operator.model import (
     COMPONENT_LABEL,
     ENGINE_PORT,
     MANAGED_BY,
+    POOL_LABEL,
     REVISION_LABEL,
     SERVICE_LABEL,
     TRACK_LABEL,
@@ -212,7 +213,12 @@ def engine_deployment(
     revision = revision_of(spec)
     selector = {**common_labels(service, "engine"), TRACK_LABEL: track}
     selector = {key: selector[key] for key in (SERVICE_LABEL, COMPONENT_LABEL, TRACK_LABEL)}
-    pod_labels = {**common_labels(service, "engine"), TRACK_LABEL: track, REVISION_LABEL: revision}
+    pod_labels = {
+        **common_labels(service, "engine"),
+        TRACK_LABEL: track,
+        REVISION_LABEL: revision,
+        POOL_LABEL: str(pool_index),
+    }
     rollout = spec.rollout
     if rollout.strategy == "recreate":
         strategy: dict[str, Any] = {"type": "Recreate"}

@@ -342,3 +342,48 @@ def test_gateway_metrics_become_signals() -> None:
     metrics.queued.labels("batch").set(4)
     text = generate_latest(metrics.registry).decode()
     assert signals_from_text(text).gateway_queued == 7
+
+
+def test_pending_engine_pods_fall_back_to_the_next_gpu_pool() -> None:
+    from tokenfleet.operator.handlers import pending_pods
+    from tokenfleet.operator.model import PodView
+
+    pools = [
+        {"name": "h100", "nodeSelector": {"pool": "h100"}},
+        {"name": "a100", "nodeSelector": {"pool": "a100"}},
+    ]
+    service = with_spec(gpu(), engine={"gpuPools": pools}, failover={"pendingTimeoutS": 300})
+    state = ControlState.from_status(None, service.spec)
+    waiting = Observed(uid="u", pending_pods=(PodView("llama-8b-engine-x", pending_since=1000.0, pool=0),))
+    decision, state, events = control_tick(service, waiting, state, None, now=1200.0)
+    assert decision.gpu_pool == 0, "not yet past pendingTimeoutS"
+    decision, state, events = control_tick(service, waiting, state, None, now=1301.0)
+    assert decision.gpu_pool == 1
+    assert any("falling back to pool 1" in e for e in events)
+    assert ControlState.from_status(state.to_status(), service.spec).gpu_pool == 1
+    # The next tick keeps the pool, and the Deployment lands there.
+    decision, state, _ = control_tick(service, Observed(uid="u"), state, None, now=1400.0)
+    assert decision.gpu_pool == 1
+    pod = by_name(objects_of(service, decision), "Deployment", "llama-8b-engine")["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert pod["metadata"]["labels"]["tokenfleet.dev/gpu-pool"] == "1"
+    # Pods as the API returns them: only unscheduled Pending ones count, with their creation time.
+    items = [
+        {
+            "metadata": {
+                "name": "a",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"tokenfleet.dev/gpu-pool": "0"},
+            },
+            "status": {"phase": "Pending"},
+        },
+        {
+            "metadata": {"name": "b", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Running"},
+        },
+        {
+            "metadata": {"name": "c", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "hostIP": "10.0.0.1"},
+        },
+    ]
+    assert pending_pods(items) == (PodView("a", 1767225600.0, 0),)
