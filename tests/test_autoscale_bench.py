@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tokenfleet.cli import build_parser
 from tokenfleet.load.autoscale_bench import (
     Event,
@@ -113,3 +115,10 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
 def test_the_command_is_registered() -> None:
     args = build_parser().parse_args(["bench", "autoscale", "--rate", "2", "--phase-s", "30"])
     assert (args.rate, args.phase_s, args.render) == (2.0, 30.0, False)
+
+
+def test_unknown_scenarios_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenfleet.cli import main
+
+    assert main(["bench", "autoscale", "--out", str(tmp_path), "--scenarios", "fixed,typo"]) == 2
+    assert "unknown scenario(s) ['typo']" in capsys.readouterr().err
