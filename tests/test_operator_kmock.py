@@ -14,8 +14,10 @@ import asyncio
 import base64
 import contextlib
 import copy
+import datetime
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,15 @@ def status_of(k: Any, name: str = "chat") -> dict[str, Any]:
 
 
 class Harness:
-    def __init__(self, k: Any, metrics: Metrics | None = None, liveness: str | None = None) -> None:
+    def __init__(
+        self,
+        k: Any,
+        metrics: Metrics | None = None,
+        liveness: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.k = k
+        self.clock = clock
         self.metrics = metrics
         self.liveness = liveness
         self.task: asyncio.Task[None] | None = None
@@ -125,7 +134,10 @@ class Harness:
             return self.metrics
 
         config = OperatorConfig(
-            server=str(self.k.url), metrics_source=source, control_interval_s=10, clock=loop.time
+            server=str(self.k.url),
+            metrics_source=source,
+            control_interval_s=10,
+            clock=self.clock or loop.time,
         )
         self.config = config
         registry, _ = build_registry(config)
@@ -183,8 +195,10 @@ async def run_operator(api: Any) -> AsyncIterator[Callable[..., Awaitable[Harnes
     """Start an operator (a fresh registry each time); every one is stopped at teardown."""
     started: list[Harness] = []
 
-    async def start(metrics: Metrics | None = None, liveness: str | None = None) -> Harness:
-        harness = Harness(api, metrics, liveness)
+    async def start(
+        metrics: Metrics | None = None, liveness: str | None = None, clock: Callable[[], float] | None = None
+    ) -> Harness:
+        harness = Harness(api, metrics, liveness, clock)
         started.append(harness)
         await harness.start()
         return harness
@@ -328,7 +342,11 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
             assert obj(k, resource, name) is None, (resource, name)
     await harness.stop()
 
-    # every request the operator made is granted by its RBAC (verbs from method + URL)
+    assert_rbac_covers(k)
+
+
+def assert_rbac_covers(k: Any) -> None:
+    """Every request the operator made is granted by its RBAC (verbs from method + URL)."""
     rules = granted(rbac_manifests("tokenfleet-system"))
     used = set()
     for request in k:
@@ -532,3 +550,48 @@ async def test_cli_operator_run_logs_in_with_the_kubeconfig(api: Any, tmp_path: 
     finally:
         process.terminate()
         await asyncio.wait_for(process.wait(), 30)
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_unschedulable_engines_fall_back_to_the_next_gpu_pool(api: Any, run_operator: Any) -> None:
+    k = api
+    harness = await run_operator(clock=time.time)  # pod creation times are wall-clock
+    pools = [
+        {"name": "h100", "nodeSelector": {"pool": "h100"}},
+        {"name": "l40s", "nodeSelector": {"pool": "l40s"}},
+    ]
+    engine = {"device": "gpu", "gpusPerReplica": 1, "gpuPools": pools}
+    doc = service_doc(engine=engine, failover={"pendingTimeoutS": 60})
+    assert (await k.post(BASE, json=doc)).status == 200
+    await wait_for(lambda: status_of(k).get("observedGeneration") == 1)
+    stable = obj(k, "apps/v1/deployments", "chat-engine")
+    assert stable is not None
+    assert stable["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "h100"}
+
+    # an engine pod the scheduler has not placed for ten minutes (no H100 capacity)
+    created = datetime.datetime.now(tz=datetime.UTC) - datetime.timedelta(minutes=10)
+    labels = dict(stable["spec"]["template"]["metadata"]["labels"])
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "chat-engine-abc",
+            "namespace": NS,
+            "labels": labels,
+            "creationTimestamp": created.isoformat().replace("+00:00", "Z"),
+        },
+        "status": {"phase": "Pending"},
+    }
+    assert (await k.post(f"/api/v1/namespaces/{NS}/pods", json=pod)).status == 200
+    await wait_for(
+        lambda: (
+            obj(k, "apps/v1/deployments", "chat-engine")["spec"]["template"]["spec"]["nodeSelector"]  # type: ignore[index]
+            == {"pool": "l40s"}
+        ),
+        timeout=30,
+    )
+    assert status_of(k)["control"]["gpuPool"] == 1
+    assert any("falling back to pool 1" in e["message"] for e in events(k))
+    await harness.stop()
+    assert_rbac_covers(k)
