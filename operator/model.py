@@ -6,12 +6,12 @@ The kopf handlers build these from API objects; `reconcile.desired_objects` and
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+# One revision id in both places: the local fleet and the operator hash the same sections.
+from tokenfleet.operator.control import revision_of as revision_of
 from tokenfleet.spec import LLMService, LLMServiceSpec
 
 # The control loop's rollout phase as the operator reports it.
@@ -143,17 +143,6 @@ class Conventions:
             prometheus_namespace=environ.get("TOKENFLEET_PROMETHEUS_NAMESPACE") or base.prometheus_namespace,
             hf_token_secret=environ.get("TOKENFLEET_HF_TOKEN_SECRET") or None,
         )
-
-
-def revision_of(spec: LLMServiceSpec) -> str:
-    """A short hash of what an engine pod runs; routing or gateway changes do not roll engines."""
-    engine_part = {
-        "model": spec.model.model_dump(mode="json", by_alias=True),
-        "engine": spec.engine.model_dump(mode="json", by_alias=True),
-        "scheduler": spec.scheduler.model_dump(mode="json", by_alias=True),
-    }
-    text = json.dumps(engine_part, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def engine_selector(service: LLMService) -> dict[str, str]:
