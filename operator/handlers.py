@@ -178,34 +178,15 @@ class Operator:
             )
         except SpecError as exc:
             new_status = invalid_status(exc.errors, generation, previous, _now_iso())
-            await kube.patch_status("LLMService", namespace, name, new_status)
+            if any(status.get(key) != value for key, value in new_status.items()):
+                await kube.patch_status("LLMService", namespace, name, new_status)
             if status.get("observedGeneration") != generation or status.get("phase") != "Invalid":
                 message = new_status["conditions"][2]["message"]
                 kopf.warn(_as_body(body), reason="InvalidSpec", message=message[:1000])
                 self.config.metrics.decisions.labels("InvalidSpec").inc()
             return "invalid"
 
-        deployments = {
-            dep: DeploymentView.of(await kube.get("Deployment", namespace, dep))
-            for dep in (engine_name(service, "stable"), engine_name(service, "canary"), gateway_name(service))
-        }
-        keys: ApiKeysView | None = None
-        secret_name = service.spec.gateway.api_keys_secret
-        if secret_name:
-            keys = read_api_keys(secret_name, await kube.get("Secret", namespace, secret_name))
-        pending: tuple[PodView, ...] = ()
-        if len(service.spec.engine.gpu_pools) > 1:
-            # Only pool fallback needs pods: a service without a second pool never lists them.
-            selector = selector_string(engine_selector(service))
-            pending = pending_pods(await kube.list("Pod", namespace, selector))
-        observed = Observed(
-            uid=str(meta.get("uid", "")),
-            generation=generation,
-            deployments={k: v for k, v in deployments.items() if v is not None},
-            api_keys=keys,
-            pending_pods=pending,
-        )
-
+        observed = await self._observe(kube, service, str(meta.get("uid", "")), generation)
         state = ControlState.from_status(status.get("control"), service.spec)
         metrics: Metrics | None = None
         if trigger == "timer" and self.config.metrics_source is not None:
@@ -214,19 +195,11 @@ class Operator:
         observed = replace(observed, stable_spec=stable_spec_of(new_state, service.spec))
 
         objects = desired_objects(service, observed, decision, self.config.conventions)
-        fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
-        now = self.config.clock()
-        last = self._applied.get((namespace, name))
-        # A timer tick that wants exactly what was last applied skips the writes; a full re-apply
-        # still runs every REAPPLY_S to undo hand edits of the children.
-        if trigger != "timer" or last is None or last[0] != fingerprint or now - last[1] >= REAPPLY_S:
-            for obj in objects:
-                await kube.apply(obj)
-                self.config.metrics.applied.labels(obj["kind"]).inc()
-            self._applied[(namespace, name)] = (fingerprint, now)
-        if decision.canary_replicas == 0 and deployments[engine_name(service, "canary")] is not None:
-            await kube.delete("Deployment", namespace, engine_name(service, "canary"))
-            messages.append(f"deleted {engine_name(service, 'canary')}: no canary wanted")
+        await self._apply(kube, service, objects, force=trigger != "timer")
+        canary = engine_name(service, "canary")
+        if decision.canary_replicas == 0 and canary in observed.deployments:
+            await kube.delete("Deployment", namespace, canary)
+            messages.append(f"deleted {canary}: no canary wanted")
 
         new_status = desired_status(service, observed, decision, previous, _now_iso())
         new_status["control"] = new_state.to_status()
@@ -239,6 +212,42 @@ class Operator:
             messages.insert(0, f"applied {len(objects)} objects for generation {generation}")
         self._post(body, messages, new_status, status)
         return "ok"
+
+    async def _observe(self, kube: Kube, service: LLMService, uid: str, generation: int) -> Observed:
+        """The service's Deployments, its API-keys Secret and (with 2+ GPU pools) unscheduled pods."""
+        namespace = service.metadata.namespace
+        deployments = {}
+        for dep in (engine_name(service, "stable"), engine_name(service, "canary"), gateway_name(service)):
+            view = DeploymentView.of(await kube.get("Deployment", namespace, dep))
+            if view is not None:
+                deployments[dep] = view
+        keys: ApiKeysView | None = None
+        secret_name = service.spec.gateway.api_keys_secret
+        if secret_name:
+            keys = read_api_keys(secret_name, await kube.get("Secret", namespace, secret_name))
+        pending: tuple[PodView, ...] = ()
+        if len(service.spec.engine.gpu_pools) > 1:
+            # Only pool fallback needs pods: a service without a second pool never lists them.
+            selector = selector_string(engine_selector(service))
+            pending = pending_pods(await kube.list("Pod", namespace, selector))
+        return Observed(
+            uid=uid, generation=generation, deployments=deployments, api_keys=keys, pending_pods=pending
+        )
+
+    async def _apply(
+        self, kube: Kube, service: LLMService, objects: list[dict[str, Any]], force: bool
+    ) -> None:
+        """Server-side apply every object, unless a timer tick wants exactly what was last applied."""
+        key = (service.metadata.namespace, service.metadata.name)
+        fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
+        now = self.config.clock()
+        last = self._applied.get(key)
+        # A full re-apply still runs every REAPPLY_S, to undo hand edits of the children.
+        if force or last is None or last[0] != fingerprint or now - last[1] >= REAPPLY_S:
+            for obj in objects:
+                await kube.apply(obj)
+                self.config.metrics.applied.labels(obj["kind"]).inc()
+            self._applied[key] = (fingerprint, now)
 
     def _post(
         self, body: dict[str, Any], messages: list[str], new: dict[str, Any], old: dict[str, Any]
