@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tokenfleet.operator.workloads import restricted_container_security, restricted_pod_security
+
 PART_OF = "tokenfleet"
-RUN_AS = 10001  # the non-root uid/gid every tokenfleet image creates (images/*.Dockerfile)
 PSS_LABELS = ("enforce", "audit", "warn")
 DASHBOARD_LABEL = "grafana_dashboard"  # kube-prometheus-stack's Grafana sidecar default label
 
@@ -33,27 +34,6 @@ def namespace(name: str, pod_security: str = "restricted") -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": name, "labels": {**pss, "app.kubernetes.io/part-of": PART_OF}},
-    }
-
-
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> dict[str, Any]:
-    """What Pod Security `restricted` demands, plus a read-only root filesystem."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "privileged": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
     }
 
 
@@ -213,7 +193,7 @@ def operator_deployment(
         # Nothing routes to the operator; readiness only shows in `kubectl get` whether it is up.
         "readinessProbe": {**probe, "failureThreshold": 1},
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
-        "securityContext": container_security_context(),
+        "securityContext": restricted_container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     return {
@@ -228,7 +208,7 @@ def operator_deployment(
                 "metadata": {"labels": pod_labels},
                 "spec": {
                     "serviceAccountName": service_account,
-                    "securityContext": pod_security_context(),
+                    "securityContext": restricted_pod_security(),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
                 },
@@ -315,7 +295,7 @@ def gpu_check_job(ns: str, pool: str, gpus: int, image: str, pool_label: str) ->
                 "metadata": {"labels": labels(name, "gpu-check")},
                 "spec": {
                     "restartPolicy": "Never",
-                    "securityContext": pod_security_context(),
+                    "securityContext": restricted_pod_security(),
                     "nodeSelector": {pool_label: pool},
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                     "containers": [
@@ -327,7 +307,7 @@ def gpu_check_job(ns: str, pool: str, gpus: int, image: str, pool_label: str) ->
                                 "requests": {"cpu": "100m", "memory": "128Mi", "nvidia.com/gpu": str(gpus)},
                                 "limits": {"memory": "128Mi", "nvidia.com/gpu": str(gpus)},
                             },
-                            "securityContext": container_security_context(),
+                            "securityContext": restricted_container_security(),
                         }
                     ],
                 },
@@ -365,7 +345,7 @@ def _locust_pod(role: str, image: str, args: list[str], extra: dict[str, Any]) -
             {"name": "PYTHONSAFEPATH", "value": "1"},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": container_security_context(),
+        "securityContext": restricted_container_security(),
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/tokenfleet", "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -375,7 +355,7 @@ def _locust_pod(role: str, image: str, args: list[str], extra: dict[str, Any]) -
     return {
         "metadata": {"labels": {**labels("locust", "load"), "tokenfleet.dev/locust-role": role}},
         "spec": {
-            "securityContext": pod_security_context(),
+            "securityContext": restricted_pod_security(),
             "automountServiceAccountToken": False,
             "containers": [container],
             "volumes": [

@@ -81,8 +81,11 @@ def termination_grace_s(spec: LLMServiceSpec, conventions: Conventions) -> int:
 
 
 def restricted_container_security() -> dict[str, Any]:
+    """What Pod Security `restricted` demands, plus a read-only root filesystem (one definition
+    for the operator's pods and the ones the Pulumi program creates)."""
     return {
         "runAsNonRoot": True,
+        "privileged": False,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},

@@ -18,6 +18,7 @@ import yaml
 
 from tokenfleet.infra import manifests
 from tokenfleet.infra.stackconfig import check_pinned_image
+from tokenfleet.operator.workloads import RUN_AS
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -103,7 +104,7 @@ def test_bases_are_pinned_and_the_final_user_is_numeric_non_root(dockerfile: Pat
         check_pinned_image(image)
     users = [rest for word, rest in instructions(dockerfile) if word == "USER"]
     # Numeric uid: kubelet can only verify runAsNonRoot for a numeric USER.
-    assert users[-1] == f"{manifests.RUN_AS}:{manifests.RUN_AS}"
+    assert users[-1] == f"{RUN_AS}:{RUN_AS}"
 
 
 def test_engine_images_build_on_vllm_0_32() -> None:
