@@ -88,10 +88,11 @@ def test_within_tolerance_nothing_moves() -> None:
 
 
 def test_no_flapping_on_a_load_that_alternates_around_the_target() -> None:
-    """High for 10 s, low for 10 s: shorter than either window, so nothing changes."""
+    """1.5x the target for 10 s, half of it for 10 s: on average at the target, and every swing
+    shorter than the windows, so nothing changes."""
     state, current = ScaleState(), 2
     for now in range(400):
-        queue = 9.0 if (now // 10) % 2 == 0 else 0.5
+        queue = 2.0 if (now // 10) % 2 == 0 else 6.0
         decision = autoscale(AUTO, BOUNDS, current, ready(current, queue=queue), Signals(), state, now)
         state, current = decision.state, decision.desired
         assert current == 2, (now, decision.reason)
@@ -471,3 +472,19 @@ def test_scale_down_happens_with_irregular_ticks_when_the_window_equals_the_hori
         now += 0.37
     assert [to for _, to in changes] == [2, 1]
     assert 3 <= changes[0][0] <= 4
+
+
+def test_the_metric_is_averaged_before_it_is_judged() -> None:
+    """In-flight counts read 0 on many ticks at moderate load; the average still says 2x target."""
+    spec = AutoscalingSpec(enabled=True, metric="in_flight", target=1, scale_up_stabilization_s=10)
+    state, current, changes = ScaleState(), 1, []
+    for now in range(40):
+        in_flight = 4.0 if now % 2 else 0.0  # mean 2: twice the target
+        replicas = [ReplicaObservation("r0", "a", "ready", 0.0, in_flight=in_flight)]
+        decision = autoscale(spec, BOUNDS, current, replicas[:current], Signals(), state, now)
+        if decision.desired != current:
+            changes.append((now, decision.desired))
+        state, current = decision.state, decision.desired
+    assert changes
+    assert changes[0][1] == 2
+    assert 10 <= changes[0][0] <= 12

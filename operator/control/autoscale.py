@@ -19,6 +19,10 @@ from tokenfleet.operator.control.observe import ReplicaObservation, Signals, Slo
 from tokenfleet.spec import AutoscalingSpec, ReplicasSpec
 
 SLO_WINDOW_S = 60.0
+# The metric is averaged over this long before it is compared with the target: an instantaneous
+# in-flight or queue count is mostly noise (at 5 req/s of 0.25 s requests a third of the samples
+# read 0), and the windows below take the minimum or maximum of the recommendations.
+METRIC_AVERAGE_S = 15.0
 # Fewer requests than this in the window say nothing about a class's attainment.
 SLO_MIN_REQUESTS = 10
 
@@ -30,6 +34,7 @@ class ScaleState:
     """What the autoscaler remembers between ticks (serialisable: the operator keeps it in status)."""
 
     history: tuple[tuple[float, int], ...] = ()  # (time, recommendation)
+    metric: tuple[tuple[float, float], ...] = ()  # (time, instantaneous metric value)
     slo_samples: tuple[tuple[float, tuple[tuple[str, float, float], ...]], ...] = ()
 
 
@@ -114,11 +119,14 @@ def autoscale(
     starting = [r for r in replicas if r.phase in ("pending", "starting")]
     samples = (*state.slo_samples, (now, _slo_sample(signals.slo)))
     samples = tuple(s for s in samples if s[0] >= now - SLO_WINDOW_S)
-    value = _metric(spec, ready, signals)
+    instant = _metric(spec, ready, signals)
+    metric = state.metric if instant is None else (*state.metric, (now, instant))
+    metric = tuple(m for m in metric if m[0] >= now - METRIC_AVERAGE_S)
+    value = sum(v for _, v in metric) / len(metric) if instant is not None and metric else None
 
     # Scale from zero: a request is waiting and nothing serves it. No window: someone is waiting.
     if current == 0:
-        new_state = replace(state, slo_samples=samples, history=())
+        new_state = replace(state, slo_samples=samples, history=(), metric=())
         if signals.gateway_queued > 0:
             desired = max(1, bounds.min)
             reason = f"activation: {signals.gateway_queued} request(s) waiting with no replica"
@@ -154,7 +162,7 @@ def autoscale(
         reasons.append("idle: no requests in the scale-down window")
     horizon = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s)
     history = (*_prune(state.history, now, horizon), (now, recommendation))
-    new_state = ScaleState(history=history, slo_samples=samples)
+    new_state = ScaleState(history=history, slo_samples=samples, metric=metric)
     why = "; ".join(reasons)
 
     up_to = min([*_window(history[:-1], now, spec.scale_up_stabilization_s, current), recommendation])
