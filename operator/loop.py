@@ -70,6 +70,7 @@ class ControlState:
                 "rejected": sorted(r.rejected),
             },
             "scaleHistory": [list(item) for item in self.scale.history],
+            "scaleMetric": [list(item) for item in self.scale.metric],
         }
 
     @classmethod
@@ -92,9 +93,10 @@ class ControlState:
             rejected=frozenset(r.get("rejected", ())),
         )
         history = tuple((float(t), int(n)) for t, n in control.get("scaleHistory", ()))
+        metric = tuple((float(t), float(v)) for t, v in control.get("scaleMetric", ()))
         return cls(
             rollout=state,
-            scale=ScaleState(history=history),
+            scale=ScaleState(history=history, metric=metric),
             desired=control.get("desired"),
             gpu_pool=int(control.get("gpuPool", 0)),
             stable_spec=control.get("stableSpec"),
