@@ -24,15 +24,19 @@ CLASSES = [
     {"name": "batch", "priority": 2, "maxWaitS": 120, "queueLimit": 4},
 ]
 # Long enough that, when the interactive request arrives, no batch request is about to end on
-# its own: waiting would miss its deadline, so the scheduler must preempt (not just reorder),
-# which keeps the assertion robust to a slow, shared CPU.
-BATCH_TOKENS = 480
+# its own: waiting would miss its deadline, so the scheduler must preempt (not just reorder).
+# At 480 tokens a pair of batch requests took ~0.7 s on the tiny model, so on a starved CPU the
+# interactive request could reach the engine core after a slot had already gone to the next
+# queued pair (seen in a full-suite run); at 1900 a pair takes ~3 s, longer than any such delay.
+BATCH_TOKENS = 1900
+MAX_MODEL_LEN = 2048
 
 
 @pytest.fixture(scope="module")
 def sla_engine(start_engine: StartEngine) -> Iterator[EngineProcess]:
     service = tiny_service(
         "tiny",
+        model={"name": "tiny", "source": "builtin://tiny-random", "maxModelLen": MAX_MODEL_LEN},
         scheduler={"policy": "sla", "classes": CLASSES, "tenants": [{"name": "a"}, {"name": "b"}]},
         # Per-request metrics: the engine's own timings in each answer (see _engine_done_s).
         engine={
