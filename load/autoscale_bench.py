@@ -403,6 +403,14 @@ def _save(out: Path, results: dict[str, Any]) -> None:
     (out / "control-loop.json").write_text(json.dumps(results, indent=2, default=str))
 
 
+def _scaling(results: dict[str, Any]) -> str:
+    """The autoscaled service's settings as they ran (from the results, not today's defaults)."""
+    spec = results["services"]["autoscaled"]["spec"]
+    scaling, bounds = spec["autoscaling"], spec["replicas"]
+    target = f"{scaling['metric']} target {scaling['target']:g} per replica"
+    return f"{bounds['min']}..{bounds['max']} replicas, {target}"
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -425,7 +433,7 @@ def render(results: dict[str, Any]) -> str:
         f"{cfg['rate']:g} req/s, then {2 * cfg['rate']:g}, then {cfg['rate']:g}, {cfg['phase_s']:g} s each. "
         "Raw data: `control-loop.json`; each scenario's load report is in the run directory.",
         "",
-        "## Load step: autoscaled (1..3 replicas, in-flight target 0.8 per replica) vs fixed (1 replica)",
+        f"## Load step: autoscaled ({_scaling(results)}) vs fixed (1 replica)",
         "",
         "| | fixed | autoscaled | target |",
         "|---|---:|---:|---|",

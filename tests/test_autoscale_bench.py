@@ -96,6 +96,14 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
         "canary": canary_response(Trace(), 0.0),
     }
     results = {
+        "services": {
+            "autoscaled": {
+                "spec": {
+                    "autoscaling": {"metric": "in_flight", "target": 0.8},
+                    "replicas": {"min": 1, "max": 3},
+                }
+            }
+        },
         "config": {"rate": 3.0, "phase_s": 60.0, "rollout_s": 200.0, "started": 0.0},
         "machine": {"cpus": 2, "cpu_model": "x", "memory_gib": 24},
         "fixed": step,
@@ -105,6 +113,7 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
     }
     text = render(results)
     assert "| step → scale-up decision | - | 12.5 s | ≤ 30 s |" in text
+    assert "autoscaled (1..3 replicas, in_flight target 0.8 per replica)" in text
     assert "| direction reversals (flapping) | - | 1 | 0 |" in text
     assert "- 72.5 s: queue_depth 6.10/replica vs target 2: 1 -> 3" in text
     assert "| 540 | 0 | none | complete | 95.0 s |" in text
