@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -297,45 +296,10 @@ def test_tokenfleet_up_serves_through_the_gateway_and_stops_cleanly(tmp_path: Pa
         assert status.returncode == 0, status.stderr
         row = next(line for line in status.stdout.splitlines() if line.startswith("replica-0"))
         assert row.split()[2:4] == ["ready", "ready"]
-        # `tokenfleet apply` rolls an engine change out (a second vLLM starts, the first drains)
-        # while a client keeps sending requests: none may fail.
-        changed = tiny_service(engine={"maxNumSeqs": 4, "kvCacheGib": 1, "shutdownTimeoutS": 5})
-        changed_path = tmp_path / "changed.yaml"
-        changed_path.write_text(yaml.safe_dump(changed.model_dump(by_alias=True, exclude_none=True)))
-        codes: list[int] = []
-        done = threading.Event()
-
-        def traffic() -> None:
-            with httpx.Client(trust_env=False, timeout=120) as http:
-                while not done.is_set():
-                    body = {"model": "tiny", "prompt": "def f(", "max_tokens": 4}
-                    codes.append(http.post(f"http://127.0.0.1:{port}/v1/completions", json=body).status_code)
-
-        sender = threading.Thread(target=traffic)
-        sender.start()
-        try:
-            applied = subprocess.run(
-                [*cli, "apply", "-f", str(changed_path), "--port", str(port)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            assert applied.returncode == 0, applied.stderr
-            assert "changed engine" in applied.stdout
-            deadline = time.monotonic() + 600
-            while True:
-                fleet = httpx.get(f"http://127.0.0.1:{port}/admin/status", trust_env=False).json()["fleet"]
-                if fleet["rollout"]["phase"] == "complete" and len(fleet["slots"]) == 1:
-                    break
-                assert time.monotonic() < deadline, fleet
-                time.sleep(0.5)
-        finally:
-            done.set()
-            sender.join()
-        assert codes
-        assert set(codes) == {200}, codes
-        assert fleet["slots"][0]["revision"] == fleet["revision"] != row.split()[1]
-        engine_pid = fleet["slots"][0]["pid"]
+        as_json = subprocess.run(
+            [*cli, "status", "--port", str(port), "--json"], capture_output=True, text=True, env=env
+        )
+        engine_pid = yaml.safe_load(as_json.stdout)["fleet"]["slots"][0]["pid"]
 
         up.send_signal(signal.SIGTERM)
         rest, _ = up.communicate(timeout=90)
