@@ -166,11 +166,11 @@ class LocalFleet:
 
     def __post_init__(self) -> None:
         self.service = self.gateway.service
-        self.revision = revision_of(self.service.spec)
-        self.services: dict[str, LLMService] = {self.revision: self.service}
+        revision = revision_of(self.service.spec)
+        self.services: dict[str, LLMService] = {revision: self.service}
         self.scale_state = ScaleState()
         self.last_scale: ScaleDecision | None = None
-        self.rollout_state = RolloutState(stable=self.revision)
+        self.rollout_state = RolloutState(stable=revision)
         self.weights: dict[str, int] | None = None
         self._serial = 0
         self._recorded: list[int] | None = None
