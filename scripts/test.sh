@@ -11,7 +11,8 @@ echo "== ruff format"; ruff format --check .
 echo "== mypy"; mypy
 echo "== pytest"
 set +e
-pytest --cov --cov-report=term --cov-report=xml:build/coverage.xml "$@"
+# The 15 slowest tests in the log: a slow test shows up before the suite outgrows its budget.
+pytest --durations=15 --cov --cov-report=term --cov-report=xml:build/coverage.xml "$@"
 code=$?
 set -e
 # 5 = no tests collected: that is a failure of the suite, not a pass.

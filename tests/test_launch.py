@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import tiny_service
 
 from tokenfleet.engine.launch import SLA_SCHEDULER_CLS, engine_command
-from tokenfleet.spec import parse_service
+from tokenfleet.spec import load_service, parse_service
 
 
 def _flag(argv: list[str], flag: str) -> str:
@@ -25,12 +25,26 @@ def test_cpu_command_maps_spec_fields() -> None:
     assert _flag(argv, "--max-model-len") == "512"
     assert _flag(argv, "--shutdown-timeout") == "5"
     assert "-O0" in argv
-    assert "--scheduler-cls" not in argv
     assert command.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert command.env["PYTHONSAFEPATH"] == "1"
 
 
+def test_default_policy_runs_the_sla_scheduler() -> None:
+    # A spec that names no policy gets the SLA scheduler: what `tokenfleet up` runs out of the box.
+    command = engine_command(tiny_service("svc").spec, "/models/x", port=9001)
+    assert _flag(command.argv, "--scheduler-cls") == SLA_SCHEDULER_CLS
+    assert _flag(command.argv, "--scheduling-policy") == "priority"
+    assert "standard" in command.env["TOKENFLEET_SCHEDULER_SPEC"]
+    default = load_service(Path(__file__).resolve().parent.parent / "examples" / "default.yaml")
+    assert default.spec.scheduler.policy == "sla"
+
+
 def test_policies_map_to_vllm_flags() -> None:
+    # fcfs is vLLM's own order: no scheduler class of ours, no scheduling-policy flag.
+    fcfs = engine_command(tiny_service(scheduler={"policy": "fcfs"}).spec, "m", port=1)
+    assert "--scheduler-cls" not in fcfs.argv
+    assert "--scheduling-policy" not in fcfs.argv
+    assert "TOKENFLEET_SCHEDULER_SPEC" not in fcfs.env
     prio = engine_command(tiny_service(scheduler={"policy": "priority"}).spec, "m", port=1).argv
     assert _flag(prio, "--scheduling-policy") == "priority"
     sla = engine_command(tiny_service(scheduler={"policy": "sla"}).spec, "m", port=1)

@@ -251,7 +251,9 @@ def _default_classes() -> list[SLOClass]:
 class SchedulerSpec(_Spec):
     """Scheduling inside each engine: `sla` is tokenfleet's class/deadline/fair-share scheduler."""
 
-    policy: Literal["sla", "fcfs", "priority"] = "fcfs"
+    # The SLA scheduler is the product's core, so a spec that says nothing gets it; `fcfs` and
+    # `priority` are vLLM's own policies, for comparison runs.
+    policy: Literal["sla", "fcfs", "priority"] = "sla"
     classes: list[SLOClass] = Field(default_factory=_default_classes, min_length=1)
     default_class: str = "standard"
     tenants: list[Tenant] = Field(default_factory=lambda: [Tenant(name="default")], min_length=1)
