@@ -1,7 +1,9 @@
 """`tokenfleet` — the one console script.
 
 Each subcommand is a small function; heavy imports (vLLM, torch, locust) happen inside the
-command that needs them, so `tokenfleet validate` stays instant.
+command that needs them, and the command groups of the roles (operator, quantize, bench, kernels)
+are registered only when their command is asked for (or for help), so `tokenfleet validate` and
+`tokenfleet spec` load the spec model and nothing else.
 """
 
 from __future__ import annotations
@@ -113,14 +115,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(f"http://{args.host}:{args.port}", as_json=args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenfleet", description=__doc__.splitlines()[0])
+# Top-level commands defined in this module, and those a role's module registers (lazily).
+BASE_COMMANDS = frozenset({"validate", "spec", "model", "serve", "up", "apply", "status"})
+ROLE_COMMANDS = frozenset({"operator", "quantize", "bench", "kernels"})
+
+
+def _add_log_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=os.environ.get("TOKENFLEET_LOG_FORMAT", "text"),
         help="json: JSON log lines with trace/span ids (default: $TOKENFLEET_LOG_FORMAT or text)",
     )
+
+
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The top-level command `argv` asks for; None for help, no command or an unknown word.
+
+    None means "register every group", so help and argparse's "invalid choice" list them all.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    _add_log_format(pre)
+    _, rest = pre.parse_known_args(list(argv))
+    for arg in rest:
+        if arg.startswith("-"):
+            return None
+        return arg if arg in BASE_COMMANDS | ROLE_COMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `argv` only the groups its command needs (plus the base ones)."""
+    command = requested_command(argv) if argv is not None else None
+
+    def wants(*names: str) -> bool:
+        return command is None or command in names
+
+    parser = argparse.ArgumentParser(prog="tokenfleet", description=__doc__.splitlines()[0])
+    _add_log_format(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="validate LLMService files; print every error with its field")
@@ -136,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs = spec_sub.add_parser("docs", help="render the spec reference (markdown)")
     docs.add_argument("-o", "--output", help="write to this file instead of stdout")
     docs.set_defaults(handler=cmd_spec_docs)
-    from tokenfleet.operator.cli import register as register_operator
+    if wants("spec", "operator"):
+        from tokenfleet.operator.cli import register as register_operator
 
-    register_operator(sub, spec_sub)
+        register_operator(sub, spec_sub)
 
     model = sub.add_parser("model", help="builtin models")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -178,29 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
-    from tokenfleet.engine.quantize.cli import register as register_quantize
+    if wants("quantize"):
+        from tokenfleet.engine.quantize.cli import register as register_quantize
 
-    register_quantize(sub)
-    from tokenfleet.load.cli import register as register_bench
+        register_quantize(sub)
+    if wants("bench"):
+        # The benchmark modules import their drivers at module level: only `bench` pays for them.
+        from tokenfleet.engine.gateway.bench import register as register_gateway_bench
+        from tokenfleet.engine.scheduler_bench import register as register_scheduler_bench
+        from tokenfleet.load.autoscale_bench import register as register_autoscale_bench
+        from tokenfleet.load.cli import register as register_bench
 
-    bench_sub = register_bench(sub)
-    from tokenfleet.engine.scheduler_bench import register as register_scheduler_bench
+        bench_sub = register_bench(sub)
+        register_scheduler_bench(bench_sub)
+        register_gateway_bench(bench_sub)
+        register_autoscale_bench(bench_sub)
+    if wants("kernels"):
+        from tokenfleet.kernels.cli import register as register_kernels
 
-    register_scheduler_bench(bench_sub)
-    from tokenfleet.engine.gateway.bench import register as register_gateway_bench
-
-    register_gateway_bench(bench_sub)
-    from tokenfleet.load.autoscale_bench import register as register_autoscale_bench
-
-    register_autoscale_bench(bench_sub)
-    from tokenfleet.kernels.cli import register as register_kernels
-
-    register_kernels(sub)
+        register_kernels(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.log_format == "json":
         from tokenfleet.observability.logs import setup_logging
 
