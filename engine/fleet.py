@@ -35,6 +35,8 @@ from tokenfleet.engine.gateway.replicas import Replica
 from tokenfleet.engine.gateway.server import freeze_startup_heap, gateway_config
 from tokenfleet.engine.launch import EngineProcess, engine_command
 from tokenfleet.observability.control_metrics import ControlLoopMetrics
+from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
+from tokenfleet.observability.stack import FleetObservability
 from tokenfleet.operator.control import (
     Replacement,
     ReplicaObservation,
@@ -161,6 +163,8 @@ class LocalFleet:
     log: Callable[[str], None] = print
     prepare: Callable[[LLMService], None] | None = None  # resolve a new revision's model, off-loop
     pid_file: Path | None = None  # where the engines' pids are kept for a later `reap_leftovers`
+    # Told every tick the (id, url) of every replica process, draining ones too (Prometheus targets).
+    on_replicas: Callable[[list[tuple[str, str]]], None] | None = None
     replicas: dict[str, LocalReplica] = field(default_factory=dict)
     decisions: deque[Decision] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
 
@@ -298,6 +302,8 @@ class LocalFleet:
         self._drain(now)
         self.sync_gateway()
         self._record_pids()
+        if self.on_replicas is not None:
+            self.on_replicas([(r.id, f"http://127.0.0.1:{r.port}") for r in self.replicas.values()])
         return decisions
 
     def _record_pids(self) -> None:
@@ -571,6 +577,7 @@ async def serve_fleet(
     prepare: Callable[[LLMService], None] | None = None,
     tick_s: float = 0.5,
     pid_file: Path | None = None,
+    observability_dir: Path | None = None,
 ) -> int:
     gateway = Gateway(service)
     fleet = LocalFleet(gateway, launcher, replicas, log=log, prepare=prepare, pid_file=pid_file)
@@ -596,12 +603,19 @@ async def serve_fleet(
         return 1
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     supervisor: asyncio.Task[None] | None = None
+    # Prometheus + Alertmanager (observability/stack.py), their data under `observability_dir`.
+    observe = FleetObservability(observability_dir) if observability_dir is not None else None
     try:
         while not server.started:
             if serving.done():
                 log(f"tokenfleet: the gateway could not start on {host}:{port}")
                 return 1
             await asyncio.sleep(0.05)
+        if observe is not None:
+            prometheus = await observe.start(host, port, say=log)
+            fleet.on_replicas = observe.replicas
+            monitor = LocalMonitor.for_gateway(gateway, prometheus_url=prometheus, notice=observe.notice)
+            mount_dashboard(gateway.app, monitor)
         supervisor = asyncio.create_task(fleet.supervise(tick_s))
         url = f"http://{host}:{port}/v1"
         log(f"tokenfleet: gateway on {url}; starting {replicas} replica(s) of {service.spec.model.name}")
@@ -625,6 +639,8 @@ async def serve_fleet(
             await serving
         listener.close()
         await asyncio.to_thread(fleet.stop_all)
+        if observe is not None:
+            await asyncio.to_thread(observe.stop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(sig)
@@ -667,6 +683,7 @@ def run_up(
             log=lambda line: print(line, flush=True),
             prepare=prepare,
             pid_file=pid_file,
+            observability_dir=cache_dir() / "observability" / service.metadata.name,
         )
     )
 

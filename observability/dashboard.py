@@ -1,15 +1,16 @@
-"""The built-in real-time dashboard, mounted on the gateway at /dashboard.
+"""The built-in real-time dashboard, mounted on the gateway at /dashboard: a view over Prometheus.
 
-A `LocalMonitor` scrapes the gateway's own registry and every replica's /metrics once per
-`interval_s`, keeps the samples in a small in-memory TSDB, evaluates the chart queries and the
-cluster's alert rules (observability/rules, the same file Prometheus runs) on it, and pushes one
-JSON snapshot per tick to every browser over Server-Sent Events. The page is plain HTML and the
-project's own canvas drawing (observability/static/): no CDN, no build step, works offline.
+A `LocalMonitor` asks a Prometheus's HTTP API (`/api/v1/query`, `/api/v1/query_range`,
+`/api/v1/alerts`) for the chart queries, the targets' `up` and the alerts its rules (the
+project's observability/rules) hold, and pushes one JSON snapshot per tick to every browser over
+Server-Sent Events. The gateway does no scraping: the Prometheus is the one `tokenfleet up`
+starts (observability/stack.py) or a cluster's, named by $TOKENFLEET_PROMETHEUS_URL. The page is
+plain HTML and the project's own canvas drawing (observability/static/): no CDN, no build step.
 
-Wiring, from the gateway (or `tokenfleet up`):
+Wiring, from the gateway (or `tokenfleet up`, which mounts again with its Prometheus's URL):
 
     from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
-    mount_dashboard(gateway.app, LocalMonitor.for_gateway(gateway, webhook_url=...))
+    mount_dashboard(gateway.app, LocalMonitor.for_gateway(gateway, prometheus_url=...))
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry.sdk.trace import ReadableSpan
 
-from tokenfleet.observability.alerting import RuleEngine, WebhookNotifier
 from tokenfleet.observability.otlp_receiver import OTLPReceiver, ReceivedSpan
-from tokenfleet.observability.promql import TSDB, PromQLError, as_vector, evaluate, parse
+from tokenfleet.observability.stack import INSTALL_HINT, PROMETHEUS_URL_ENV, binaries
 from tokenfleet.observability.tracing import SpanSummary, TraceStore, TraceSummary
 
 if TYPE_CHECKING:
@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
-WINDOW = "30s"  # rate window for the live charts: short, scrapes are every second
+# Rate window for the live charts: several scrapes of the local Prometheus (every 2 s); a
+# cluster's Prometheus scraping every 30 s wants $TOKENFLEET_DASHBOARD_WINDOW=2m.
+WINDOW = "30s"
+WINDOW_ENV = "TOKENFLEET_DASHBOARD_WINDOW"
+HISTORY_S = 180  # what a page opening shows at once, from query_range
 # Live dashboard streams at once: each holds a connection and is sent every snapshot.
 MAX_SUBSCRIBERS = 16
 
@@ -52,7 +56,6 @@ class TooManySubscribersError(RuntimeError):
 
 
 COMPLETIONS = 'route=~"/v1/(chat/)?completions"'
-WEBHOOK_ENV = "TOKENFLEET_ALERT_WEBHOOK_URL"
 SLO = "tokenfleet_scheduler_slo_requests_total"
 
 
@@ -64,113 +67,212 @@ class Chart:
     series: tuple[tuple[str, str], ...]  # (PromQL, legend with {label} placeholders)
 
 
-def _q(metric: str, by: str, q: float, selector: str = "") -> str:
+def _q(metric: str, by: str, q: float, window: str, selector: str = "") -> str:
     sel = f"{{{selector}}}" if selector else ""
-    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{sel}[{WINDOW}])))"
+    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{sel}[{window}])))"
 
 
-CHARTS: tuple[Chart, ...] = (
-    Chart(
-        "throughput",
-        "Throughput",
-        "/s",
-        (
-            (f"sum(rate(tokenfleet_gateway_requests_total{{{COMPLETIONS}}}[{WINDOW}]))", "requests/s"),
-            (f"sum(rate(vllm:generation_tokens_total[{WINDOW}]))", "tokens/s"),
-        ),
-    ),
-    Chart(
-        "ttft",
-        "TTFT p50 / p95 per class",
-        "s",
-        (
-            (_q("tokenfleet_gateway_first_byte_seconds", "class", 0.5, COMPLETIONS), "p50 {class}"),
-            (_q("tokenfleet_gateway_first_byte_seconds", "class", 0.95, COMPLETIONS), "p95 {class}"),
-        ),
-    ),
-    Chart(
-        "tpot",
-        "TPOT p50 / p95 (engine)",
-        "s",
-        (
-            (_q("vllm:request_time_per_output_token_seconds", "model_name", 0.5), "p50 {model_name}"),
-            (_q("vllm:request_time_per_output_token_seconds", "model_name", 0.95), "p95 {model_name}"),
-        ),
-    ),
-    Chart(
-        "slo",
-        "SLO attainment per class (SLA scheduler)",
-        "ratio",
-        (
+def charts(window: str = WINDOW) -> tuple[Chart, ...]:
+    """The live charts; `window` is the rate window (a few scrape intervals of the Prometheus)."""
+    return (
+        Chart(
+            "throughput",
+            "Throughput",
+            "/s",
             (
-                f'sum by (slo_class, target) (rate({SLO}{{outcome="met"}}[{WINDOW}]))'
-                f" / sum by (slo_class, target) (rate({SLO}[{WINDOW}]))",
-                "{slo_class} {target}",
+                (f"sum(rate(tokenfleet_gateway_requests_total{{{COMPLETIONS}}}[{window}]))", "requests/s"),
+                (f"sum(rate(vllm:generation_tokens_total[{window}]))", "tokens/s"),
             ),
         ),
-    ),
-    Chart(
-        "queue",
-        "Queue depth",
-        "",
-        (
-            ("sum by (instance) (vllm:num_requests_waiting)", "engine {instance}"),
-            ("sum by (class) (tokenfleet_gateway_queued)", "gateway {class}"),
-        ),
-    ),
-    Chart("kv", "KV-cache use", "ratio", (("max by (instance) (vllm:kv_cache_usage_perc)", "{instance}"),)),
-    Chart(
-        "replicas",
-        "Replicas",
-        "",
-        (
-            ("sum(tokenfleet_gateway_replica_routable)", "routable"),
-            ("count(tokenfleet_gateway_replica_routable)", "known"),
-            ("sum(vllm:num_requests_running)", "running requests"),
-        ),
-    ),
-    Chart(
-        "errors",
-        "Errors",
-        "/s",
-        (
+        Chart(
+            "ttft",
+            "TTFT p50 / p95 per class",
+            "s",
             (
-                f'sum by (code) (rate(tokenfleet_gateway_requests_total{{code=~"4xx|5xx"}}[{WINDOW}]))',
-                "{code}",
+                (
+                    _q("tokenfleet_gateway_first_byte_seconds", "class", 0.5, window, COMPLETIONS),
+                    "p50 {class}",
+                ),
+                (
+                    _q("tokenfleet_gateway_first_byte_seconds", "class", 0.95, window, COMPLETIONS),
+                    "p95 {class}",
+                ),
             ),
-            (f"sum by (kind) (rate(tokenfleet_gateway_errors_total[{WINDOW}]))", "upstream {kind}"),
         ),
-    ),
-)
+        Chart(
+            "tpot",
+            "TPOT p50 / p95 (engine)",
+            "s",
+            (
+                (
+                    _q("vllm:request_time_per_output_token_seconds", "model_name", 0.5, window),
+                    "p50 {model_name}",
+                ),
+                (
+                    _q("vllm:request_time_per_output_token_seconds", "model_name", 0.95, window),
+                    "p95 {model_name}",
+                ),
+            ),
+        ),
+        Chart(
+            "slo",
+            "SLO attainment per class (SLA scheduler)",
+            "ratio",
+            (
+                (
+                    f'sum by (slo_class, target) (rate({SLO}{{outcome="met"}}[{window}]))'
+                    f" / sum by (slo_class, target) (rate({SLO}[{window}]))",
+                    "{slo_class} {target}",
+                ),
+            ),
+        ),
+        Chart(
+            "queue",
+            "Queue depth",
+            "",
+            (
+                ("sum by (instance) (vllm:num_requests_waiting)", "engine {instance}"),
+                ("sum by (class) (tokenfleet_gateway_queued)", "gateway {class}"),
+            ),
+        ),
+        Chart(
+            "kv", "KV-cache use", "ratio", (("max by (instance) (vllm:kv_cache_usage_perc)", "{instance}"),)
+        ),
+        Chart(
+            "replicas",
+            "Replicas",
+            "",
+            (
+                ("sum(tokenfleet_gateway_replica_routable)", "routable"),
+                ("count(tokenfleet_gateway_replica_routable)", "known"),
+                ("sum(vllm:num_requests_running)", "running requests"),
+            ),
+        ),
+        Chart(
+            "errors",
+            "Errors",
+            "/s",
+            (
+                (
+                    f'sum by (code) (rate(tokenfleet_gateway_requests_total{{code=~"4xx|5xx"}}[{window}]))',
+                    "{code}",
+                ),
+                (f"sum by (kind) (rate(tokenfleet_gateway_errors_total[{window}]))", "upstream {kind}"),
+            ),
+        ),
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """One /metrics to scrape; `instance` becomes the label, as Prometheus would add it."""
-
-    instance: str
-    fetch: Callable[[], Awaitable[str]]
+CHARTS = charts()
 
 
-def legend(template: str, labels: dict[str, str]) -> str:
-    return template.format_map(
-        {
-            **dict.fromkeys(("class", "instance", "code", "kind", "slo_class", "target", "model_name"), ""),
-            **labels,
-        }
-    ).strip()
+LEGEND_LABELS = ("class", "instance", "code", "kind", "slo_class", "target", "model_name")
 
 
-def evaluate_charts(charts: Iterable[Chart], db: TSDB, t: float) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for chart in charts:
-        points: dict[str, float] = {}
-        for expr, template in chart.series:
-            for sample in as_vector(evaluate(expr, db, t)):
-                if math.isfinite(sample.value):
-                    points[legend(template, dict(sample.labels))] = round(sample.value, 6)
-        out[chart.id] = {"title": chart.title, "unit": chart.unit, "points": points}
-    return out
+def legend(template: str, labels: Mapping[str, str]) -> str:
+    return template.format_map({**dict.fromkeys(LEGEND_LABELS, ""), **labels}).strip()
+
+
+def vector_points(result: Iterable[Mapping[str, Any]], template: str) -> dict[str, float]:
+    """An instant vector from /api/v1/query as legend -> value (NaN and ±Inf left out)."""
+    points: dict[str, float] = {}
+    for sample in result:
+        value = float(sample["value"][1])
+        if math.isfinite(value):
+            points[legend(template, sample["metric"])] = round(value, 6)
+    return points
+
+
+def matrix_series(
+    result: Iterable[Mapping[str, Any]], template: str, times: list[float]
+) -> dict[str, list[float | None]]:
+    """A range result from /api/v1/query_range on the given step times, None where no sample."""
+    index = {round(t, 3): i for i, t in enumerate(times)}
+    series: dict[str, list[float | None]] = {}
+    for item in result:
+        values = series.setdefault(legend(template, item["metric"]), [None] * len(times))
+        for at, text in item["values"]:
+            i, value = index.get(round(float(at), 3)), float(text)
+            if i is not None and math.isfinite(value):
+                values[i] = round(value, 6)
+    return series
+
+
+def alert_view(alert: Mapping[str, Any]) -> dict[str, Any]:
+    """One alert from /api/v1/alerts, as the page shows it."""
+    labels = dict(alert.get("labels", {}))
+    return {
+        "name": labels.get("alertname", ""),
+        "state": alert.get("state", ""),
+        "labels": labels,
+        "annotations": dict(alert.get("annotations", {})),
+        "active_at": alert.get("activeAt"),
+        "value": float(alert.get("value", "nan")),
+    }
+
+
+def _key(alert: Mapping[str, Any]) -> str:
+    return json.dumps(alert["labels"], sort_keys=True)
+
+
+def resolved_since(
+    firing_before: Mapping[str, dict[str, Any]], alerts: list[dict[str, Any]], t: float
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Prometheus forgets a resolved alert: the alerts firing now (by labels) and those that
+    fired last time and are gone, marked resolved at t."""
+    firing = {_key(a): a for a in alerts if a["state"] == "firing"}
+    gone = [{**a, "state": "resolved", "resolved_at": t} for k, a in firing_before.items() if k not in firing]
+    return firing, gone
+
+
+def notice_for(prometheus_url: str | None, prometheus_binary: str | None) -> str | None:
+    """The one line the page shows when it has no Prometheus to read."""
+    if prometheus_url is not None:
+        return None
+    if prometheus_binary is None:
+        return INSTALL_HINT
+    return f"No Prometheus to read: `tokenfleet up` starts one; elsewhere set ${PROMETHEUS_URL_ENV}."
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+@dataclass
+class PrometheusAPI:
+    """The few calls of Prometheus's HTTP API the dashboard makes."""
+
+    url: str
+    timeout_s: float = 2.0
+    _client: httpx.AsyncClient | None = None
+
+    async def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        if self._client is None:
+            self._client = httpx.AsyncClient(trust_env=False, timeout=self.timeout_s)
+        try:
+            response = await self._client.get(f"{self.url.rstrip('/')}{path}", params=params)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise PrometheusError(f"Prometheus at {self.url} did not answer ({type(exc).__name__})") from exc
+        if body.get("status") != "success":
+            raise PrometheusError(f"{body.get('errorType', response.status_code)}: {body.get('error', '')}")
+        return body["data"]
+
+    async def query(self, expr: str, t: float) -> list[dict[str, Any]]:
+        data = await self._get("/api/v1/query", {"query": expr, "time": f"{t:.3f}"})
+        return list(data["result"]) if data["resultType"] == "vector" else []
+
+    async def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        return list((await self._get("/api/v1/query_range", params))["result"])
+
+    async def alerts(self) -> list[dict[str, Any]]:
+        return list((await self._get("/api/v1/alerts"))["alerts"])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
 
 def traces_from_spans(spans: Iterable[ReadableSpan], limit: int = 20) -> list[dict[str, Any]]:
@@ -198,115 +300,105 @@ def traces_from_received(spans: Iterable[ReceivedSpan], limit: int = 20) -> list
     return [t.as_dict() for t in newest[:limit]]
 
 
+def _empty_charts(charts: Iterable[Chart]) -> dict[str, Any]:
+    return {c.id: {"title": c.title, "unit": c.unit, "points": {}} for c in charts}
+
+
 @dataclass
 class LocalMonitor:
-    sources: Callable[[], list[Source]]
-    rules: RuleEngine = field(default_factory=RuleEngine.from_files)
+    prometheus_url: str | None
     traces: Callable[[], list[dict[str, Any]]] = list
-    webhook: WebhookNotifier | None = None
     interval_s: float = 1.0
     charts: tuple[Chart, ...] = CHARTS
     clock: Callable[[], float] = time.time
-    db: TSDB = field(default_factory=lambda: TSDB(max_samples=1800))
-    # Scrape and evaluate only while someone watches, a webhook wants alerts, or always_on:
-    # a gateway nobody looks at pays nothing for its dashboard.
+    notice: str | None = None  # shown instead of charts when there is no Prometheus to read
+    # Query only while someone watches (or always_on): a gateway nobody looks at pays nothing.
     always_on: bool = False
     snapshot: dict[str, Any] | None = None
     ticks: int = 0
+    resolved: list[dict[str, Any]] = field(default_factory=list)
+    _firing: dict[str, dict[str, Any]] = field(default_factory=dict)
     _subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
-    _client: httpx.AsyncClient | None = None
+    _api: PrometheusAPI | None = None
     _ticking: asyncio.Future[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        for chart in self.charts:  # a typo in a chart query fails at start-up, not silently
-            for expr, _ in chart.series:
-                parse(expr)
+        if self.prometheus_url is not None:
+            self._api = PrometheusAPI(self.prometheus_url, timeout_s=max(1.0, 2 * self.interval_s))
+        elif self.notice is None:
+            self.notice = notice_for(None, binaries()["prometheus"])
 
     @classmethod
     def for_gateway(
         cls,
         gateway: Gateway,
         *,
-        webhook_url: str | None = None,
+        prometheus_url: str | None = None,
         interval_s: float = 1.0,
-        for_scale: float = 1.0,
         receiver: OTLPReceiver | None = None,
         always_on: bool = False,
+        notice: str | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> LocalMonitor:
-        """Scrape the gateway's registry and each replica it knows; show its in-memory traces,
-        or, with `receiver` (a local OTLP endpoint the gateway and engines export to), the
-        joined gateway + engine traces. The webhook defaults to $TOKENFLEET_ALERT_WEBHOOK_URL."""
-        webhook_url = webhook_url or environ.get(WEBHOOK_ENV) or None
-        from prometheus_client import generate_latest
-
-        monitor: LocalMonitor
-
-        async def own() -> str:
-            return generate_latest(gateway.metrics.registry).decode()
-
-        def sources() -> list[Source]:
-            found = [Source("gateway", own)]
-            for replica in gateway.replicas.replicas.values():
-                found.append(Source(replica.id, monitor.http_fetch(f"{replica.url}/metrics")))
-            return found
+        """Read the Prometheus at `prometheus_url` (default $TOKENFLEET_PROMETHEUS_URL); show the
+        gateway's in-memory traces, or, with `receiver` (a local OTLP endpoint the gateway and
+        engines export to), the joined gateway + engine traces."""
+        url = prometheus_url or environ.get(PROMETHEUS_URL_ENV) or None
 
         def traces() -> list[dict[str, Any]]:
             if receiver is not None:
                 return traces_from_received(receiver.spans())
             return traces_from_spans(gateway.tracing.memory.get_finished_spans())
 
-        monitor = cls(
-            sources=sources,
-            rules=RuleEngine.from_files(for_scale=for_scale),
+        return cls(
+            prometheus_url=url,
             traces=traces,
-            webhook=WebhookNotifier(webhook_url) if webhook_url else None,
             interval_s=interval_s,
+            charts=charts(environ.get(WINDOW_ENV) or WINDOW),
             always_on=always_on,
+            notice=notice,
         )
-        return monitor
 
-    def http_fetch(self, url: str) -> Callable[[], Awaitable[str]]:
-        async def fetch() -> str:
-            if self._client is None:
-                self._client = httpx.AsyncClient(trust_env=False, timeout=2.0)
-            response = await self._client.get(url)
-            response.raise_for_status()
-            return response.text
-
-        return fetch
+    async def _chart_points(self, api: PrometheusAPI, t: float) -> tuple[dict[str, Any], list[str]]:
+        queries = [(chart, expr, template) for chart in self.charts for expr, template in chart.series]
+        results = await asyncio.gather(
+            *(api.query(expr, t) for _, expr, _ in queries), return_exceptions=True
+        )
+        out = _empty_charts(self.charts)
+        errors: list[str] = []
+        for (chart, expr, template), result in zip(queries, results, strict=True):
+            if isinstance(result, BaseException):
+                errors.append(f"{expr}: {result}")
+                continue
+            out[chart.id]["points"].update(vector_points(result, template))
+        return out, errors
 
     async def tick(self) -> dict[str, Any]:
         t = self.clock()
-        scraped: dict[str, bool] = {}
-        for source in self.sources():
+        charts_now, targets, alerts = _empty_charts(self.charts), {}, []
+        notice = self.notice
+        if self._api is not None:
             try:
-                text = await source.fetch()
-                self.db.ingest_text(text, t, {"instance": source.instance})
-                scraped[source.instance] = True
-            except (httpx.HTTPError, ValueError) as exc:
-                scraped[source.instance] = False
-                log.debug("scrape of %s failed: %s", source.instance, exc)
-            self.db.add(
-                {"__name__": "up", "instance": source.instance}, t, 1.0 if scraped[source.instance] else 0.0
-            )
-        try:
-            changes = self.rules.evaluate(self.db, t)
-        except PromQLError as exc:  # pragma: no cover - rules are parsed and tested up front
-            log.error("rule evaluation failed: %s", exc)
-            changes = []
-        if self.webhook is not None and changes:
-            if self._client is None:
-                self._client = httpx.AsyncClient(trust_env=False, timeout=2.0)
-            await self.webhook.notify(self._client, changes)
+                up = await self._api.query("up", t)
+                targets = {s["metric"].get("instance", "?"): float(s["value"][1]) == 1 for s in up}
+                alerts = [alert_view(a) for a in await self._api.alerts()]
+                charts_now, errors = await self._chart_points(self._api, t)
+                notice = f"{len(errors)} chart queries failed: {errors[0]}" if errors else None
+            except PrometheusError as exc:
+                notice = str(exc)
+            self._firing, gone = resolved_since(self._firing, alerts, t)
+            self.resolved = [*self.resolved, *gone][-10:]
         self.ticks += 1
         self.snapshot = {
             "t": t,
             "tick": self.ticks,
-            "targets": scraped,
-            "charts": evaluate_charts(self.charts, self.db, t),
-            "alerts": [a.as_dict() for a in self.rules.alerts()],
-            "resolved": [a.as_dict() for a in self.rules.resolved[-10:]],
+            "prometheus": self.prometheus_url,
+            "notice": notice,
+            "targets": targets,
+            "charts": charts_now,
+            # Firing first, as Alertmanager lists them.
+            "alerts": sorted(alerts, key=lambda a: (a["state"] != "firing", a["name"])),
+            "resolved": self.resolved,
             "traces": self.traces()[:20],
         }
         for queue in list(self._subscribers):
@@ -316,10 +408,29 @@ class LocalMonitor:
             queue.put_nowait(self.snapshot)
         return self.snapshot
 
+    async def history(self, seconds: float = HISTORY_S) -> dict[str, Any]:
+        """The charts over the last `seconds`, one point per interval (what a page opens with)."""
+        end = self.clock()
+        step = max(1.0, self.interval_s)
+        start = end - seconds
+        times = [start + i * step for i in range(int(seconds / step) + 1)]
+        out: dict[str, Any] = {"times": times, "charts": {}}
+        for chart in self.charts:
+            series: dict[str, list[float | None]] = {}
+            if self._api is not None:
+                for expr, template in chart.series:
+                    with contextlib.suppress(PrometheusError):
+                        series.update(
+                            matrix_series(
+                                await self._api.query_range(expr, start, end, step), template, times
+                            )
+                        )
+            out["charts"][chart.id] = {"title": chart.title, "unit": chart.unit, "series": series}
+        return out
+
     async def fresh_snapshot(self) -> dict[str, Any]:
         """A snapshot at most `interval_s` old: the running loop's, else one tick shared by every
-        caller that asks meanwhile (a scrape of every replica costs the gateway 30+ ms; callers
-        polling the endpoint must not multiply it)."""
+        caller that asks meanwhile (callers polling the endpoint must not multiply the queries)."""
         if self.snapshot is not None and self.clock() - float(self.snapshot["t"]) < self.interval_s:
             return self.snapshot
         if self._ticking is None:
@@ -332,22 +443,11 @@ class LocalMonitor:
 
     @property
     def active(self) -> bool:
-        return self.always_on or self.webhook is not None or bool(self._subscribers)
-
-    async def run(self) -> None:
-        while True:
-            started = time.monotonic()
-            if self.active:
-                try:
-                    await self.tick()
-                except Exception:  # the dashboard must never take the gateway down
-                    log.exception("dashboard tick failed")
-            await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - started)))
+        return self.always_on or bool(self._subscribers)
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._api is not None:
+            await self._api.close()
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
@@ -372,11 +472,25 @@ class _Mounted:
     monitor: LocalMonitor
 
 
+async def _run(mounted: _Mounted) -> None:
+    """Tick the mounted monitor while it is active; it is read each round, so a remount (e.g.
+    `tokenfleet up` once its Prometheus is ready) takes over without a restart."""
+    while True:
+        monitor = mounted.monitor
+        started = time.monotonic()
+        if monitor.active:
+            try:
+                await monitor.tick()
+            except Exception:  # the dashboard must never take the gateway down
+                log.exception("dashboard tick failed")
+        await asyncio.sleep(max(0.05, monitor.interval_s - (time.monotonic() - started)))
+
+
 def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboard") -> None:
     """Add the dashboard routes and run `monitor` for the app's lifetime (wraps its lifespan).
 
-    Mounting again swaps the monitor (routes and lifespan read it through one holder), so a
-    test or `tokenfleet up` can replace the gateway's default monitor before the app starts.
+    Mounting again swaps the monitor (routes and the loop read it through one holder), before
+    or after the app started.
     """
     existing = getattr(app.state, "tokenfleet_dashboard", None)
     if isinstance(existing, _Mounted):
@@ -391,8 +505,11 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
         return Response(_static("dashboard.js"), media_type="text/javascript")
 
     async def snapshot() -> JSONResponse:
-        # Cached: a tick on demand only when the last one is older than the scrape interval.
+        # Cached: a tick on demand only when the last one is older than the interval.
         return JSONResponse(await mounted.monitor.fresh_snapshot())
+
+    async def history() -> JSONResponse:
+        return JSONResponse(await mounted.monitor.history())
 
     async def events(request: Request) -> Response:
         monitor = mounted.monitor
@@ -421,6 +538,7 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
     app.add_api_route(prefix, page, methods=["GET"], include_in_schema=False)
     app.add_api_route(f"{prefix}/app.js", script, methods=["GET"], include_in_schema=False)
     app.add_api_route(f"{prefix}/api/snapshot", snapshot, methods=["GET"], include_in_schema=False)
+    app.add_api_route(f"{prefix}/api/history", history, methods=["GET"], include_in_schema=False)
     app.add_api_route(f"{prefix}/events", events, methods=["GET"], include_in_schema=False)
 
     inner = app.router.lifespan_context
@@ -428,14 +546,13 @@ def mount_dashboard(app: FastAPI, monitor: LocalMonitor, prefix: str = "/dashboa
     @asynccontextmanager
     async def lifespan(application: FastAPI) -> AsyncIterator[Any]:
         async with inner(application) as state:
-            monitor = mounted.monitor
-            task = asyncio.create_task(monitor.run())
+            task = asyncio.create_task(_run(mounted))
             try:
                 yield state
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                await monitor.close()
+                await mounted.monitor.close()
 
     app.router.lifespan_context = lifespan

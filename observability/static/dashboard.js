@@ -1,4 +1,5 @@
-// tokenfleet built-in dashboard: SSE snapshots -> rolling series -> canvas line charts.
+// tokenfleet built-in dashboard: Prometheus query_range history, then SSE snapshots (instant
+// queries against the same Prometheus) -> rolling series -> canvas line charts.
 // The project's own code, no dependencies (works offline, nothing to build).
 "use strict";
 (function () {
@@ -135,8 +136,24 @@
     }
   }
 
+  // A page opening shows the last minutes at once, from Prometheus's query_range.
+  function seed(past) {
+    past.times.forEach((t, i) => {
+      const charts = {};
+      for (const [id, chart] of Object.entries(past.charts)) {
+        const points = {};
+        for (const [name, values] of Object.entries(chart.series)) if (values[i] !== null) points[name] = values[i];
+        charts[id] = { title: chart.title, unit: chart.unit, points };
+      }
+      record(t, charts);
+    });
+  }
+
   function apply(snap) {
     snapshots += 1;
+    const notice = document.getElementById("notice");
+    notice.textContent = snap.notice || "";
+    notice.hidden = !snap.notice;
     record(snap.t, snap.charts);
     for (const id of Object.keys(history)) draw(id);
     renderAlerts("alerts", snap.alerts, "none firing");
@@ -151,6 +168,13 @@
   }
 
   function connect() {
+    fetch(PREFIX + "/api/history").then((r) => (r.ok ? r.json() : null)).catch(() => null).then((past) => {
+      if (past && snapshots === 0) seed(past);
+      listen();
+    });
+  }
+
+  function listen() {
     const source = new EventSource(PREFIX + "/events");
     source.onmessage = (e) => apply(JSON.parse(e.data));
     source.onerror = () => {
