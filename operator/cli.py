@@ -32,11 +32,9 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     conventions = Conventions.from_env(os.environ)
     if args.gateway_image:
         conventions = replace(conventions, gateway_image=args.gateway_image)
-    config = OperatorConfig(
-        conventions=conventions,
-        control_interval_s=args.interval,
-        metrics_source=GatewayScraper(conventions),
-    )
+    config = OperatorConfig(conventions=conventions, control_interval_s=args.interval)
+    # The scraper times its scrapes on the clock rollout steps are stamped with.
+    config.metrics_source = GatewayScraper(conventions, clock=config.clock)
     registry, _ = build_registry(config)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=config.metrics.registry)

@@ -190,7 +190,7 @@ class Operator:
         state = ControlState.from_status(status.get("control"), service.spec)
         metrics: Metrics | None = None
         if trigger == "timer" and self.config.metrics_source is not None:
-            metrics = await self.config.metrics_source(service)
+            metrics = await self.config.metrics_source(service, state.rollout.step_started_at)
         decision, new_state, messages = control_tick(service, observed, state, metrics, self.config.clock())
         observed = replace(observed, stable_spec=stable_spec_of(new_state, service.spec))
 

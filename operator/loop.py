@@ -40,7 +40,9 @@ class Metrics:
     per_revision: Mapping[str, WindowStats] = field(default_factory=dict)
 
 
-MetricsSource = Callable[[LLMService], Awaitable[Metrics | None]]
+# Called once a control tick with the start of the canary's analysis window (the rollout step's
+# start on the operator's clock; None outside one): per-revision stats cover that window.
+MetricsSource = Callable[[LLMService, float | None], Awaitable[Metrics | None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,24 +1,56 @@
 """The default metrics source on a cluster: each service's gateway `/metrics`, scraped directly.
 
-Only what the gateway can tell for the whole service is read (requests waiting in its queues,
-and in flight to the engines). It cannot split outcomes by revision — on a cluster it fronts the
-engine Service, one upstream for both tracks — so canary analysis has no per-revision stats
-from this source, and a canary waits at its first step (see ADR 0007).
+Two kinds of reading. Service-level signals (requests waiting in the gateway's queues) come from
+one scrape. Canary analysis needs each revision's outcomes since the rollout step started: the
+gateway counts attempts by revision and outcome and a first-byte histogram by revision
+(`tokenfleet_gateway_revision_*`), so the stats of a window are the difference between the
+scrape taken when the step started and the latest one (`window_stats`). Everything but the HTTP
+GET is pure and tested on fixed text.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenfleet.operator.control import Signals
+from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.loop import Metrics
 from tokenfleet.operator.model import Conventions
 from tokenfleet.spec import LLMService
 
 logger = logging.getLogger(__name__)
+
+ATTEMPTS = "tokenfleet_gateway_revision_attempts_total"
+FIRST_BYTE_BUCKET = "tokenfleet_gateway_revision_first_byte_seconds_bucket"
+TTFT_QUANTILE = 0.99
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionTotals:
+    """One revision's cumulative counters in one scrape."""
+
+    ok: float = 0.0
+    errors: float = 0.0
+    first_byte: tuple[tuple[float, float], ...] = ()  # (upper bound, cumulative count), by bound
+
+    @property
+    def attempts(self) -> float:
+        return self.ok + self.errors
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """What one read of a gateway's `/metrics` gave, at `at` on the operator's clock."""
+
+    at: float
+    signals: Signals = field(default_factory=Signals)
+    totals: Mapping[str, RevisionTotals] = field(default_factory=dict)
 
 
 def signals_from_text(text: str) -> Signals:
@@ -30,27 +62,146 @@ def signals_from_text(text: str) -> Signals:
     return Signals(gateway_queued=int(queued))
 
 
-class GatewayScraper:
-    """A `MetricsSource` that reads `http://<service>.<namespace>.svc:<port>/metrics`."""
+def revision_totals_from_text(text: str) -> dict[str, RevisionTotals]:
+    """Each revision's attempt counters and first-byte histogram (pure; tested on fixed text)."""
+    ok: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            revision = sample.labels.get("revision", "")
+            if not revision:
+                continue  # replicas of no known revision (a gateway with static replicas)
+            if sample.name == ATTEMPTS:
+                into = ok if sample.labels.get("outcome") == "ok" else errors
+                into[revision] = into.get(revision, 0.0) + sample.value
+            elif sample.name == FIRST_BYTE_BUCKET:
+                bound = float(sample.labels["le"])
+                buckets.setdefault(revision, {})[bound] = sample.value
+    return {
+        revision: RevisionTotals(
+            ok=ok.get(revision, 0.0),
+            errors=errors.get(revision, 0.0),
+            first_byte=tuple(sorted(buckets.get(revision, {}).items())),
+        )
+        for revision in sorted(set(ok) | set(errors) | set(buckets))
+    }
 
-    def __init__(self, conventions: Conventions, timeout_s: float = 3.0) -> None:
+
+def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
+    """PromQL's histogram_quantile on cumulative (bound, count) pairs: linear within a bucket;
+    in the +Inf bucket, the largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def _delta(after: float, before: float) -> float:
+    # A counter that went down was reset (the gateway restarted): all of `after` is new.
+    return after - before if after >= before else after
+
+
+def window_stats(
+    before: Mapping[str, RevisionTotals], after: Mapping[str, RevisionTotals]
+) -> dict[str, WindowStats]:
+    """Per revision, the attempts, errors and TTFT p99 between two scrapes of one gateway."""
+    out: dict[str, WindowStats] = {}
+    for revision, now in after.items():
+        then = before.get(revision, RevisionTotals())
+        reset = now.attempts < then.attempts
+        base = RevisionTotals() if reset else then
+        earlier = dict(base.first_byte)
+        buckets = tuple((bound, _delta(count, earlier.get(bound, 0.0))) for bound, count in now.first_byte)
+        out[revision] = WindowStats(
+            requests=round(_delta(now.attempts, base.attempts)),
+            errors=round(_delta(now.errors, base.errors)),
+            ttft_p99_s=bucket_quantile(TTFT_QUANTILE, buckets),
+        )
+    return out
+
+
+def baseline(history: Sequence[Scrape], start: float) -> Scrape | None:
+    """The scrape a window starting at `start` is measured from: the latest one taken at or
+    before it, else (an operator that started mid-window) the earliest one there is."""
+    before = [s for s in history if s.at <= start]
+    if before:
+        return before[-1]
+    return history[0] if history else None
+
+
+def keep(history: Sequence[Scrape], start: float | None) -> list[Scrape]:
+    """What to remember for the next tick: the window's baseline and everything after it."""
+    if not history:
+        return []
+    if start is None:
+        return [history[-1]]
+    base = baseline(history, start)
+    return [s for s in history if base is None or s.at >= base.at]
+
+
+def metrics_of(history: Sequence[Scrape], start: float | None) -> Metrics:
+    """Signals of the latest scrape; per-revision stats since `start` (none outside a window)."""
+    latest = history[-1]
+    base = baseline(history, start) if start is not None else None
+    per_revision = window_stats(base.totals, latest.totals) if base is not None else {}
+    return Metrics(signals=latest.signals, per_revision=per_revision)
+
+
+Fetch = Callable[[str], Awaitable[str | None]]
+
+
+class GatewayScraper:
+    """A `MetricsSource` that reads `http://<service>.<namespace>.svc:<port>/metrics` and keeps,
+    per service, the scrapes the current analysis window needs."""
+
+    def __init__(
+        self,
+        conventions: Conventions,
+        timeout_s: float = 3.0,
+        clock: Callable[[], float] = time.time,
+        fetch: Fetch | None = None,
+    ) -> None:
         self._conventions = conventions
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._clock = clock
+        self._fetch = fetch or self._get
+        self._history: dict[tuple[str, str], list[Scrape]] = {}
 
-    async def __call__(self, service: LLMService) -> Metrics | None:
+    def url(self, service: LLMService) -> str:
         meta = service.metadata
         host = f"{meta.name}.{meta.namespace}.svc.{self._conventions.cluster_domain}"
-        url = f"http://{host}:{service.spec.gateway.port}/metrics"
+        return f"http://{host}:{service.spec.gateway.port}/metrics"
+
+    async def _get(self, url: str) -> str | None:
         try:
             async with (
                 aiohttp.ClientSession(timeout=self._timeout) as session,
                 session.get(url) as resp,
             ):
-                if resp.status != 200:
-                    return None
-                text = await resp.text()
+                return await resp.text() if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # No metrics this tick: the autoscaler holds rather than guessing.
-            logger.info("metrics of %s/%s unavailable: %s", meta.namespace, meta.name, exc)
+            logger.info("metrics at %s unavailable: %s", url, exc)
             return None
-        return Metrics(signals=signals_from_text(text))
+
+    async def __call__(self, service: LLMService, window_start: float | None) -> Metrics | None:
+        text = await self._fetch(self.url(service))
+        if text is None:
+            return None  # no metrics this tick: the autoscaler holds rather than guessing
+        scrape = Scrape(self._clock(), signals_from_text(text), revision_totals_from_text(text))
+        key = (service.metadata.namespace, service.metadata.name)
+        history = [*self._history.get(key, []), scrape]
+        self._history[key] = keep(history, window_start)
+        return metrics_of(history, window_start)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._history.pop((namespace, name), None)

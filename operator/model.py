@@ -133,6 +133,8 @@ class Conventions:
     cluster_domain: str = "cluster.local"
     drain_s: int = 10  # preStop: time for endpoint removal to reach every proxy before SIGTERM
     hf_token_secret: str | None = None  # "<secret>/<key>" in each service's namespace
+    # Where gateways may reach the API server (endpoint discovery); narrow it to the control plane's.
+    api_server_cidr: str = "0.0.0.0/0"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Conventions:
@@ -142,11 +144,17 @@ class Conventions:
             gateway_image=environ.get("TOKENFLEET_GATEWAY_IMAGE") or base.gateway_image,
             prometheus_namespace=environ.get("TOKENFLEET_PROMETHEUS_NAMESPACE") or base.prometheus_namespace,
             hf_token_secret=environ.get("TOKENFLEET_HF_TOKEN_SECRET") or None,
+            api_server_cidr=environ.get("TOKENFLEET_API_SERVER_CIDR") or base.api_server_cidr,
         )
 
 
 def engine_selector(service: LLMService) -> dict[str, str]:
     return {SERVICE_LABEL: service.metadata.name, COMPONENT_LABEL: "engine"}
+
+
+def engine_tracks_selector(service: LLMService) -> str:
+    """The EndpointSlices of the per-track engine Services (what the gateway watches)."""
+    return f"{selector_string(engine_selector(service))},{TRACK_LABEL}"
 
 
 def selector_string(labels: Mapping[str, str]) -> str:

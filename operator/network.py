@@ -1,15 +1,23 @@
 """Services, PodDisruptionBudgets, NetworkPolicies and the ServiceMonitor of one LLMService.
 
 Network policy: deny everything for the service's pods, then allow only clients → gateway,
-gateway → engines, Prometheus → the metrics ports, and DNS (plus HTTPS out of engines whose
-model comes from a hub).
+gateway → engines, gateway → the API server (endpoint discovery), Prometheus → the metrics
+ports, and DNS (plus HTTPS out of engines whose model comes from a hub).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tokenfleet.operator.model import COMPONENT_LABEL, ENGINE_PORT, SERVICE_LABEL, Conventions
+from tokenfleet.operator.model import (
+    COMPONENT_LABEL,
+    ENGINE_PORT,
+    REVISION_LABEL,
+    SERVICE_LABEL,
+    TRACK_LABEL,
+    Conventions,
+    Track,
+)
 from tokenfleet.operator.workloads import common_labels, gateway_name
 from tokenfleet.spec import LLMService
 
@@ -38,6 +46,27 @@ def engine_service(service: LLMService) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": _selector(service, "engine"),
+            "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def track_service_name(service: LLMService, track: Track) -> str:
+    return f"{service.metadata.name}-engine-{track}"
+
+
+def engine_track_service(service: LLMService, track: Track, revision: str) -> dict[str, Any]:
+    """A headless Service per track, labelled with the revision it runs: Kubernetes copies the
+    labels onto its EndpointSlices, which is how the gateway learns each pod's revision."""
+    meta = _meta(service, track_service_name(service, track), "engine")
+    meta["labels"].update({TRACK_LABEL: track, REVISION_LABEL: revision})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "clusterIP": "None",
+            "selector": {**_selector(service, "engine"), TRACK_LABEL: track},
             "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -158,6 +187,12 @@ def network_policies(service: LLMService, conventions: Conventions) -> list[dict
                     "to": [{"podSelector": {"matchLabels": _selector(service, "engine")}}],
                     "ports": [{"protocol": "TCP", "port": ENGINE_PORT}],
                 },
+                # Endpoint discovery: the API server's Service port (443) and, after kube-proxy's
+                # DNAT, which most CNIs see, its usual endpoint port (6443).
+                {
+                    "to": [{"ipBlock": {"cidr": conventions.api_server_cidr}}],
+                    "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+                },
                 _dns_egress(),
             ],
         },
@@ -166,13 +201,17 @@ def network_policies(service: LLMService, conventions: Conventions) -> list[dict
 
 
 def service_monitor(service: LLMService) -> dict[str, Any]:
-    """Prometheus Operator scrape config for the engines' and the gateway's /metrics."""
+    """Prometheus Operator scrape config for the engines' and the gateway's /metrics (the per-track
+    Services are left out: they list the same engine pods again)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": _meta(service, service.metadata.name, "monitoring"),
         "spec": {
-            "selector": {"matchLabels": _selector(service)},
+            "selector": {
+                "matchLabels": _selector(service),
+                "matchExpressions": [{"key": TRACK_LABEL, "operator": "DoesNotExist"}],
+            },
             "namespaceSelector": {"matchNames": [service.metadata.namespace]},
             "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}],
         },

@@ -1,8 +1,10 @@
-"""Least-privilege RBAC for the operator: exactly the resources and verbs it calls.
+"""Least-privilege RBAC for the operator, and for each service's gateway.
 
-`tests/test_operator_kmock.py` records every request the running operator makes against kmock
-and checks each (group, resource, verb) is granted here, so a new API call without a rule fails
-a test instead of a production rollout.
+The operator gets exactly the resources and verbs it calls. `tests/test_operator_kmock.py`
+records every request the running operator makes against kmock and checks each (group, resource,
+verb) is granted here, so a new API call without a rule fails a test instead of a production
+rollout. Each gateway gets a Role of its own (`gateway_rbac_manifests`), applied by the operator:
+read the engine EndpointSlices and its own ConfigMap, nothing else.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenfleet.spec import API_GROUP
+from tokenfleet.operator.workloads import common_labels, gateway_name
+from tokenfleet.spec import API_GROUP, LLMService
 
 SERVICE_ACCOUNT = "tokenfleet-operator"
 CHILD_VERBS = ("get", "create", "patch", "delete")  # server-side apply needs create + patch
@@ -22,9 +25,17 @@ class Rule:
     api_group: str
     resources: tuple[str, ...]
     verbs: tuple[str, ...]
+    resource_names: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"apiGroups": [self.api_group], "resources": list(self.resources), "verbs": list(self.verbs)}
+        out: dict[str, Any] = {
+            "apiGroups": [self.api_group],
+            "resources": list(self.resources),
+            "verbs": list(self.verbs),
+        }
+        if self.resource_names:
+            out["resourceNames"] = list(self.resource_names)
+        return out
 
 
 # Rules on namespaced resources: a Role per watched namespace when the operator is namespaced.
@@ -34,7 +45,11 @@ NAMESPACED_RULES: tuple[Rule, ...] = (
     Rule(API_GROUP, ("llmservices",), ("get", "list", "watch", "patch")),
     Rule(API_GROUP, ("llmservices/status",), ("patch",)),
     Rule("apps", ("deployments",), CHILD_VERBS),
-    Rule("", ("services", "configmaps"), CHILD_VERBS),
+    Rule("", ("services", "serviceaccounts"), CHILD_VERBS),
+    # `watch` only because the gateways' Roles grant it: RBAC lets nobody grant more than it holds.
+    Rule("", ("configmaps",), (*CHILD_VERBS, "watch")),
+    Rule("discovery.k8s.io", ("endpointslices",), ("get", "list", "watch")),
+    Rule("rbac.authorization.k8s.io", ("roles", "rolebindings"), CHILD_VERBS),
     Rule("policy", ("poddisruptionbudgets",), CHILD_VERBS),
     Rule("networking.k8s.io", ("networkpolicies",), CHILD_VERBS),
     Rule("monitoring.coreos.com", ("servicemonitors",), CHILD_VERBS),
@@ -107,6 +122,46 @@ def rbac_manifests(namespace: str, watch_namespaces: Sequence[str] | None = None
         )
         objects.append(_binding("RoleBinding", name, namespace, "Role", watched))
     return objects
+
+
+def gateway_rules(service: LLMService) -> tuple[Rule, ...]:
+    """What a gateway with endpoint discovery reads: the engine slices (their names are the
+    EndpointSlice controller's, so no resourceNames) and its own ConfigMap (get, then watch)."""
+    return (
+        Rule("discovery.k8s.io", ("endpointslices",), ("get", "list", "watch")),
+        Rule("", ("configmaps",), ("get", "watch"), (gateway_name(service),)),
+    )
+
+
+def gateway_rbac_manifests(service: LLMService) -> list[dict[str, Any]]:
+    """The gateway's ServiceAccount, its Role in the service's namespace, and the binding."""
+    name, namespace = gateway_name(service), service.metadata.namespace
+
+    def meta() -> dict[str, Any]:
+        return {"name": name, "namespace": namespace, "labels": common_labels(service, "gateway")}
+
+    return [
+        # Only the gateway's pod template mounts the token (automountServiceAccountToken there).
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": meta(),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta(),
+            "rules": [rule.as_dict() for rule in gateway_rules(service)],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta(),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
 
 
 def granted(objects: Sequence[dict[str, Any]]) -> set[tuple[str, str, str, str | None]]:

@@ -22,10 +22,12 @@ from tokenfleet.operator.model import (
 from tokenfleet.operator.network import (
     disruption_budgets,
     engine_service,
+    engine_track_service,
     gateway_service,
     network_policies,
     service_monitor,
 )
+from tokenfleet.operator.rbac import gateway_rbac_manifests
 from tokenfleet.operator.workloads import (
     engine_deployment,
     engine_name,
@@ -50,6 +52,16 @@ def owner_reference(service: LLMService, uid: str) -> dict[str, Any]:
     }
 
 
+def traffic_weights(service: LLMService, observed: Observed, decision: ControlDecision) -> dict[str, int]:
+    """Percent of requests per revision for the gateway: explicit while a canary runs (0% until
+    its first step starts, so ready canary pods get nothing early), empty otherwise."""
+    if decision.canary_replicas == 0:
+        return {}
+    stable = revision_of(observed.stable_spec or service.spec)
+    canary = revision_of(service.spec)
+    return {stable: 100 - decision.canary_weight_percent, canary: decision.canary_weight_percent}
+
+
 def desired_objects(
     service: LLMService,
     observed: Observed,
@@ -63,8 +75,10 @@ def desired_objects(
     """
     stable_spec = observed.stable_spec or service.spec
     objects: list[dict[str, Any]] = [
-        gateway_configmap(service),
+        gateway_configmap(service, traffic_weights(service, observed, decision)),
         engine_service(service),
+        engine_track_service(service, "stable", revision_of(stable_spec)),
+        engine_track_service(service, "canary", revision_of(service.spec)),
         gateway_service(service),
         engine_deployment(
             service, stable_spec, "stable", decision.stable_replicas, conventions, decision.gpu_pool
@@ -76,6 +90,7 @@ def desired_objects(
                 service, service.spec, "canary", decision.canary_replicas, conventions, decision.gpu_pool
             )
         )
+    objects += gateway_rbac_manifests(service)
     objects.append(gateway_deployment(service, conventions, observed.api_keys))
     objects += disruption_budgets(service)
     objects += network_policies(service, conventions)

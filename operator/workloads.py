@@ -7,7 +7,9 @@ local fleet, so one spec means one vLLM command line in both places.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -24,6 +26,7 @@ from tokenfleet.operator.model import (
     ApiKeysView,
     Conventions,
     Track,
+    engine_tracks_selector,
     revision_of,
 )
 from tokenfleet.spec import LLMService, LLMServiceSpec, ModelSpec
@@ -32,6 +35,7 @@ KEYS_DIR = "/etc/tokenfleet/keys"
 KEYS_FILE = "keys.yaml"  # the Secret entry the gateway reads (engine/gateway/tenancy.py)
 CONFIG_DIR = "/etc/tokenfleet/config"
 SERVICE_FILE = "service.yaml"
+WEIGHTS_FILE = "weights.json"  # read by the gateway through the API (engine/gateway/discovery.py)
 PROBE_PERIOD_S = 10
 VLLM_EXIT_MARGIN_S = 15  # vLLM's own teardown after its drain (engine core, workers)
 RUN_AS = 10001  # the non-root uid every tokenfleet image creates (images/*.Dockerfile)
@@ -281,7 +285,9 @@ def gateway_service_document(service: LLMService) -> dict[str, Any]:
     }
 
 
-def gateway_configmap(service: LLMService) -> dict[str, Any]:
+def gateway_configmap(service: LLMService, weights: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The service YAML the gateway loads at start, and the traffic weight of each revision
+    (`{}`: no canary, every replica alike), which it follows at run time."""
     text = yaml.safe_dump(gateway_service_document(service), sort_keys=True)
     return {
         "apiVersion": "v1",
@@ -291,13 +297,8 @@ def gateway_configmap(service: LLMService) -> dict[str, Any]:
             "namespace": service.metadata.namespace,
             "labels": common_labels(service, "gateway"),
         },
-        "data": {SERVICE_FILE: text},
+        "data": {SERVICE_FILE: text, WEIGHTS_FILE: json.dumps(dict(weights or {}), sort_keys=True)},
     }
-
-
-def engine_service_url(service: LLMService, conventions: Conventions) -> str:
-    host = f"{service.metadata.name}-engine.{service.metadata.namespace}.svc.{conventions.cluster_domain}"
-    return f"http://{host}:{ENGINE_PORT}"
 
 
 def gateway_deployment(
@@ -308,7 +309,8 @@ def gateway_deployment(
     labels = common_labels(service, "gateway")
     selector = {key: labels[key] for key in (SERVICE_LABEL, COMPONENT_LABEL)}
     config_text = gateway_configmap(service)["data"][SERVICE_FILE]
-    # The gateway reads its config and keys once at start: a change must roll its pods.
+    # The gateway reads its config and keys once at start: a change must roll its pods (the
+    # weights are followed through the API instead, so they are not part of the hash).
     annotations = {"tokenfleet.dev/config-hash": hashlib.sha256(config_text.encode()).hexdigest()[:16]}
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -344,8 +346,13 @@ def gateway_deployment(
             "0.0.0.0",
             "--port",
             str(port),
-            "--replica",
-            f"engines={engine_service_url(service, conventions)}",
+            # Engine pods per track and the canary weights, watched through the API (discovery.py).
+            "--discover",
+            engine_tracks_selector(service),
+            "--weights-configmap",
+            gateway_name(service),
+            "--namespace",
+            service.metadata.namespace,
         ],
         "env": [{"name": "PYTHONSAFEPATH", "value": "1"}],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
@@ -380,7 +387,10 @@ def gateway_deployment(
             "template": {
                 "metadata": {"labels": labels, "annotations": annotations},
                 "spec": {
-                    "automountServiceAccountToken": False,
+                    # Its own ServiceAccount: a token that may only read the engine slices and its
+                    # ConfigMap (rbac.gateway_rbac_manifests).
+                    "serviceAccountName": gateway_name(service),
+                    "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     # A stream in flight through the gateway must outlive the engine's drain.
                     "terminationGracePeriodSeconds": termination_grace_s(spec, conventions),

@@ -130,7 +130,7 @@ class Harness:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
 
-        async def source(service: LLMService) -> Metrics | None:
+        async def source(service: LLMService, window_start: float | None) -> Metrics | None:
             return self.metrics
 
         config = OperatorConfig(
@@ -254,7 +254,10 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     await wait_for(lambda: status_of(k).get("observedGeneration") == 1)
     expected = {
         "apps/v1/deployments": ["chat-engine", "chat-gateway"],
-        "v1/services": ["chat", "chat-engine"],
+        "v1/services": ["chat", "chat-engine", "chat-engine-stable", "chat-engine-canary"],
+        "v1/serviceaccounts": ["chat-gateway"],
+        "rbac.authorization.k8s.io/v1/roles": ["chat-gateway"],
+        "rbac.authorization.k8s.io/v1/rolebindings": ["chat-gateway"],
         "v1/configmaps": ["chat-gateway"],
         "policy/v1/poddisruptionbudgets": ["chat-engine", "chat-gateway"],
         "networking.k8s.io/v1/networkpolicies": ["chat-default-deny", "chat-engine", "chat-gateway"],
@@ -279,7 +282,7 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     applies = [r for r in k if r.method == "PATCH" and "apply-patch" in r.headers.get("Content-Type", "")]
     assert applies
     assert all(r.params.get("fieldManager") == "tokenfleet-operator" for r in applies)
-    await wait_for(lambda: any("applied 11 objects for generation 1" in e["message"] for e in events(k)))
+    await wait_for(lambda: any("applied 16 objects for generation 1" in e["message"] for e in events(k)))
 
     # status patches: the Deployment controller reports ready → the timer turns Ready True
     await mark_ready(k, "chat-engine", 2)

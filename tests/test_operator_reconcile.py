@@ -20,7 +20,7 @@ from tokenfleet.operator.model import (
     Observed,
     revision_of,
 )
-from tokenfleet.operator.rbac import NAMESPACED_RULES, rbac_manifests
+from tokenfleet.operator.rbac import NAMESPACED_RULES, granted, rbac_manifests
 from tokenfleet.operator.reconcile import desired_objects, desired_status
 from tokenfleet.operator.workloads import cluster_model_path
 from tokenfleet.spec import LLMService, load_service, parse_service
@@ -62,6 +62,9 @@ def test_every_rendered_manifest_is_valid_kubernetes(example: str) -> None:
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
     }
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":
@@ -103,13 +106,21 @@ def test_rbac_manifests_are_valid_and_least_privilege() -> None:
 def test_service_monitor_shape() -> None:
     monitor = by_name(objects_of(gpu()), "ServiceMonitor", "llama-8b")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["spec"]["selector"] == {"matchLabels": {"tokenfleet.dev/service": "llama-8b"}}
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {"tokenfleet.dev/service": "llama-8b"},
+        # The per-track Services list the same engine pods again: not scraped twice.
+        "matchExpressions": [{"key": "tokenfleet.dev/track", "operator": "DoesNotExist"}],
+    }
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
     assert monitor["spec"]["endpoints"] == [
         {"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}
     ]
     # Both Services it selects carry the label and name their port "http".
-    services = [o for o in objects_of(gpu()) if o["kind"] == "Service"]
+    services = [
+        o
+        for o in objects_of(gpu())
+        if o["kind"] == "Service" and "tokenfleet.dev/track" not in o["metadata"]["labels"]
+    ]
     assert len(services) == 2
     for service in services:
         assert service["metadata"]["labels"]["tokenfleet.dev/service"] == "llama-8b"
@@ -175,7 +186,11 @@ def test_gpu_pool_and_fallback_pool_placement() -> None:
 
 
 def test_canary_deployment_only_during_a_canary() -> None:
-    names = {o["metadata"]["name"] for o in objects_of(gpu(), ControlDecision(stable_replicas=3))}
+    names = {
+        o["metadata"]["name"]
+        for o in objects_of(gpu(), ControlDecision(stable_replicas=3))
+        if o["kind"] == "Deployment"
+    }
     assert "llama-8b-engine-canary" not in names
     objects = objects_of(
         gpu(), ControlDecision(stable_replicas=3, canary_replicas=1, canary_weight_percent=25)
@@ -216,6 +231,98 @@ def test_network_policies_default_deny_then_only_the_needed_paths() -> None:
     gateway = by_name(objects, "NetworkPolicy", "llama-8b-gateway")["spec"]
     assert gateway["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]
     assert gateway["egress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+    # endpoint discovery: the API server, on its Service port and its usual endpoint port
+    assert gateway["egress"][1] == {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+        "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+    }
+    assert len(gateway["egress"]) == 3  # engines, API server, DNS: nothing else
+
+
+def test_gateway_discovers_engines_with_a_least_privilege_role() -> None:
+    from tokenfleet.operator.model import revision_of
+    from tokenfleet.operator.rbac import gateway_rules
+
+    service = gpu()
+    objects = objects_of(
+        service, ControlDecision(stable_replicas=3, canary_replicas=1, canary_weight_percent=25)
+    )
+    gateway = by_name(objects, "Deployment", "llama-8b-gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert "--replica" not in command
+    selector = command[command.index("--discover") + 1]
+    assert selector == "tokenfleet.dev/component=engine,tokenfleet.dev/service=llama-8b,tokenfleet.dev/track"
+    assert command[command.index("--weights-configmap") + 1] == "llama-8b-gateway"
+    assert command[command.index("--namespace") + 1] == "llm"
+    assert pod["serviceAccountName"] == "llama-8b-gateway"
+    assert pod["automountServiceAccountToken"] is True
+    account = by_name(objects, "ServiceAccount", "llama-8b-gateway")
+    assert account["automountServiceAccountToken"] is False  # only the gateway's pods mount it
+    role = by_name(objects, "Role", "llama-8b-gateway")
+    assert role["metadata"]["namespace"] == "llm"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "watch"],
+            "resourceNames": ["llama-8b-gateway"],
+        },
+    ]
+    binding = by_name(objects, "RoleBinding", "llama-8b-gateway")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "llama-8b-gateway",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama-8b-gateway", "namespace": "llm"}]
+    # RBAC lets nobody grant what it does not hold: the operator holds every permission it grants.
+    held = granted(rbac_manifests("tokenfleet-system"))
+    for rule in gateway_rules(service):
+        for resource in rule.resources:
+            for verb in rule.verbs:
+                assert (rule.api_group, resource, verb, None) in held, (resource, verb)
+    # the headless per-track Services, labelled with the revision each track runs
+    revision = revision_of(service.spec)
+    for track in ("stable", "canary"):
+        svc = by_name(objects, "Service", f"llama-8b-engine-{track}")
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["spec"]["selector"]["tokenfleet.dev/track"] == track
+        assert svc["metadata"]["labels"]["tokenfleet.dev/track"] == track
+        assert svc["metadata"]["labels"]["tokenfleet.dev/revision"] == revision
+
+
+def test_gateway_configmap_carries_the_canary_weights() -> None:
+    import json
+
+    from tokenfleet.operator.model import revision_of
+
+    service = gpu()
+    old = with_spec(service, engine={"maxNumSeqs": 4})
+    observed = Observed(uid="u", stable_spec=old.spec)
+    canary = ControlDecision(stable_replicas=3, canary_replicas=1, canary_weight_percent=25)
+    config = by_name(desired_objects(service, observed, canary), "ConfigMap", "llama-8b-gateway")
+    weights = json.loads(config["data"]["weights.json"])
+    assert weights == {revision_of(old.spec): 75, revision_of(service.spec): 25}
+    idle = by_name(
+        desired_objects(service, observed, ControlDecision(stable_replicas=3)),
+        "ConfigMap",
+        "llama-8b-gateway",
+    )
+    assert json.loads(idle["data"]["weights.json"]) == {}
+    # the weights are followed at run time: they do not roll the gateway's pods
+    hashes = {
+        by_name(desired_objects(service, observed, d), "Deployment", "llama-8b-gateway")["spec"]["template"][
+            "metadata"
+        ]["annotations"]["tokenfleet.dev/config-hash"]
+        for d in (canary, ControlDecision(stable_replicas=3))
+    }
+    assert len(hashes) == 1
 
 
 def test_status_conditions_and_observed_generation() -> None:

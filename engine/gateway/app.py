@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
+from tokenfleet.engine.gateway.discovery import ApiAccess, Discovery, DiscoveryConfig, EngineEndpoint, plan
 from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.outcomes import Outcomes
@@ -113,7 +114,14 @@ def request_id(call: Call) -> str:
 
 
 class Gateway:
-    def __init__(self, service: LLMService, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        service: LLMService,
+        *,
+        environ: Mapping[str, str] | None = None,
+        discovery: DiscoveryConfig | None = None,
+        api: ApiAccess | None = None,
+    ) -> None:
         self.service = service
         spec = service.spec
         self.spec = spec
@@ -146,7 +154,7 @@ class Gateway:
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
         # Traffic percent per revision during a canary (set by the control loop); None: all replicas.
         self.weights: dict[str, int] | None = None
-        self.outcomes = Outcomes()
+        self.outcomes = Outcomes(listener=self.metrics.count_outcome)
         self.buckets: dict[tuple[str, str], limits.Bucket] = {}
         self.tenant_active: dict[str, int] = {}  # requests per tenant in the gateway now
         # Resume streams broken by a dead replica on another one (resume.py).
@@ -159,6 +167,10 @@ class Gateway:
             connect_timeout_s=self.routing.connect_timeout_s, read_timeout_s=self.routing.first_byte_timeout_s
         )
         self._prober: asyncio.Task[None] | None = None
+        # On a cluster: replicas and weights from the Kubernetes API instead of `set_replicas`.
+        self.discovery = discovery
+        self._api = api
+        self._discoverer: asyncio.Task[None] | None = None
         # Whoever runs the replicas (the local fleet) adds its view to /admin/status.
         self.extra_status: Callable[[], dict[str, object]] | None = None
         self.app = self._build_app()
@@ -173,6 +185,15 @@ class Gateway:
 
     def set_weights(self, weights: Mapping[str, int] | None) -> None:
         self.weights = dict(weights) if weights else None
+
+    def apply_endpoints(self, endpoints: list[EngineEndpoint]) -> None:
+        """Discovered ready engine pods become the replica set; pods that left get no new requests
+        and finish the ones they hold (the Replica object lives on in those requests)."""
+        current = {rid: (r.url, r.revision) for rid, r in self.replicas.replicas.items()}
+        change = plan(current, endpoints)
+        if change.changed:
+            log.info("replicas: +%s -%s", list(change.added), list(change.removed))
+            self.set_replicas(change.members, change.revisions)
 
     def _refresh_slots(self) -> None:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
@@ -279,12 +300,18 @@ class Gateway:
                 after=self._refresh_slots,
             )
         )
+        if self.discovery is not None:
+            discovery = Discovery(
+                self.discovery, self._api or ApiAccess.in_cluster(), self.apply_endpoints, self.set_weights
+            )
+            self._discoverer = asyncio.create_task(discovery.run())
 
     async def stop(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
+        for task in (self._prober, self._discoverer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.upstream.close()
         self.tracing.shutdown()
 
@@ -984,8 +1011,14 @@ class _RateLimitedError(RequestError):
         self.retry_after_s = retry_after_s
 
 
-def create_app(service: LLMService, replicas: Iterable[tuple[str, str]] = ()) -> FastAPI:
-    gateway = Gateway(service)
+def create_app(
+    service: LLMService,
+    replicas: Iterable[tuple[str, str]] = (),
+    discovery: DiscoveryConfig | None = None,
+    api: ApiAccess | None = None,
+) -> FastAPI:
+    """The gateway app: fixed `replicas`, or (with `discovery`) the ones the Kubernetes API shows."""
+    gateway = Gateway(service, discovery=discovery, api=api)
     gateway.set_replicas(replicas)
     app = gateway.app
     app.state.gateway = gateway

@@ -3,7 +3,8 @@ several gateways in one process).
 
 Label cardinality is bounded by construction: `route` is one of a fixed set, `replica` is a
 replica slot id (at most replicas.max), `class` and `tenant` come from the spec (unknown tenants
-never reach a metric: they got a 401), and `code` is the status class (2xx/4xx/5xx).
+never reach a metric: they got a 401), `code` is the status class (2xx/4xx/5xx), and `revision`
+is a spec revision the gateway has routed to in its lifetime (two at a time, during a canary).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return cast(Metric, found)
+
+    def count_outcome(self, revision: str, ok: bool, first_byte_s: float | None) -> None:
+        """One attempt's outcome by revision (an `Outcomes` listener)."""
+        self.child(self.revision_attempts, revision, "ok" if ok else "error").inc()
+        if ok and first_byte_s is not None:
+            self.child(self.revision_first_byte, revision).observe(first_byte_s)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -91,6 +98,20 @@ class GatewayMetrics:
             "tokenfleet_gateway_request_duration_seconds",
             "Time from request to the last byte, per route and class.",
             ["route", "class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Per revision: what canary analysis reads from another process (operator/metrics.py).
+        self.revision_attempts = Counter(
+            "tokenfleet_gateway_revision_attempts",
+            "Attempts sent to a replica of each revision, by outcome (ok, error).",
+            ["revision", "outcome"],
+            registry=r,
+        )
+        self.revision_first_byte = Histogram(
+            "tokenfleet_gateway_revision_first_byte_seconds",
+            "Time to first byte of each revision's successful attempts (TTFT for streams).",
+            ["revision"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -1,7 +1,9 @@
 """Attempt outcomes per revision, kept for the control loop's canary analysis and autoscaler.
 
 One bounded deque per revision of (time, ok, time to first byte); appending is the only work on
-the request path. Readers (the control loop, once a tick) filter by time.
+the request path. Readers (the control loop, once a tick) filter by time. A listener sees every
+outcome too: the gateway counts them per revision in `/metrics`, for readers in other processes
+(the operator's canary analysis on a cluster).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Callable
 MAX_SAMPLES = 10_000
 
 Sample = tuple[float, bool, float | None]
+Listener = Callable[[str, bool, float | None], None]
 
 
 class Outcomes:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, listener: Listener | None = None) -> None:
         self.clock = clock
+        self.listener = listener
         self._by_revision: dict[str, deque[Sample]] = {}
 
     def record(self, revision: str, ok: bool, first_byte_s: float | None) -> None:
@@ -26,6 +30,8 @@ class Outcomes:
         if samples is None:
             samples = self._by_revision[revision] = deque(maxlen=MAX_SAMPLES)
         samples.append((self.clock(), ok, first_byte_s))
+        if self.listener is not None:
+            self.listener(revision, ok, first_byte_s)
 
     def since(self, revision: str, start: float) -> list[tuple[bool, float | None]]:
         """(ok, first byte seconds) of the revision's attempts at or after `start`."""
