@@ -113,7 +113,7 @@ def unpack_planar(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
 
 def repack_for_gemv(qw: QuantizedWeight) -> GemvWeight:
     """Offline repack of a `QuantizedWeight` (compressed-tensors order) into the GEMV layout."""
-    n, k = qw.shape
+    k = qw.shape[1]
     width = gemv_width(k, qw.group_size, qw.bits)
     if width is None:
         raise KernelInputError(
@@ -184,10 +184,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
                 offset = zero + (1 << (BITS - 1))
             else:
                 offset = tl.full((BLOCK_N,), (1 << (BITS - 1)), dtype=tl.float32)
-            if i < 16 // BITS:
-                src = words
-            else:
-                src = high
+            src = words if i < 16 // BITS else high
             shift = BITS * (i % (16 // BITS))
             if BLOCK_M == 1:
                 field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000

@@ -38,6 +38,7 @@ from tokenfleet.kernels._runtime import (
     check_float_dtype,
     next_power_of_2,
 )
+from tokenfleet.kernels.gemv import GemvWeight, gemv, supports
 from tokenfleet.kernels.quant import QuantizedWeight
 
 WeightOnlyGemm = Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]
@@ -45,7 +46,9 @@ MAX_SPLIT_K = 4
 SPLIT_K_MAX_M = 64  # beyond this the M x N tiles fill the GPU on their own
 
 
-def _check_gemm_inputs(x: torch.Tensor, qw: QuantizedWeight, bits: int | None = None) -> tuple[int, int, int]:
+def _check_gemm_inputs(
+    x: torch.Tensor, qw: QuantizedWeight | GemvWeight, bits: int | None = None
+) -> tuple[int, int, int]:
     check_device(x, qw.qweight, qw.scales)
     check_float_dtype("x", x)
     check_contiguous("x", x)
@@ -179,7 +182,7 @@ def w4a16_fused_naive(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
 def _wgemm_kernel(  # type: ignore[no-untyped-def]
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, M, N, K, group_size, m_bucket,
     BITS: tl.constexpr, HAS_ZP: tl.constexpr, GROUP_ALIGNED: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANAR_W: tl.constexpr,
 ):  # fmt: skip
     # Only core builtins here (tl.full, integer //), not triton.language's @jit helpers such as
     # tl.zeros/tl.cdiv: those are compiled-only objects when triton was imported before
@@ -208,7 +211,23 @@ def _wgemm_kernel(  # type: ignore[no-untyped-def]
             other=0.0,
         )
         mask_w = mask_k[:, None] & mask_n[None, :]
-        if BITS == 4:
+        if PLANAR_W > 0:
+            # The GEMV layout (kernels/gemv.py): the K block lies inside one chunk and covers whole
+            # slices of PLANAR_W words, so load the chunk's words once and repeat them per slice.
+            chunk_k = (32 // BITS) * PLANAR_W
+            offs_pw = tl.arange(0, PLANAR_W)
+            words = tl.load(
+                q_ptr + offs_n[None, :] * (K // (32 // BITS)) + (k0 // chunk_k) * PLANAR_W + offs_pw[:, None],
+                mask=mask_n[None, :],
+                other=0,
+            )
+            words = tl.reshape(
+                tl.broadcast_to(words[None, :, :], (BLOCK_K // PLANAR_W, PLANAR_W, BLOCK_N)),
+                (BLOCK_K, BLOCK_N),
+            )
+            shifts = ((k0 % chunk_k + tl.arange(0, BLOCK_K)) // PLANAR_W) * BITS
+            q = ((words >> shifts[:, None]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+        elif BITS == 4:
             # One load per packed word, [BLOCK_K/8, BLOCK_N], then each word repeated for its 8
             # nibbles: 8x fewer memory instructions than gathering per element.
             offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -275,7 +294,7 @@ def _launch_wgemm(x: torch.Tensor, qw: QuantizedWeight, tile: dict[str, int], sp
     _wgemm_kernel[grid](
         x, qw.qweight, qw.scales, zeros, out, part, m, n, k, qw.group_size, next_power_of_2(m),
         BITS=qw.bits, HAS_ZP=qw.zeros is not None, GROUP_ALIGNED=_group_aligned(qw.group_size, k, block_k),
-        SPLIT_K=split_k, BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_K=block_k,
+        SPLIT_K=split_k, BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_K=block_k, PLANAR_W=0,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )  # fmt: skip
     if split_k > 1:
@@ -343,13 +362,25 @@ def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **_
             continue
         if bm > max(16, 2 * m_bucket) or (group < k and group % bk) or bk * split > k:
             continue
+        if not _planar_block_ok(bk, int(named_args["PLANAR_W"]), int(named_args["BITS"])):
+            continue
         kept.append(c)
     return kept or configs[:1]
 
 
+def _planar_block_ok(block_k: int, width: int, bits: int) -> bool:
+    """A K block over the GEMV layout must lie inside one chunk and cover whole slices."""
+    chunk = (32 // bits) * width
+    return width == 0 or (block_k % width == 0 and chunk % block_k == 0)
+
+
+def _planar_supported(gw: GemvWeight) -> bool:
+    return any(_planar_block_ok(c.kwargs["BLOCK_K"], gw.width, gw.bits) for c in _gemm_configs())
+
+
 _wgemm_autotuned = triton.autotune(
     configs=_gemm_configs(),
-    key=["m_bucket", "N", "K", "group_size", "BITS", "HAS_ZP"],
+    key=["m_bucket", "N", "K", "group_size", "BITS", "HAS_ZP", "PLANAR_W"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(
     triton.heuristics({"GROUP_ALIGNED": lambda a: _group_aligned(a["group_size"], a["K"], a["BLOCK_K"])})(
@@ -358,7 +389,7 @@ _wgemm_autotuned = triton.autotune(
 )
 
 
-def _weight_only_autotuned(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+def _weight_only_autotuned(x: torch.Tensor, qw: QuantizedWeight | GemvWeight) -> torch.Tensor:
     m, n, k = x.shape[0], *qw.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # Sized for the largest split any config may pick; which one won is known only after the launch.
@@ -371,7 +402,7 @@ def _weight_only_autotuned(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor
 
     _wgemm_autotuned[grid](
         x, qw.qweight, qw.scales, zeros, out, part, m, n, k, qw.group_size, next_power_of_2(m),
-        BITS=qw.bits, HAS_ZP=qw.zeros is not None,
+        BITS=qw.bits, HAS_ZP=qw.zeros is not None, PLANAR_W=qw.width if isinstance(qw, GemvWeight) else 0,
     )  # fmt: skip
     split = int(_wgemm_autotuned.best_config.kwargs["SPLIT_K"])
     if split > 1:
@@ -399,5 +430,26 @@ W4A16_STEPS: dict[str, WeightOnlyGemm] = {
     "4-autotuned": w4a16_autotuned,
 }
 
-# The kernel the vLLM plugin uses.
-w4a16_gemm = w4a16_autotuned
+
+# --- dispatch: the decode GEMV for small M, the tiled GEMM otherwise --------------------------------
+
+
+def weight_only_gemm(x: torch.Tensor, w: QuantizedWeight | GemvWeight) -> torch.Tensor:
+    """y = x @ dequant(W).T for int4 or int8 W. A weight repacked for the GEMV
+    (`gemv.repack_for_gemv`) takes the GEMV for 1 <= M <= 16 and the autotuned GEMM (reading the
+    same repacked words) above that; a `QuantizedWeight` always takes the GEMM."""
+    _check_gemm_inputs(x, w)
+    if isinstance(w, GemvWeight):
+        if supports(x.shape[0], w):
+            return gemv(x, w)
+        if not _planar_supported(w):
+            raise KernelInputError(
+                f"the GEMM cannot read this GEMV layout (width {w.width}, {w.bits}-bit) at M={x.shape[0]}"
+            )
+    return _weight_only_autotuned(x, w)
+
+
+def w4a16_gemm(x: torch.Tensor, w: QuantizedWeight | GemvWeight) -> torch.Tensor:
+    """The W4A16 entry the vLLM plugin uses (`weight_only_gemm` for 4-bit weights)."""
+    _check_gemm_inputs(x, w, bits=4)
+    return weight_only_gemm(x, w)
