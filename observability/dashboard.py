@@ -318,14 +318,14 @@ class LocalMonitor:
     ticks: int = 0
     resolved: list[dict[str, Any]] = field(default_factory=list)
     _firing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    api: PrometheusAPI | None = None  # built from prometheus_url unless given
     _subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
-    _api: PrometheusAPI | None = None
     _ticking: asyncio.Future[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        if self.prometheus_url is not None:
-            self._api = PrometheusAPI(self.prometheus_url, timeout_s=max(1.0, 2 * self.interval_s))
-        elif self.notice is None:
+        if self.api is None and self.prometheus_url is not None:
+            self.api = PrometheusAPI(self.prometheus_url, timeout_s=max(1.0, 2 * self.interval_s))
+        if self.api is None and self.notice is None:
             self.notice = notice_for(None, binaries()["prometheus"])
 
     @classmethod
@@ -377,12 +377,12 @@ class LocalMonitor:
         t = self.clock()
         charts_now, targets, alerts = _empty_charts(self.charts), {}, []
         notice = self.notice
-        if self._api is not None:
+        if self.api is not None:
             try:
-                up = await self._api.query("up", t)
+                up = await self.api.query("up", t)
                 targets = {s["metric"].get("instance", "?"): float(s["value"][1]) == 1 for s in up}
-                alerts = [alert_view(a) for a in await self._api.alerts()]
-                charts_now, errors = await self._chart_points(self._api, t)
+                alerts = [alert_view(a) for a in await self.api.alerts()]
+                charts_now, errors = await self._chart_points(self.api, t)
                 notice = f"{len(errors)} chart queries failed: {errors[0]}" if errors else None
             except PrometheusError as exc:
                 notice = str(exc)
@@ -417,13 +417,11 @@ class LocalMonitor:
         out: dict[str, Any] = {"times": times, "charts": {}}
         for chart in self.charts:
             series: dict[str, list[float | None]] = {}
-            if self._api is not None:
+            if self.api is not None:
                 for expr, template in chart.series:
                     with contextlib.suppress(PrometheusError):
                         series.update(
-                            matrix_series(
-                                await self._api.query_range(expr, start, end, step), template, times
-                            )
+                            matrix_series(await self.api.query_range(expr, start, end, step), template, times)
                         )
             out["charts"][chart.id] = {"title": chart.title, "unit": chart.unit, "series": series}
         return out
@@ -446,8 +444,8 @@ class LocalMonitor:
         return self.always_on or bool(self._subscribers)
 
     async def close(self) -> None:
-        if self._api is not None:
-            await self._api.close()
+        if self.api is not None:
+            await self.api.close()
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
@@ -470,6 +468,7 @@ def _static(name: str) -> str:
 @dataclass
 class _Mounted:
     monitor: LocalMonitor
+    rounds: int = 0  # loop rounds so far, ticked or idle (tests wait on it instead of sleeping)
 
 
 async def _run(mounted: _Mounted) -> None:
@@ -483,6 +482,7 @@ async def _run(mounted: _Mounted) -> None:
                 await monitor.tick()
             except Exception:  # the dashboard must never take the gateway down
                 log.exception("dashboard tick failed")
+        mounted.rounds += 1
         await asyncio.sleep(max(0.05, monitor.interval_s - (time.monotonic() - started)))
 
 

@@ -25,6 +25,7 @@ from tokenfleet.observability import grafana, prometheusrule
 from tokenfleet.observability.catalogue import referenced_metrics, series_index
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.observability.otlp_receiver import OTLPReceiver, ReceivedSpan
+from tokenfleet.observability.stack import LocalStack, write_scaled_rules
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 GATEWAY_SERVICE = "tokenfleet-gateway-tiny"
@@ -37,6 +38,7 @@ class Stack:
     gateway: Gateway
     server: ServerThread
     monitor: LocalMonitor
+    prometheus: LocalStack
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +58,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint.removesuffix("/v1/traces")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     server: ServerThread | None = None
+    # The real Prometheus, `for:` scaled to zero so the browser test sees a real rule fire soon.
+    rules = write_scaled_rules(logs / "rules", 0.0)
+    prometheus = LocalStack(logs / "prometheus", interval_s=1, rule_files=rules)
     try:
         engine.wait_ready(ENGINE_START_TIMEOUT_S)
+        prometheus.start()
         gateway = Gateway(service)
         gateway.set_replicas([("r0", engine.url)])
-        # `for:` scaled to zero so the browser test sees a real rule fire within seconds.
-        monitor = LocalMonitor.for_gateway(gateway, interval_s=0.5, for_scale=0.0, receiver=receiver)
+        monitor = LocalMonitor.for_gateway(
+            gateway, prometheus_url=prometheus.prometheus_url, interval_s=0.5, receiver=receiver
+        )
         mount_dashboard(gateway.app, monitor)
         server = ServerThread(gateway.app, free_port()).start()
         server.wait_until("/ready", timeout_s=30)
-        yield Stack(receiver, engine, gateway, server, monitor)
+        prometheus.set_targets(server.url, [("r0", engine.url)])
+        yield Stack(receiver, engine, gateway, server, monitor, prometheus)
     finally:
+        prometheus.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
