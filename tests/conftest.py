@@ -18,12 +18,22 @@ ENGINE_START_TIMEOUT_S = float(os.environ.get("TOKENFLEET_ENGINE_START_TIMEOUT_S
 
 
 def tiny_service(name: str = "tiny", **spec_overrides: object) -> LLMService:
-    """A small CPU service on the random-weight builtin model: fast to start, cheap to run."""
+    """A small CPU service on the random-weight builtin model: fast to start, cheap to run.
+
+    It states `scheduler.policy: fcfs` (the spec's default is `sla`): the shared engine serves the
+    plumbing tests (gateway vs direct byte comparisons, resume, load) in vLLM's own order; the
+    SLA scheduler's tests ask for `sla` themselves (a `scheduler=` override without a policy keeps
+    fcfs).
+    """
+    overrides = dict(spec_overrides)
+    scheduler = overrides.pop("scheduler", {})
+    assert isinstance(scheduler, dict)
     spec: dict[str, object] = {
         "model": {"name": name, "source": "builtin://tiny-random", "maxModelLen": 512},
         "engine": {"maxNumSeqs": 8, "kvCacheGib": 1, "shutdownTimeoutS": 5},
+        "scheduler": {"policy": "fcfs", **scheduler},
     }
-    spec.update(spec_overrides)
+    spec.update(overrides)
     return parse_service(
         {
             "apiVersion": "tokenfleet.dev/v1alpha1",

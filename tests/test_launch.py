@@ -31,7 +31,9 @@ def test_cpu_command_maps_spec_fields() -> None:
 
 def test_default_policy_runs_the_sla_scheduler() -> None:
     # A spec that names no policy gets the SLA scheduler: what `tokenfleet up` runs out of the box.
-    command = engine_command(tiny_service("svc").spec, "/models/x", port=9001)
+    header = {"apiVersion": "tokenfleet.dev/v1alpha1", "kind": "LLMService", "metadata": {"name": "svc"}}
+    unset = parse_service({**header, "spec": {}})
+    command = engine_command(unset.spec, "/models/x", port=9001)
     assert _flag(command.argv, "--scheduler-cls") == SLA_SCHEDULER_CLS
     assert _flag(command.argv, "--scheduling-policy") == "priority"
     assert "standard" in command.env["TOKENFLEET_SCHEDULER_SPEC"]
@@ -40,8 +42,8 @@ def test_default_policy_runs_the_sla_scheduler() -> None:
 
 
 def test_policies_map_to_vllm_flags() -> None:
-    # fcfs is vLLM's own order: no scheduler class of ours, no scheduling-policy flag.
-    fcfs = engine_command(tiny_service(scheduler={"policy": "fcfs"}).spec, "m", port=1)
+    # fcfs (what tiny_service states) is vLLM's own order: no scheduler class of ours, no flag.
+    fcfs = engine_command(tiny_service().spec, "m", port=1)
     assert "--scheduler-cls" not in fcfs.argv
     assert "--scheduling-policy" not in fcfs.argv
     assert "TOKENFLEET_SCHEDULER_SPEC" not in fcfs.env

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -9,15 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from tokenfleet.modelbuild import (
+from tokenfleet.builtin_model import tiny_code
+from tokenfleet.builtin_model.tiny_code import (
     FULL,
     QUICK,
     REPORT_NAME,
     BuildReport,
     build_tiny_code,
+    file_sha256,
     is_complete,
+    is_current,
     lr_at,
+    recipe_id,
     split_of,
+    spread,
     unigram_perplexity,
 )
 
@@ -79,7 +86,8 @@ def test_quick_build_saves_a_loadable_model(quick_build: tuple[Path, BuildReport
     assert is_complete(out)
     assert not report.cached
     assert report.steps == QUICK.max_steps
-    assert report.stopped_by == "steps"
+    assert report.recipe == recipe_id(QUICK, 0)
+    assert report.weights_sha256 == file_sha256(out / "model.safetensors")
     assert report.train_files > 0
     assert report.val_files > 0
     assert math.isfinite(report.val_loss)
@@ -142,21 +150,50 @@ def test_force_rebuild_is_deterministic(tmp_path: Path, quick_build: tuple[Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-code.lock", "tiny-code"]
 
 
-def test_time_budget_stops_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
+def _digests(model_dir: Path) -> dict[str, str]:
+    names = ("model.safetensors", "tokenizer.json", "config.json")
+    return {name: hashlib.sha256((model_dir / name).read_bytes()).hexdigest() for name in names}
 
-    from tokenfleet import modelbuild
 
-    monkeypatch.setattr(modelbuild, "QUICK", dataclasses.replace(QUICK, time_budget_s=0.0))
-    report = build_tiny_code(tmp_path / "tiny-code", quick=True)
-    assert report.stopped_by == "time"
-    assert report.steps == 0
-    assert report.tokens_seen == 0
+def test_same_recipe_builds_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two builds from scratch, three steps each: byte-identical weights, tokenizer and config.
+    monkeypatch.setattr(tiny_code, "QUICK", dataclasses.replace(QUICK, max_steps=3))
+    first = build_tiny_code(tmp_path / "a" / "tiny-code", quick=True)
+    second = build_tiny_code(tmp_path / "b" / "tiny-code", quick=True)
+    assert not first.cached
+    assert not second.cached
+    assert first.steps == second.steps == 3
+    assert _digests(tmp_path / "a" / "tiny-code") == _digests(tmp_path / "b" / "tiny-code")
+    assert first.weights_sha256 == second.weights_sha256
+    assert first.val_loss == second.val_loss
+    # Another seed is another recipe and other weights.
+    other = build_tiny_code(tmp_path / "c" / "tiny-code", quick=True, seed=1)
+    assert other.recipe != first.recipe
+    assert other.weights_sha256 != first.weights_sha256
+
+
+def test_recipe_changes_invalidate_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiny_code, "QUICK", dataclasses.replace(QUICK, max_steps=2))
+    out = tmp_path / "tiny-code"
+    build_tiny_code(out, quick=True)
+    assert is_current(out, quick=True)
+    assert not is_current(out, quick=True, seed=1)
+    # A report written by older code (no recipe) is complete but not current: it is rebuilt.
+    report = json.loads((out / REPORT_NAME).read_text())
+    del report["recipe"]
+    (out / REPORT_NAME).write_text(json.dumps(report))
+    assert is_complete(out)
+    assert not is_current(out, quick=True)
+    rebuilt = build_tiny_code(out, quick=True)
+    assert not rebuilt.cached
+    assert is_current(out, quick=True)
+    # Any change of the recipe (here one more step) changes the key.
+    monkeypatch.setattr(tiny_code, "QUICK", dataclasses.replace(QUICK, max_steps=3))
+    assert not is_current(out, quick=True)
+    assert recipe_id(tiny_code.QUICK, 0) != rebuilt.recipe
 
 
 def test_spread_covers_the_range_evenly() -> None:
-    from tokenfleet.modelbuild import spread
-
     assert spread(10, 5) == [0, 2, 4, 6, 8]
     assert spread(3, 5) == [0, 1, 2]
     picked = spread(1000, 64)

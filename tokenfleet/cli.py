@@ -66,14 +66,15 @@ def cmd_spec_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
-    from tokenfleet.models import build_tiny_random, builtin_path
+    from tokenfleet.builtin_model.tiny_random import build_tiny_random
+    from tokenfleet.models import builtin_path
 
     out = Path(args.output) if args.output else builtin_path(args.name)
     if args.name == "tiny-random":
         build_tiny_random(out)
         print(f"built tiny-random at {out}")
         return 0
-    from tokenfleet.modelbuild import build_tiny_code
+    from tokenfleet.builtin_model.tiny_code import build_tiny_code
 
     build_tiny_code(out, quick=args.quick, force=args.force)
     return 0

@@ -7,8 +7,9 @@ that every machine can build without a model hub. So `build_tiny_code`:
    the relative path, so the split is the same everywhere and no file leaks across);
 2. trains a byte-level BPE tokenizer on the train files only;
 3. trains a `LlamaForCausalLM` (head_dim 64 and hidden/intermediate sizes that are multiples of 64,
-   as vLLM's CPU attention and 4-bit CPU kernels require) for a fixed number of steps *or* a
-   wall-clock budget, whichever comes first, on 2 threads;
+   as vLLM's CPU attention and 4-bit CPU kernels require) for a fixed number of steps on 2 threads,
+   with a seeded initialisation and data order: no wall-clock budget, so a slow or busy machine
+   takes longer but builds the same weights (`weights_sha256` in the report says which);
 4. evaluates train and validation loss on fixed windows, and the unigram baseline on the very same
    validation targets;
 5. saves everything in Hugging Face format into a temporary directory next to `out_dir`, writes
@@ -16,6 +17,9 @@ that every machine can build without a model hub. So `build_tiny_code`:
    model and a complete one is recognised by its report.
 
 `quick=True` uses a tiny configuration and a handful of steps so tests run in seconds.
+
+The cache is keyed by `recipe_id` (config, seed, Python version, `RECIPE_VERSION`): a build made by
+another recipe is not reused but rebuilt.
 """
 
 from __future__ import annotations
@@ -35,15 +39,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tokenfleet.models import EOS_TOKEN, PAD_TOKEN, stdlib_source_files, train_tokenizer
+from tokenfleet.builtin_model.tokenizer import EOS_TOKEN, PAD_TOKEN, stdlib_source_files, train_tokenizer
 
 if TYPE_CHECKING:
     import torch
 
 REPORT_NAME = "build_report.json"
-# vLLM's CPU build is what serves this model on laptops; 2 threads keeps the build within its
-# budget on the smallest machines we support and leaves the rest of a shared box alone.
+# A fixed thread count, whatever the machine has: it fixes how CPU kernels split their sums (so the
+# weights do not depend on the core count), and leaves the rest of a shared box alone.
 NUM_THREADS = 2
+# Bump when the training code changes what a build produces: older caches are then rebuilt.
+# 2: fixed step count (no time budget), weights hash in the report.
+RECIPE_VERSION = 2
 
 Split = Literal["train", "val"]
 
@@ -60,12 +67,6 @@ class BuildConfig:
     seq_len: int
     batch_size: int
     max_steps: int
-    # Training stops at max_steps or after time_budget_s, whichever comes first; and never later
-    # than total_budget_s - eval_reserve_s after the build started, so the whole build keeps to
-    # its budget on a slow or busy machine (at the cost of fewer steps, which the report records).
-    time_budget_s: float
-    total_budget_s: float
-    eval_reserve_s: float
     lr: float
     warmup_steps: int
     eval_windows: int
@@ -94,10 +95,8 @@ FULL = BuildConfig(
     num_heads=4,
     seq_len=256,
     batch_size=8,
+    # ~0.65 s a step on 2 quiet EPYC cores: about 3.5 minutes for the whole build.
     max_steps=280,
-    time_budget_s=210.0,
-    total_budget_s=300.0,
-    eval_reserve_s=40.0,
     lr=3e-3,
     warmup_steps=15,
     eval_windows=64,
@@ -115,9 +114,6 @@ QUICK = BuildConfig(
     seq_len=64,
     batch_size=4,
     max_steps=6,
-    time_budget_s=30.0,
-    total_budget_s=60.0,
-    eval_reserve_s=10.0,
     lr=3e-3,
     warmup_steps=2,
     eval_windows=4,
@@ -143,7 +139,6 @@ class BuildReport:
     val_tokens: int
     eval_tokens: int
     steps: int
-    stopped_by: Literal["steps", "time"]
     tokens_seen: int
     final_batch_loss: float
     train_loss: float
@@ -154,6 +149,10 @@ class BuildReport:
     train_s: float
     eval_s: float
     wall_s: float
+    # What the cache is keyed by, and the digest of model.safetensors: equal on every machine that
+    # builds the same recipe with the same torch.
+    recipe: str = ""
+    weights_sha256: str = ""
     machine: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
 
@@ -172,17 +171,12 @@ class BuildReport:
         lines = [
             f"tiny-code{' (quick)' if self.quick else ''}{' (cached)' if self.cached else ''}: "
             f"{self.params / 1e6:.2f}M params, {self.size_mb:.1f} MB",
-            f"  steps {self.steps} (stopped by {self.stopped_by}), {self.tokens_seen} tokens seen",
+            f"  steps {self.steps}, {self.tokens_seen} tokens seen, weights {self.weights_sha256[:16]}",
             f"  train loss {self.train_loss:.3f}   val loss {self.val_loss:.3f}",
             f"  val ppl {self.val_ppl:.1f}   unigram ppl {self.unigram_ppl:.1f}   ({ratio:.1f}x better)",
             f"  wall {self.wall_s:.1f} s (tokenizer {self.tokenizer_s:.1f} s, train {self.train_s:.1f} s, "
             f"eval {self.eval_s:.1f} s)",
         ]
-        if self.stopped_by == "time":
-            lines.append(
-                "  note: stopped by the time budget (slow or busy machine), so fewer steps than planned;"
-                " rebuild with --force on a quieter machine for the full model"
-            )
         return "\n".join(lines)
 
 
@@ -222,6 +216,29 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def recipe_id(cfg: BuildConfig, seed: int) -> str:
+    """What determines a build's result, as a short digest: the cache key of a built model.
+
+    The corpus is this Python's standard library, so its version is part of the recipe.
+    """
+    recipe = {
+        "version": RECIPE_VERSION,
+        "config": asdict(cfg),
+        "seed": seed,
+        "threads": NUM_THREADS,
+        "python": platform.python_version(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def machine_info() -> dict[str, Any]:
     import torch
     import transformers
@@ -253,6 +270,17 @@ def is_complete(out_dir: Path) -> bool:
 
 def load_report(out_dir: Path) -> BuildReport:
     return BuildReport.from_json((out_dir / REPORT_NAME).read_text())
+
+
+def is_current(out_dir: Path, *, quick: bool = False, seed: int = 0) -> bool:
+    """Complete and built by today's recipe; a report from older code has another (or no) recipe."""
+    if not is_complete(out_dir):
+        return False
+    try:
+        report = json.loads((out_dir / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("recipe") == recipe_id(QUICK if quick else FULL, seed)
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -368,7 +396,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
 def build_tiny_code(out_dir: Path, *, quick: bool = False, force: bool = False, seed: int = 0) -> BuildReport:
     """Train (or reuse) the tiny-code model in `out_dir`; return and print its build report."""
     out_dir = Path(out_dir)
-    if not force and is_complete(out_dir):
+    if not force and is_current(out_dir, quick=quick, seed=seed):
         report = load_report(out_dir)
         report.cached = True
         print(report.summary())
@@ -378,7 +406,7 @@ def build_tiny_code(out_dir: Path, *, quick: bool = False, force: bool = False, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(out_dir):
         # Another process (a test session, a second replica) may have built it while we waited.
-        if not force and is_complete(out_dir):
+        if not force and is_current(out_dir, quick=quick, seed=seed):
             report = load_report(out_dir)
             report.cached = True
             print(report.summary())
@@ -442,14 +470,9 @@ def _train(tmp: Path, cfg: BuildConfig, *, quick: bool, seed: int) -> BuildRepor
 
     model.train()
     steps = 0
-    stopped_by: Literal["steps", "time"] = "steps"
     last_loss = math.nan
-    deadline = min(time.perf_counter() + cfg.time_budget_s, t0 + cfg.total_budget_s - cfg.eval_reserve_s)
     with tqdm(total=cfg.max_steps, desc="training tiny-code", unit="step") as bar:
         while steps < cfg.max_steps:
-            if time.perf_counter() >= deadline:
-                stopped_by = "time"
-                break
             first = (steps * cfg.batch_size) % order.shape[0]
             idx = order[first : first + cfg.batch_size]
             batch = train_windows[idx]
@@ -489,7 +512,6 @@ def _train(tmp: Path, cfg: BuildConfig, *, quick: bool, seed: int) -> BuildRepor
         val_tokens=len(val_ids),
         eval_tokens=int(val_windows.shape[0] * (val_windows.shape[1] - 1)),
         steps=steps,
-        stopped_by=stopped_by,
         tokens_seen=steps * cfg.batch_size * cfg.seq_len,
         final_batch_loss=last_loss,
         train_loss=train_loss,
@@ -500,6 +522,8 @@ def _train(tmp: Path, cfg: BuildConfig, *, quick: bool, seed: int) -> BuildRepor
         train_s=round(t_train - t_tok, 2),
         eval_s=round(t_eval - t_train, 2),
         wall_s=0.0,
+        recipe=recipe_id(cfg, seed),
+        weights_sha256=file_sha256(tmp / "model.safetensors"),
         machine=machine_info(),
     )
     report.size_mb = round(_dir_size_mb(tmp), 2)
