@@ -66,10 +66,13 @@ def define_torch_ops() -> None:
         scales: torch.Tensor,
         zeros: torch.Tensor | None,
         group_size: int,
+        width: int,
     ) -> torch.Tensor:
-        from tokenfleet.kernels import quant, wgemm
+        from tokenfleet.kernels import gemv, quant, wgemm
 
         shape = (qweight.shape[0], qweight.shape[1] * 8)
+        if width:  # repacked at load: the GEMV for decode batches, the GEMM above
+            return wgemm.w4a16_gemm(x, gemv.GemvWeight(qweight, scales, zeros, 4, group_size, shape, width))
         return wgemm.w4a16_gemm(x, quant.QuantizedWeight(qweight, scales, zeros, 4, group_size, shape))
 
     @w4a16_gemm.register_fake
@@ -79,6 +82,7 @@ def define_torch_ops() -> None:
         scales: torch.Tensor,
         zeros: torch.Tensor | None,
         group_size: int,
+        width: int,
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
@@ -116,7 +120,8 @@ class TritonSiluAndMul(SiluAndMul):
 class TokenfleetW4A16LinearKernel(MPLinearKernel):
     """compressed-tensors W4A16 (`pack-quantized`, uint4b8 or uint4 + zero points) on our GEMM.
 
-    The checkpoint's weight_packed is already our layout, so loading only unpacks zero points.
+    Loading repacks weight_packed into the GEMV layout (kernels/gemv.py) and unpacks zero points;
+    decode batches (M <= 16) then take the GEMV, larger ones the GEMM over the same words.
     """
 
     @classmethod
@@ -139,6 +144,9 @@ class TokenfleetW4A16LinearKernel(MPLinearKernel):
         return True, None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        from tokenfleet.kernels.gemv import GemvWeight, gemv_width, repack_for_gemv
+        from tokenfleet.kernels.wgemm import planar_gemm_supported
+
         k, n = self.config.partition_weight_shape
         tensors: dict[str, Any] = {
             "weight_packed": getattr(layer, self.w_q_name).data,
@@ -150,7 +158,18 @@ class TokenfleetW4A16LinearKernel(MPLinearKernel):
         # Validates shapes once; the layer keeps the tensors as parameters (moved and seen by
         # torch.compile like any other weight), zero points unpacked to int8 [N, groups].
         qw = from_compressed_tensors(tensors, num_bits=4)
-        self._transform_param(layer, self.w_q_name, lambda _: qw.qweight)
+        # Repacked once into the GEMV layout when both kernels can read it (same size, so the
+        # checkpoint's order is not kept); otherwise the GEMM reads the checkpoint's order.
+        width = gemv_width(k, qw.group_size, 4)
+        if width is not None and planar_gemm_supported(
+            GemvWeight(qw.qweight, qw.scales, None, 4, qw.group_size, (n, k), width)
+        ):
+            packed = repack_for_gemv(qw).qweight
+            self._transform_param(layer, self.w_q_name, lambda _: packed)
+        else:
+            width = 0
+            self._transform_param(layer, self.w_q_name, lambda _: qw.qweight)
+        layer.tokenfleet_width = width
         self._transform_param(layer, self.w_s_name, lambda _: qw.scales)
         if qw.zeros is not None:
             zeros = qw.zeros
@@ -167,7 +186,12 @@ class TokenfleetW4A16LinearKernel(MPLinearKernel):
         zeros = getattr(layer, self.w_zp_name) if self._has_zeros(layer) else None
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch.ops.tokenfleet.w4a16_gemm(
-            x2, qweight, getattr(layer, self.w_s_name), zeros, layer.tokenfleet_group_size
+            x2,
+            qweight,
+            getattr(layer, self.w_s_name),
+            zeros,
+            layer.tokenfleet_group_size,
+            layer.tokenfleet_width,
         )
         if bias is not None:
             y.add_(bias)

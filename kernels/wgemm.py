@@ -374,7 +374,8 @@ def _planar_block_ok(block_k: int, width: int, bits: int) -> bool:
     return width == 0 or (block_k % width == 0 and chunk % block_k == 0)
 
 
-def _planar_supported(gw: GemvWeight) -> bool:
+def planar_gemm_supported(gw: GemvWeight) -> bool:
+    """Whether the GEMM (M > 16) can read this GEMV layout with some configuration."""
     return any(_planar_block_ok(c.kwargs["BLOCK_K"], gw.width, gw.bits) for c in _gemm_configs())
 
 
@@ -442,7 +443,7 @@ def weight_only_gemm(x: torch.Tensor, w: QuantizedWeight | GemvWeight) -> torch.
     if isinstance(w, GemvWeight):
         if supports(x.shape[0], w):
             return gemv(x, w)
-        if not _planar_supported(w):
+        if not planar_gemm_supported(w):
             raise KernelInputError(
                 f"the GEMM cannot read this GEMV layout (width {w.width}, {w.bits}-bit) at M={x.shape[0]}"
             )

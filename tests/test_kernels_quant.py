@@ -1,5 +1,5 @@
 """The weight-only layout: int4 packing, round trips with compressed-tensors `pack-quantized`, and
-the reference quantiser's error bound. Plain torch: no kernels run here."""
+the reference quantiser's error bound, the GEMV layout's repack. Plain torch: no kernels run here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tokenfleet.kernels._runtime import KernelInputError
+from tokenfleet.kernels.gemv import gemv_width, pack_planar, repack_for_gemv, unpack_gemv, unpack_planar
 from tokenfleet.kernels.quant import (
     QuantizedWeight,
     dequantize,
@@ -97,3 +98,45 @@ def test_quantized_weight_validates_layout() -> None:
         QuantizedWeight(torch.zeros(4, 4, dtype=torch.int32), scales, torch.zeros(4, 2), 4, 16, (4, 32))
     with pytest.raises(KernelInputError, match="missing"):
         from_compressed_tensors({"weight_packed": torch.zeros(1, 1, dtype=torch.int32)}, num_bits=4)
+
+
+# --- the GEMV layout (kernels/gemv.py): planar words, repacked once at load --------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("n", "k", "group"), [(3, 256, 128), (5, 512, 512), (2, 48, 48), (4, 96, 32)])
+def test_gemv_repack_round_trip(bits: int, symmetric: bool, n: int, k: int, group: int) -> None:
+    qw = quantize_rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), bits, group, symmetric)
+    gw = repack_for_gemv(qw)
+    assert gw.qweight.dtype == torch.int32
+    assert gw.qweight.shape == (n, k * bits // 32), "same size as the pack-quantized tensor"
+    if bits == 4:
+        assert gw.nbytes() == qw.nbytes()
+    back = unpack_gemv(gw)
+    assert torch.equal(back.qweight, qw.qweight)
+    assert torch.equal(dequantize(back), dequantize(qw))
+    q = unpack_int4(qw.qweight) if bits == 4 else qw.qweight
+    assert torch.equal(unpack_planar(pack_planar(q, bits, gw.width), bits, gw.width), q)
+    # From a compressed-tensors checkpoint to the GEMV layout and back.
+    loaded = from_compressed_tensors(to_compressed_tensors(qw), num_bits=bits)
+    assert torch.equal(unpack_gemv(repack_for_gemv(loaded)).qweight, qw.qweight)
+
+
+def test_gemv_layout_fields() -> None:
+    # Width 2, int4: chunk of 16 elements; word j holds elements i·2 + j at bits 4·i.
+    q = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
+    words = pack_planar(q, 4, 2)
+    assert words.shape == (1, 2)
+    for j in range(2):
+        fields = [(int(words[0, j]) >> (4 * i)) & 0xF for i in range(8)]
+        assert fields == [int(q[0, 2 * i + j]) + 8 for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("k", "group", "bits", "width"),
+    [(4096, 128, 4, 32), (14336, 128, 4, 32), (4096, 4096, 4, 32), (4096, 128, 8, 32), (48, 48, 4, 2),
+     (96, 32, 4, 4), (12, 6, 8, None), (40, 40, 4, 1)],
+)  # fmt: skip
+def test_gemv_width(k: int, group: int, bits: int, width: int | None) -> None:
+    assert gemv_width(k, group, bits) == width
