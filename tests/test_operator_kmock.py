@@ -15,10 +15,11 @@ import base64
 import contextlib
 import copy
 import datetime
+import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,16 @@ import pytest
 import pytest_asyncio
 import yaml
 from kmock._internal import enums, rendering
+from prometheus_client import generate_latest
 
 from tokenfleet.engine.fleet import free_port
+from tokenfleet.engine.gateway.metrics import GatewayMetrics
 from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.crd import SPEC_REPLICAS_PATH
 from tokenfleet.operator.handlers import FINALIZER, OperatorConfig, build_registry
-from tokenfleet.operator.loop import Metrics
+from tokenfleet.operator.loop import Metrics, MetricsSource
+from tokenfleet.operator.metrics import GatewayScraper
+from tokenfleet.operator.model import Conventions
 from tokenfleet.operator.rbac import granted, rbac_manifests
 from tokenfleet.spec import LLMService
 
@@ -42,7 +47,7 @@ RES = "tokenfleet.dev/v1alpha1/llmservices"
 BASE = f"/apis/tokenfleet.dev/v1alpha1/namespaces/{NS}/llmservices"
 
 
-class ApiServer(kmock.KubernetesEmulator):  # type: ignore[misc]
+class ApiServer(kmock.KubernetesEmulator):
     """kmock plus server-side apply's create-if-missing (see module doc)."""
 
     async def _handle(self, request: rendering.Request) -> Any:
@@ -119,9 +124,11 @@ class Harness:
         metrics: Metrics | None = None,
         liveness: str | None = None,
         clock: Callable[[], float] | None = None,
+        source: MetricsSource | None = None,
     ) -> None:
         self.k = k
         self.clock = clock
+        self.source = source
         self.metrics = metrics
         self.liveness = liveness
         self.task: asyncio.Task[None] | None = None
@@ -135,7 +142,7 @@ class Harness:
 
         config = OperatorConfig(
             server=str(self.k.url),
-            metrics_source=source,
+            metrics_source=self.source or source,
             control_interval_s=10,
             clock=self.clock or loop.time,
         )
@@ -165,7 +172,7 @@ class Harness:
         await asyncio.wait_for(task, 30)
 
 
-def kopf_operator(**kwargs: Any) -> Awaitable[None]:
+def kopf_operator(**kwargs: Any) -> Coroutine[Any, Any, None]:
     import kopf
 
     return kopf.operator(**kwargs)
@@ -196,9 +203,12 @@ async def run_operator(api: Any) -> AsyncIterator[Callable[..., Awaitable[Harnes
     started: list[Harness] = []
 
     async def start(
-        metrics: Metrics | None = None, liveness: str | None = None, clock: Callable[[], float] | None = None
+        metrics: Metrics | None = None,
+        liveness: str | None = None,
+        clock: Callable[[], float] | None = None,
+        source: MetricsSource | None = None,
     ) -> Harness:
-        harness = Harness(api, metrics, liveness, clock)
+        harness = Harness(api, metrics, liveness, clock, source)
         started.append(harness)
         await harness.start()
         return harness
@@ -596,5 +606,109 @@ async def test_unschedulable_engines_fall_back_to_the_next_gpu_pool(api: Any, ru
     )
     assert status_of(k)["control"]["gpuPool"] == 1
     assert any("falling back to pool 1" in e["message"] for e in events(k))
+    await harness.stop()
+    assert_rbac_covers(k)
+
+
+class FakeGatewayMetrics:
+    """A gateway's `/metrics`: its real per-revision counters (GatewayMetrics.count_outcome), fed
+    by the test as traffic would, and read by the operator's real scraper and parser."""
+
+    def __init__(self) -> None:
+        self.metrics = GatewayMetrics()
+        self.urls: list[str] = []
+
+    async def fetch(self, url: str) -> str | None:
+        self.urls.append(url)
+        return generate_latest(self.metrics.registry).decode()
+
+    def serve(self, revision: str, ok: int, errors: int = 0, ttft_s: float = 0.05) -> None:
+        for _ in range(ok):
+            self.metrics.count_outcome(revision, True, ttft_s)
+        for _ in range(errors):
+            self.metrics.count_outcome(revision, False, None)
+
+
+def weights_of(k: Any) -> dict[str, int]:
+    config = obj(k, "v1/configmaps", "chat-gateway")
+    assert config is not None
+    weights: dict[str, int] = json.loads(config["data"]["weights.json"])
+    return weights
+
+
+async def canary_at_first_step(k: Any, run_operator: Any) -> tuple[Harness, FakeGatewayMetrics, str, str]:
+    """A service with traffic on its stable revision, then a new revision whose canary is ready
+    and whose first step (50%) has started: the weights are in the gateway's ConfigMap."""
+    gateway = FakeGatewayMetrics()
+    loop = asyncio.get_running_loop()
+    scraper = GatewayScraper(Conventions(), clock=loop.time, fetch=gateway.fetch)
+    harness = await run_operator(source=scraper)
+    assert (await k.post(BASE, json=service_doc())).status == 200
+    await wait_for(lambda: status_of(k).get("observedGeneration") == 1)
+    assert weights_of(k) == {}, "no canary: the gateway treats every replica alike"
+    await mark_ready(k, "chat-engine", 2)
+    await mark_ready(k, "chat-gateway", 1)
+    old = status_of(k)["rollout"]["revision"]
+    gateway.serve(old, 500)  # before the canary: outside any analysis window
+
+    await patch_spec(k, "chat", {"engine": {"maxNumSeqs": 16}}, generation=2)
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is not None)
+    new = status_of(k)["rollout"]["revision"]
+    await wait_for(lambda: weights_of(k) == {old: 100, new: 0})  # canary pods get nothing yet
+    await mark_ready(k, "chat-engine-canary", 1)
+    await wait_for(lambda: status_of(k)["control"]["rollout"].get("stepStartedAt") is not None, timeout=30)
+    assert weights_of(k) == {old: 50, new: 50}
+    assert gateway.urls[0] == "http://chat.llm.svc.cluster.local:8000/metrics"
+    return harness, gateway, old, new
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_canary_promoted_on_good_per_revision_stats_from_the_gateway(
+    api: Any, run_operator: Any
+) -> None:
+    k = api
+    harness, gateway, old, new = await canary_at_first_step(k, run_operator)
+    gateway.serve(old, 30, ttft_s=0.05)
+    gateway.serve(new, 30, ttft_s=0.05)
+    # minRequests reached and stepDurationS (60 s) passed → step 2 (100%): the canary takes every replica
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary")["spec"]["replicas"] == 2, 120)  # type: ignore[index]
+    messages = [e.get("message", "") for e in events(k)]
+    passed = [m for m in messages if "step 1 (50%) passed" in m]
+    assert passed, messages
+    assert "over 30 canary requests" in passed[0], "only the window's requests count"
+    await mark_ready(k, "chat-engine-canary", 2)
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=60)
+    assert status_of(k)["rollout"]["stableRevision"] == new
+    assert weights_of(k) == {}
+    assert any("canary promoted" in e.get("message", "") for e in events(k))
+
+    assert (await k.delete(f"{BASE}/chat")).status == 200
+    await wait_for(lambda: obj(k, RES, "chat") is None)
+    assert obj(k, "v1/configmaps", "chat-gateway") is None
+    assert obj(k, "rbac.authorization.k8s.io/v1/roles", "chat-gateway") is None
+    await harness.stop()
+    assert_rbac_covers(k)
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_canary_rolled_back_on_bad_per_revision_stats_from_the_gateway(
+    api: Any, run_operator: Any
+) -> None:
+    k = api
+    harness, gateway, old, new = await canary_at_first_step(k, run_operator)
+    gateway.serve(old, 30)
+    gateway.serve(new, 15, errors=10)  # a third of the canary's attempts fail
+    await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=30)
+    status = status_of(k)
+    degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
+    assert degraded["reason"] == "CanaryRolledBack", degraded
+    assert "error rate 40.0%" in degraded["message"], degraded["message"]
+    assert status["rollout"]["stableRevision"] == old
+    assert weights_of(k) == {}
+    stable = obj(k, "apps/v1/deployments", "chat-engine")
+    assert stable is not None
+    assert "8" in stable["spec"]["template"]["spec"]["containers"][0]["command"]
     await harness.stop()
     assert_rbac_covers(k)
