@@ -1,8 +1,11 @@
-"""Grafana dashboards, generated as JSON (schema 39) into observability/dashboards/.
+"""Grafana dashboards, built with Grafana's typed SDK (grafana-foundation-sdk) into
+observability/dashboards/.
 
-Written as data in Python rather than hand-edited JSON so every panel is one line to review and
-the PromQL can be checked against the catalogue (tests/test_observability_dashboards.py):
-`python -m tokenfleet.observability.grafana` rewrites the files.
+Each panel is one `Panel` line to review; the SDK's builders and models (generated from Grafana's
+own schema) assemble the JSON, so a field Grafana does not know fails here, where no Grafana runs.
+The PromQL is checked against the catalogue and against a real Prometheus
+(tests/test_observability_dashboards.py); `python -m tokenfleet.observability.grafana` rewrites
+the files, which infra/monitoring.py ships as ConfigMaps (via `DASHBOARDS`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as builders
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as models
+
 OUT_DIR = Path(__file__).resolve().parent / "dashboards"
 RATE = "$__rate_interval"
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 CLASS_ROUTES = 'route=~"/v1/(chat/)?completions"'
 SLO = "tokenfleet_scheduler_slo_requests_total"
 TENANT_TOKENS = "tokenfleet_scheduler_tenant_tokens_total"
@@ -41,58 +51,58 @@ def quantiles(metric: str, by: str, selector: str = "") -> tuple[tuple[str, str]
     )
 
 
-def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
-    return {
-        "id": pid,
-        "type": panel.kind,
-        "title": panel.title,
-        "description": panel.description,
-        "datasource": DS,
-        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
-        "targets": [
-            {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend, "datasource": DS}
-            for i, (expr, legend) in enumerate(panel.targets)
-        ],
-    }
+def _panel(panel: Panel, pid: int, x: int, y: int) -> timeseries.Panel | stat.Panel:
+    built: timeseries.Panel | stat.Panel
+    if panel.kind == "stat":
+        built = stat.Panel()
+    else:
+        legend = (
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        built = timeseries.Panel().legend(legend)
+    built.id(pid).title(panel.title).description(panel.description).datasource(DS)
+    built.grid_pos(models.GridPos(h=8, w=12, x=x, y=y)).unit(panel.unit)
+    for i, (expr, legend_format) in enumerate(panel.targets):
+        query = prometheus.Dataquery().ref_id(chr(ord("A") + i)).expr(expr).legend_format(legend_format)
+        built.with_target(query.datasource(DS))
+    return built
 
 
-def dashboard(uid: str, title: str, panels: list[Panel], variables: list[dict[str, Any]]) -> dict[str, Any]:
-    datasource = {
-        "name": "datasource",
-        "type": "datasource",
-        "query": "prometheus",
-        "label": "Data source",
-        "current": {},
-    }
-    return {
-        "uid": uid,
-        "title": title,
-        "tags": ["tokenfleet"],
-        "schemaVersion": 39,
-        "version": 1,
-        "editable": True,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "timezone": "utc",
-        "templating": {"list": [datasource, *variables]},
-        "panels": [_panel(p, i + 1, 12 * (i % 2), 8 * (i // 2)) for i, p in enumerate(panels)],
-    }
+def dashboard(
+    uid: str, title: str, panels: list[Panel], variables: list[builders.QueryVariable]
+) -> dict[str, Any]:
+    """The dashboard as Grafana's JSON model (the SDK's encoder, then plain dicts for callers)."""
+    built = (
+        builders.Dashboard(title)
+        .uid(uid)
+        .tags(["tokenfleet"])
+        .version(1)
+        .editable()
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("utc")
+        .with_variable(builders.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    )
+    for variable in variables:
+        built.with_variable(variable)
+    for i, panel in enumerate(panels):
+        built.with_panel(_panel(panel, i + 1, 12 * (i % 2), 8 * (i // 2)))
+    document: dict[str, Any] = json.loads(json.dumps(built.build(), cls=JSONEncoder))
+    return document
 
 
-def _query_var(name: str, query: str, multi: bool = True) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "query",
-        "datasource": DS,
-        "query": {"query": query, "refId": name},
-        "definition": query,
-        "refresh": 2,
-        "multi": multi,
-        "includeAll": multi,
-        "current": {},
-    }
+def _query_var(name: str, query: str, multi: bool = True) -> builders.QueryVariable:
+    return (
+        builders.QueryVariable(name)
+        .datasource(DS)
+        .query(query)
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(multi)
+        .include_all(multi)
+    )
 
 
 def fleet() -> dict[str, Any]:
@@ -426,7 +436,7 @@ def expressions(document: dict[str, Any]) -> list[str]:
     exprs = [t["expr"] for p in document["panels"] for t in p.get("targets", [])]
     for var in document["templating"]["list"]:
         if var.get("type") == "query":
-            query = var["query"]["query"]
+            query = var["query"] if isinstance(var["query"], str) else var["query"]["query"]
             # label_values(metric, label) names a metric too.
             exprs.append(query.removeprefix("label_values(").split(",")[0])
     return exprs

@@ -74,6 +74,16 @@ def scrape_targets(gateway_url: str | None, replicas: Iterable[tuple[str, str]])
     return groups
 
 
+# prometheus_client 0.26 (vLLM's /metrics) writes `vllm:x` samples as `vllm_x` when Prometheus
+# 2.42 negotiates OpenMetrics, and this Prometheus cannot ask for the text format: put the colon back.
+VLLM_NAMES = {
+    "source_labels": ["__name__"],
+    "regex": "vllm_(.+)",
+    "target_label": "__name__",
+    "replacement": "vllm:$1",
+}
+
+
 def prometheus_config(
     sd_file: Path, rule_files: Iterable[Path], alertmanager: str | None, interval_s: float
 ) -> dict[str, Any]:
@@ -86,6 +96,7 @@ def prometheus_config(
                 "job_name": "tokenfleet",
                 # The file is rewritten atomically; the refresh is only a fallback to inotify.
                 "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "5s"}],
+                "metric_relabel_configs": [VLLM_NAMES],
             }
         ],
     }
