@@ -35,6 +35,10 @@ PEAKS: dict[str, tuple[float, float]] = {
 
 
 GEMM_BASELINE = "torch matmul (16-bit W)"
+OLD_GEMM = "GEMM (step 4, checkpoint order)"
+GEMV = "GEMV (repacked)"
+# Llama-3-8B decode layers as (K, N): q/o projection, gate/up, down.
+LLAMA_8B_DECODE = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Plan:
     # Elementwise kernels only: prefill-sized batches, where HBM bandwidth (not launch latency)
     # decides and "% of peak" means something.
     bandwidth_tokens: list[int] = field(default_factory=list)
+    # The decode GEMV against the 16-bit matmul and the tiled GEMM: (K, N) and batch sizes.
+    decode_shapes: list[tuple[int, int]] = field(default_factory=list)
+    decode_tokens: list[int] = field(default_factory=list)
 
     @classmethod
     def full(cls, budget_s: float) -> Plan:
@@ -79,11 +86,21 @@ class Plan:
             128,
             budget_s,
             [4096, 16384],
+            LLAMA_8B_DECODE,
+            [1, 16],
         )
 
     @classmethod
     def smoke(cls) -> Plan:
-        return cls(torch.float16, [64, 100], [1, 3], {64: 48, 100: 40}, [(64, 48), (96, 40)], 32, 120.0)
+        return cls(
+            torch.float16, [64, 100], [1, 3], {64: 48, 100: 40}, [(64, 48), (96, 40)], 32, 120.0,
+            decode_shapes=[(256, 40), (512, 24)], decode_tokens=[1, 3],
+        )  # fmt: skip
+
+    @classmethod
+    def decode(cls, budget_s: float) -> Plan:
+        """Only the decode GEMV comparison (`run(..., suite="decode")`)."""
+        return cls(torch.bfloat16, [], [], {}, [], 128, budget_s, [], LLAMA_8B_DECODE, [1, 16])
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -319,6 +336,44 @@ def bench_weight_only(r: Runner) -> None:
                     r.measure(kernel, shape, m, name, fn, bytes=qw.nbytes() + act, flops=flops, ref=kref)
 
 
+def bench_decode_gemv(r: Runner) -> None:
+    """The GEMV against the 16-bit matmul and the tiled GEMM at decode batch sizes."""
+    from tokenfleet.kernels import gemv, quant, wgemm
+
+    for k, n in r.plan.decode_shapes:
+        w = r.randn(n, k, dtype=torch.float32) * 0.02
+        dense = w.to(r.plan.dtype)
+        shape = f"K={k} N={n}"
+        for bits, old in ((4, wgemm.w4a16_autotuned), (8, wgemm.w8a16_gemm)):
+            qw = quant.quantize_rtn(w, bits, r.plan.group_size)
+            qw = quant.QuantizedWeight(
+                qw.qweight, qw.scales.to(r.plan.dtype), None, bits, qw.group_size, qw.shape
+            )
+            gw = gemv.repack_for_gemv(qw)
+            kernel = f"w{bits}a16 decode"
+            for m in r.plan.decode_tokens:
+                x = r.randn(m, k)
+                act = (m * k + m * n) * x.element_size()
+                flops = 2.0 * m * n * k
+                ref = quant.weight_only_gemm_reference(x, qw)
+                variants = {
+                    GEMM_BASELINE: (partial(_matmul_t, x, dense), dense.nbytes, None, None),
+                    OLD_GEMM: (partial(old, x, qw), qw.nbytes(), ref, wgemm._wgemm_autotuned),
+                    GEMV: (partial(gemv.gemv, x, gw), gw.nbytes(), ref, gemv._gemv_autotuned),
+                }
+                for name, (fn, weight_bytes, want, tuner) in variants.items():
+                    r.measure(kernel, shape, m, name, fn, bytes=weight_bytes + act, flops=flops, ref=want)
+                    _note_config(r.rows[-1], tuner)
+
+
+def _note_config(row: Row, tuner: Any) -> None:
+    """The autotuner's pick for the case just measured (its last key), in the row's note."""
+    best = getattr(tuner, "best_config", None)
+    if best is not None and row.us is not None and not row.note:
+        tiles = " ".join(f"{k}={v}" for k, v in best.kwargs.items())
+        row.note = f"{tiles} warps={best.num_warps} stages={best.num_stages}"
+
+
 BASELINES = {"fused_add_rms_norm": "eager torch", "silu_and_mul": "eager torch"}
 
 
@@ -340,7 +395,12 @@ def derive(rows: list[Row], peaks: tuple[float, float] | None, copy_bw: float | 
             if peaks is not None:
                 d["% peak FLOP/s"] = 100 * row.flops / seconds / peaks[1]
         base_name = BASELINES.get(row.kernel, GEMM_BASELINE)
-        for label, name in (("x vs eager", base_name), ("x vs vLLM", _vllm_variant(row.kernel))):
+        pairs = [
+            ("x vs eager", base_name),
+            ("x vs vLLM", _vllm_variant(row.kernel)),
+            ("x vs old GEMM", OLD_GEMM),
+        ]
+        for label, name in pairs:
             base = by_case.get((row.kernel, row.shape, row.tokens, name))
             if base is not None and base.us:
                 d[label] = base.us / row.us
@@ -381,6 +441,14 @@ def targets(rows: list[Row]) -> list[str]:
                 f"{row.derived.get('x vs eager', float('nan')):.2f}×"
                 + _verdict(row.derived.get("x vs eager", 0) >= 3)
             )
+    for row in (r for r in rows if r.kernel == "w4a16 decode" and r.variant == GEMV and r.tokens == 1):
+        if row.us is not None:
+            lines.append(
+                f"- W4A16 GEMV at M=1 ≥ 3× the 16-bit matmul ({row.shape}): "
+                f"{row.derived.get('x vs eager', float('nan')):.2f}×, "
+                f"{row.derived.get('% peak BW', float('nan')):.0f}% of peak HBM"
+                + _verdict(row.derived.get("x vs eager", 0) >= 3)
+            )
     return lines
 
 
@@ -405,6 +473,8 @@ def render_markdown(info: dict[str, Any], rows: list[Row], copy_bw: float | None
         out.append(f"Measured copy bandwidth (1 GiB y.copy_(x)): {copy_bw / 1e12:.2f} TB/s.")
     out += ["", "## Targets", "", *(targets(rows) or ["- no measurements"]), ""]
     columns = ["GB/s", "% peak BW", "% copy BW", "TFLOP/s", "% peak FLOP/s", "x vs eager", "x vs vLLM"]
+    if any(r.kernel.endswith("decode") for r in rows):
+        columns.append("x vs old GEMM")
     for kernel in dict.fromkeys(r.kernel for r in rows):
         out += [
             f"## {kernel}",
@@ -441,7 +511,7 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
         ax.set(xscale="log", yscale="log", xlabel="tokens (M)", ylabel="median µs", title=f"{kernel} {shape}")
         ax.legend(fontsize=7)
-        path = directory / f"{kernel}-{re.sub(r'[^A-Za-z0-9]+', '-', shape)}.png"
+        path = directory / f"{re.sub(r'[^A-Za-z0-9_]+', '-', f'{kernel} {shape}')}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -449,19 +519,30 @@ def plot(rows: list[Row], directory: Path) -> list[Path]:
     return paths
 
 
-def run(out_dir: Path, smoke: bool, budget_s: float) -> int:
-    """Run the sweep and write kernels-<card>.{md,json} and plots; 1 if any variant failed."""
+SUITES = {
+    "all": (bench_rms_norm, bench_silu_and_mul, bench_weight_only, bench_decode_gemv),
+    "decode": (bench_decode_gemv,),
+}
+
+
+def run(out_dir: Path, smoke: bool, budget_s: float, suite: str = "all") -> int:
+    """Run the sweep and write kernels-<card>.{md,json} and plots; 1 if any variant failed.
+
+    suite="decode" runs only the decode GEMV comparison and writes kernels-<card>-decode.*,
+    leaving a full run's report in place."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    plan = Plan.smoke() if smoke else Plan.full(budget_s)
+    plan = Plan.smoke() if smoke else Plan.decode(budget_s) if suite == "decode" else Plan.full(budget_s)
     torch.manual_seed(0)
     info = device_info(device)
     runner = Runner(plan, device)
     copy_bw = runner.timer.copy_bandwidth()
-    for bench in (bench_rms_norm, bench_silu_and_mul, bench_weight_only):
+    for bench in SUITES[suite]:
         bench(runner)
     info["bench_seconds"] = round(time.monotonic() - runner.started, 1)
     derive(runner.rows, peaks_for(str(info["card"])), copy_bw)
-    slug = card_slug(str(info["card"]), smoke)
+    slug = card_slug(str(info["card"]), smoke) + ("" if suite == "all" else f"-{suite}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"info": info, "copy_bandwidth": copy_bw, "rows": [asdict(r) for r in runner.rows]}
     (out_dir / f"kernels-{slug}.json").write_text(json.dumps(report, indent=1))

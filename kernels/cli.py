@@ -16,7 +16,7 @@ def cmd_kernels_bench(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from tokenfleet.kernels.bench import run
 
-    return run(Path(args.out), smoke=args.smoke, budget_s=args.budget_s)
+    return run(Path(args.out), smoke=args.smoke, budget_s=args.budget_s, suite=args.suite)
 
 
 def register(subparsers: Any) -> None:
@@ -27,5 +27,11 @@ def register(subparsers: Any) -> None:
     bench.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default docs/results)")
     bench.add_argument(
         "--budget-s", type=float, default=200.0, help="stop measuring after this many seconds (default 200)"
+    )
+    bench.add_argument(
+        "--suite",
+        choices=["all", "decode"],
+        default="all",
+        help="all kernels, or only the decode GEMV vs the 16-bit matmul and the GEMM (-decode files)",
     )
     bench.set_defaults(handler=cmd_kernels_bench)

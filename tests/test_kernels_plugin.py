@@ -164,13 +164,26 @@ def test_bench_smoke_writes_report(tmp_path: Path) -> None:
     for step in ("0-dequant-matmul", "1-fused-naive", "2-fused-tuned", "3-splitk", "4-autotuned"):
         assert ("w4a16", f"step {step}") in variants
     assert {("silu_and_mul", "triton"), ("w8a16", "triton")} <= variants
+    for bits in (4, 8):  # the decode GEMV next to the 16-bit matmul and the GEMM, M = 1 and 3
+        decode = [r for r in rows if r["kernel"] == f"w{bits}a16 decode"]
+        assert {r["variant"] for r in decode} == {
+            "torch matmul (16-bit W)",
+            "GEMM (step 4, checkpoint order)",
+            "GEMV (repacked)",
+        }
+        assert {r["tokens"] for r in decode} == {1, 3}
+        gemv = [r for r in decode if r["variant"] == "GEMV (repacked)"]
+        assert all(r["us"] is not None and r["max_err"] < 1e-2 for r in gemv)
+        assert all("x vs eager" in r["derived"] and "x vs old GEMM" in r["derived"] for r in gemv)
+        assert all("BLOCK_N=" in r["note"] for r in gemv)
     ours = [r for r in rows if r["variant"].startswith(("step", "triton"))]
     assert all(r["us"] is not None and r["max_err"] is not None for r in ours)
     assert max(r["max_err"] for r in ours if r["kernel"] != "w4a16" and r["kernel"] != "w8a16") < 2e-2
     markdown = (tmp_path / "kernels-cpu-smoke.md").read_text()
     assert "times are meaningless" in markdown
     assert "## Targets" in markdown
-    assert len(list((tmp_path / "kernels-cpu-smoke").glob("*.png"))) == 8
+    assert "W4A16 GEMV at M=1" in markdown
+    assert len(list((tmp_path / "kernels-cpu-smoke").glob("*.png"))) == 12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
