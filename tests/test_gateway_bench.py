@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,20 @@ def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
         bench.fake_process(tmp_path) as fake,
         bench.gateway_process(bench.bench_service("round_robin"), [("r0", fake)], tmp_path) as via,
     ):
+        started = time.perf_counter()
         result = bench.paired_latency(fake, via, body, pairs=20, warmup=2)
-    assert result["direct"]["n"] == result["gateway"]["n"] == 20
-    assert result["gateway"]["p50_ms"] > 0
+        wall_ms = (time.perf_counter() - started) * 1000
+    direct, gateway = result["direct"], result["gateway"]
+    assert direct["n"] == gateway["n"] == 20
+    for side in (direct, gateway):
+        assert side["p50_ms"] <= side["p90_ms"] <= side["p99_ms"]
+        # Milliseconds, not seconds: a loopback HTTP round trip through httpx takes > 50 µs ...
+        assert side["p50_ms"] >= 0.05
+    # ... and the measured calls fit inside the wall time of the whole measurement.
+    assert (direct["mean_ms"] + gateway["mean_ms"]) * 20 <= wall_ms
+    assert result["added_p50_ms"] == pytest.approx(gateway["p50_ms"] - direct["p50_ms"], abs=0.002)
+    # The gateway's process was found and measured (None when the CPU time could not be read).
+    assert result["gateway_cpu_ms_per_request"] is not None
     assert result["gateway_cpu_ms_per_request"] >= 0
     report = bench.render(
         {

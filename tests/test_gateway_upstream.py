@@ -139,9 +139,12 @@ def run(request: pytest.FixtureRequest) -> Runner:
     return uvloop.run if request.param == "uvloop" else asyncio.run
 
 
-async def collect(reply: UpstreamResponse, into: list[bytes]) -> None:
+async def collect(reply: UpstreamResponse, into: list[bytes], received: asyncio.Event | None = None) -> None:
+    """Read the whole body into `into`; `received` is set once a piece has arrived."""
     async for piece in reply.chunks():
         into.append(piece)
+        if received is not None:
+            received.set()
 
 
 # -- the client ----------------------------------------------------------------------------------
@@ -266,19 +269,23 @@ def test_refused_reset_and_garbage_are_connect_errors(run: Runner) -> None:
 
 
 def test_a_body_that_breaks_midway_yields_what_arrived_then_raises(run: Runner) -> None:
-    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        reset(writer)
-
     async def main() -> None:
+        # The replica resets only once the client holds the first chunk: an RST that overtook
+        # unread data would discard it, and a fixed delay only makes that unlikely.
+        first_read = asyncio.Event()
+
+        async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
+            await writer.drain()
+            await first_read.wait()
+            reset(writer)
+
         async with scripted(dies) as server, client() as pool:
             reply = await pool.send("POST", server.url(), b"{}", HEADERS)
             received: list[bytes] = []
             with pytest.raises(UpstreamError) as broke:
-                await collect(reply, received)
+                await collect(reply, received, first_read)
             assert received == [b"data: 1\n\n"]
             assert broke.value.kind == "connect"
 
@@ -575,13 +582,31 @@ def test_gateway_ends_a_broken_stream_with_one_error_event() -> None:
     assert replica.posts == 1
 
 
-def stream(url: str, index: int) -> dict[str, Any]:
+class StartedStreams:
+    """Streams whose first bytes reached the client, by the replica that served them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_replica: dict[str, int] = {}
+
+    def add(self, replica: str) -> None:
+        with self._lock:
+            self._by_replica[replica] = self._by_replica.get(replica, 0) + 1
+
+    def on(self, replica: str) -> int:
+        with self._lock:
+            return self._by_replica.get(replica, 0)
+
+
+def stream(url: str, index: int, started: StartedStreams | None = None) -> dict[str, Any]:
     body = {"model": "tiny", "prompt": f"req {index}", "max_tokens": 30, "stream": True}
     outcome: dict[str, Any] = {"started": False, "error": None}
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as reply:
             for piece in reply.iter_raw():
                 if piece and reply.status_code == 200:
+                    if not outcome["started"] and started is not None:
+                        started.add(reply.headers.get("x-tokenfleet-replica", ""))
                     outcome["started"] = True
                     if b'"error"' in piece:
                         outcome["error"] = "mid-stream"
@@ -619,17 +644,20 @@ def test_sigkill_of_a_fake_replica_process_loses_no_unstarted_request() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
+        started = StartedStreams()
+
         def kill_when_busy() -> None:
+            # Kill once two streams of r1 have reached their client: the kill then breaks them
+            # mid-stream, and requests not yet sent to r1 must go to r0 instead.
             deadline = time.monotonic() + 20
-            while gateway.replicas.replicas["r1"].in_flight < 2 and time.monotonic() < deadline:
+            while started.on("r1") < 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            time.sleep(0.05)  # let those streams start: the kill then breaks some mid-stream
             os.killpg(processes[1].pid, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_when_busy)
         killer.start()
         with ThreadPoolExecutor(max_workers=4) as pool:
-            outcomes = list(pool.map(lambda i: stream(server.url, i), range(24)))
+            outcomes = list(pool.map(lambda i: stream(server.url, i, started), range(24)))
         killer.join()
     finally:
         server.stop()
