@@ -51,7 +51,6 @@ from tokenfleet.kernels.quant import QuantizedWeight, unpack_int4
 
 GEMV_MAX_M = 16
 DOT_MIN_WIDTH = 16  # tl.dot needs K >= 16 per slice
-_MAGIC = 8388608.0  # 2^23: the float whose mantissa bits are the integer ORed into them
 
 
 # --- layout ------------------------------------------------------------------------------------
@@ -189,7 +188,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
             if BLOCK_M == 1:
                 field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000
                 # (2^23 + u·2^shift) − (2^23 + offset·2^shift) = (q − zero)·2^shift, exactly.
-                d = field.to(tl.float32, bitcast=True) - (_MAGIC + offset * (1 << shift))[:, None]
+                d = field.to(tl.float32, bitcast=True) - (8388608.0 + offset * (1 << shift))[:, None]
                 xv = tl.load(x_ptr + k_slice + offs_w).to(tl.float32) * (1.0 / (1 << shift))
                 acc_g += d * xv[None, :]
             else:
@@ -253,14 +252,14 @@ def _gemv_configs() -> list[triton.Config]:
     return _FMA_CONFIGS + _DOT_CONFIGS
 
 
-def _prune(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
-    if INTERPRET:
-        return configs
-    dot = int(named_args["m_bucket"]) > 1
-    chunks = int(named_args["K"]) // ((32 // int(named_args["BITS"])) * int(named_args["W"]))
+def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    # The autotuner passes positional arguments as named_args and keyword ones (BITS, W) apart.
+    args = {**named_args, **kwargs}
+    dot = int(args["m_bucket"]) > 1
+    chunks = int(args["K"]) // ((32 // int(args["BITS"])) * int(args["W"]))
     pool = _DOT_CONFIGS if dot else _FMA_CONFIGS
     kept = [c for c in configs if any(c is p for p in pool) and c.kwargs["SPLIT_K"] <= max(1, chunks)]
-    return kept or pool[:1]
+    return kept or configs[:1]
 
 
 def _bench_quick(fn: Any, quantiles: Any = None) -> Any:

@@ -328,8 +328,8 @@ def w4a16_splitk(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
 # --- step 4: autotuned ----------------------------------------------------------------------------
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:
+def _gemm_configs(interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4)]
     configs = []
     # Small-M tiles also try split-K; prefill-sized tiles fill the GPU without it. Kept short:
@@ -353,8 +353,12 @@ def _gemm_configs() -> list[triton.Config]:
     return configs
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
-    m_bucket, k, group = int(named_args["m_bucket"]), int(named_args["K"]), int(named_args["group_size"])
+def _prune_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    # The autotuner passes positional arguments as named_args and keyword ones (BITS, PLANAR_W) apart.
+    args = {**named_args, **kwargs}
+    m_bucket, k, group = int(args["m_bucket"]), int(args["K"]), int(args["group_size"])
     kept = []
     for c in configs:
         bm, bk, split = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
@@ -362,7 +366,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **_
             continue
         if bm > max(16, 2 * m_bucket) or (group < k and group % bk) or bk * split > k:
             continue
-        if not _planar_block_ok(bk, int(named_args["PLANAR_W"]), int(named_args["BITS"])):
+        if not _planar_block_ok(bk, int(args["PLANAR_W"]), int(args["BITS"])):
             continue
         kept.append(c)
     return kept or configs[:1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -286,6 +286,48 @@ def test_weight_only_gemm_dispatch(k: SimpleNamespace, bits: int, m: int) -> Non
         torch.testing.assert_close(k.wgemm.weight_only_gemm(x, weight), ref, **_gemm_tol(ref, torch.float16))
     if bits == 4:
         torch.testing.assert_close(k.wgemm.w4a16_gemm(x, gw), ref, **_gemm_tol(ref, torch.float16))
+
+
+def _cpu_bench(fn: Callable[[], object], quantiles: object = None) -> list[float]:
+    fn()
+    return [1.0, 1.0, 1.0]
+
+
+def test_gpu_autotune_configs_prune_and_run(k: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU config lists through a real autotuner (one CPU timing per config): the pruning
+    reads the arguments the way Triton passes them (constexprs as keywords) and every kept
+    config computes the right answer."""
+    import triton
+
+    gemv_tuner = triton.autotune(
+        configs=k.gemv._FMA_CONFIGS + k.gemv._DOT_CONFIGS,
+        key=["m_bucket", "N", "K", "group_size", "BITS", "W", "HAS_ZP"],
+        prune_configs_by={"early_config_prune": k.gemv._prune},
+        do_bench=_cpu_bench,
+    )(k.gemv._gemv_kernel)
+    gemm_tuner = triton.autotune(
+        configs=k.wgemm._gemm_configs(interpret=False),
+        key=["m_bucket", "N", "K", "group_size", "BITS", "HAS_ZP", "PLANAR_W"],
+        prune_configs_by={"early_config_prune": k.wgemm._prune_configs},
+        do_bench=_cpu_bench,
+    )(
+        triton.heuristics(
+            {"GROUP_ALIGNED": lambda a: k.wgemm._group_aligned(a["group_size"], a["K"], a["BLOCK_K"])}
+        )(k.wgemm._wgemm_kernel)
+    )
+    monkeypatch.setattr(k.gemv, "_gemv_autotuned", gemv_tuner)
+    monkeypatch.setattr(k.wgemm, "_wgemm_autotuned", gemm_tuner)
+    g = _gen(3)
+    # K = 1024: four chunks, so split-K configs are kept and timed too.
+    qw = k.quant.quantize_rtn(torch.randn(24, 1024, generator=g).half(), 4, 128)
+    gw = k.gemv.repack_for_gemv(qw)
+    for m, pool in ((1, k.gemv._FMA_CONFIGS), (3, k.gemv._DOT_CONFIGS), (20, None)):
+        x = torch.randn(m, 1024, generator=g).half()
+        ref = k.quant.weight_only_gemm_reference(x, qw)
+        torch.testing.assert_close(k.wgemm.weight_only_gemm(x, gw), ref, **_gemm_tol(ref, torch.float16))
+        if pool is not None:
+            assert any(gemv_tuner.best_config is c for c in pool)
+    assert gemm_tuner.best_config.kwargs["BLOCK_K"] <= gw.chunk
 
 
 def test_gemv_bad_inputs_raise(k: SimpleNamespace) -> None:
