@@ -233,6 +233,10 @@ async def test_gateway_follows_endpoints_and_weights_through_the_api(kmock: Any)
         await until(lambda: members() == {"pod-a": "r1", "pod-b2": "r1"})
         assert (await k.delete(f"{SLICES}/chat-engine-stable-x1")).status == 200
         await until(lambda: members() == {"pod-b2": "r1"})
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            exposition = (await client.get("/metrics")).text
+        assert 'replica="pod-a"' not in exposition, "a pod that left takes its series along"
+        assert 'replica="pod-b2"' in exposition
 
         # weights cleared (no canary): every replica alike again
         resp = await k.patch(f"{CONFIGMAPS}/chat-gateway", json={"data": {"weights.json": "{}"}})

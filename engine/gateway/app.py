@@ -194,6 +194,10 @@ class Gateway:
         if change.changed:
             log.info("replicas: +%s -%s", list(change.added), list(change.removed))
             self.set_replicas(change.members, change.revisions)
+            staying = {rid for rid, _ in change.members}
+            for rid in change.removed:
+                if rid not in staying:
+                    self.metrics.forget_replica(rid)
 
     def _refresh_slots(self) -> None:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)

@@ -210,7 +210,9 @@ class Discovery:
         self._session = aiohttp.ClientSession(
             base_url=self.access.server,
             connector=aiohttp.TCPConnector(ssl=self.access.ssl_context()),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            # A watch idles for minutes between events, but bookmarks arrive about every minute:
+            # a read silent past the watch's own timeout is a dead connection.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=WATCH_TIMEOUT_S + 30),
         )
         try:
             tasks = [self._forever(self._follow_slices)]
@@ -240,7 +242,12 @@ class Discovery:
 
     async def _watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
         assert self._session is not None
-        query = {**params, "watch": "true", "timeoutSeconds": str(WATCH_TIMEOUT_S)}
+        query = {
+            **params,
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_TIMEOUT_S),
+        }
         async with self._session.get(path, params=query, headers=self.access.headers()) as resp:
             if resp.status >= 400:
                 raise ApiError(resp.status, f"watch {path}")

@@ -9,6 +9,7 @@ is a spec revision the gateway has routed to in its lifetime (two at a time, dur
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -37,6 +38,27 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return cast(Metric, found)
+
+    def forget_replica(self, replica_id: str) -> None:
+        """Drop a replica's series once it has left for good (with endpoint discovery replica ids
+        are pod names, so series of gone pods would otherwise pile up for the process's life)."""
+        per_replica = (
+            self.upstream_requests,
+            self.errors,
+            self.ejections,
+            self.readmissions,
+            self.in_flight,
+            self.replica_up,
+            self.first_byte,
+        )
+        for metric in per_replica:
+            names = metric._labelnames  # prometheus_client lists children no other way
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.labels.get("replica") == replica_id:
+                        with contextlib.suppress(KeyError):  # a histogram's samples share one child
+                            metric.remove(*(sample.labels[name] for name in names))
+        self._children = {key: child for key, child in self._children.items() if key[0] not in per_replica}
 
     def count_outcome(self, revision: str, ok: bool, first_byte_s: float | None) -> None:
         """One attempt's outcome by revision (an `Outcomes` listener)."""
