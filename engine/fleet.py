@@ -611,14 +611,14 @@ async def serve_fleet(
                 log(f"tokenfleet: the gateway could not start on {host}:{port}")
                 return 1
             await asyncio.sleep(0.05)
+        supervisor = asyncio.create_task(fleet.supervise(tick_s))
+        url = f"http://{host}:{port}/v1"
+        log(f"tokenfleet: gateway on {url}; starting {replicas} replica(s) of {service.spec.model.name}")
         if observe is not None:
             prometheus = await observe.start(host, port, say=log)
             fleet.on_replicas = observe.replicas
             monitor = LocalMonitor.for_gateway(gateway, prometheus_url=prometheus, notice=observe.notice)
             mount_dashboard(gateway.app, monitor)
-        supervisor = asyncio.create_task(fleet.supervise(tick_s))
-        url = f"http://{host}:{port}/v1"
-        log(f"tokenfleet: gateway on {url}; starting {replicas} replica(s) of {service.spec.model.name}")
         announced = False
         while not stop.is_set():
             if not announced and (gateway.replicas.routable() or fleet.desired == 0):

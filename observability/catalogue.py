@@ -29,7 +29,11 @@ LABELS: dict[str, str] = {
     "tenant": "tenant names from the spec; unknown keys are refused before any metric",
     "code": "status class: 2xx, 4xx, 5xx",
     "replica": "replica slot id, at most spec.replicas.max",
-    "outcome": "ok | connect | timeout | status_5xx (gateway); met | missed (scheduler); ok | error (loop)",
+    "revision": "spec revision hash: the stable one, plus the target during a rollout",
+    "outcome": (
+        "ok | connect | timeout | status_5xx, ok | error per revision (gateway); "
+        "met | missed (scheduler); ok | error (loop)"
+    ),
     "kind": "small fixed enum (error kind, token kind)",
     "reason": "small fixed enum (rejection / scale / replacement reason)",
     "target": "ttft | tpot",
@@ -143,6 +147,21 @@ CATALOGUE: tuple[Metric, ...] = (
         GW,
         ("route", "class", "replica"),
         "Time from request to the first byte from the chosen replica (TTFT for streams).",
+        "seconds",
+    ),
+    _m(
+        "tokenfleet_gateway_revision_attempts_total",
+        "counter",
+        GW,
+        ("revision", "outcome"),
+        "Attempts sent to a replica of each revision, by outcome (ok, error): rollout analysis.",
+    ),
+    _m(
+        "tokenfleet_gateway_revision_first_byte_seconds",
+        "histogram",
+        GW,
+        ("revision",),
+        "Time to first byte of each revision's successful attempts (TTFT for streams).",
         "seconds",
     ),
     # -- SLA scheduler, inside vLLM's engine core (engine/sla_metrics.py) -----------------------

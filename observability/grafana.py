@@ -395,6 +395,20 @@ def control_loop() -> dict[str, Any]:
             kind="stat",
         ),
         Panel(
+            "Per-revision attempts and first byte (rollout analysis, gateway)",
+            (
+                (
+                    f"sum by (revision, outcome) (rate(tokenfleet_gateway_revision_attempts_total[{RATE}]))",
+                    "{{revision}} {{outcome}}",
+                ),
+                (
+                    "histogram_quantile(0.95, sum by (le, revision) "
+                    f"(rate(tokenfleet_gateway_revision_first_byte_seconds_bucket[{RATE}])))",
+                    "first byte p95 {{revision}}",
+                ),
+            ),
+        ),
+        Panel(
             "Rollout step and time since progress",
             (
                 (f"tokenfleet_control_rollout_step{{{sel}}}", "step {{service}}"),

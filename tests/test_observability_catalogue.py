@@ -53,6 +53,8 @@ def test_gateway_registry_matches_catalogue() -> None:
     metrics.replica_up.labels("r0").set(1)
     metrics.latency.labels("/v1/completions", "standard").observe(0.1)
     metrics.first_byte.labels("/v1/completions", "standard", "r0").observe(0.1)
+    metrics.revision_attempts.labels("abc123", "ok").inc()
+    metrics.revision_first_byte.labels("abc123").observe(0.1)
     _assert_matches("gateway", metrics.registry)
     real = _families(metrics.registry)
     for m in by_source("gateway"):
