@@ -258,3 +258,12 @@ async def test_gateway_follows_endpoints_and_weights_through_the_api(kmock: Any)
         await asyncio.to_thread(server.stop)
         for engine in engines.values():
             engine.stop()
+
+
+def test_cli_takes_discovery_or_fixed_replicas_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenfleet.engine.gateway.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--discover", SELECTOR, "--replica", "r0=http://127.0.0.1:1"])
+    assert exited.value.code == 2
+    assert "--discover and --replica exclude each other" in capsys.readouterr().err
