@@ -475,7 +475,7 @@ def test_pending_engine_pods_fall_back_to_the_next_gpu_pool() -> None:
     assert pod["spec"]["nodeSelector"] == {"pool": "a100"}
     assert pod["metadata"]["labels"]["tokenfleet.dev/gpu-pool"] == "1"
     # Pods as the API returns them: only unscheduled Pending ones count, with their creation time.
-    items = [
+    items: list[dict[str, Any]] = [
         {
             "metadata": {
                 "name": "a",
