@@ -144,18 +144,20 @@ def _add(a, b):  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _gemv_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, group_size, m_bucket,
-    BITS: tl.constexpr, W: tl.constexpr, SLICES_PER_GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, words_per_row, m_bucket,
+    GROUP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
+    HAS_ZP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    # m_bucket is only an autotuning key.
+    # words_per_row (= K·bits/32) is an argument, not computed here: Triton then knows its
+    # divisibility (by 16 when it is) and can load each thread's words as one 16-byte vector.
+    # GROUP is a compile-time constant so that the per-slice group index is a shift, not an
+    # integer division. m_bucket is only an autotuning key.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, W)
-    words_per_row = K // (32 // BITS)
-    groups = K // group_size
+    groups = K // GROUP
     chunks = K // ((32 // BITS) * W)
     per_split = (chunks + SPLIT_K - 1) // SPLIT_K
     c_begin = pid_k * per_split
@@ -177,23 +179,27 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         high = words >> 16
         for i in tl.static_range(32 // BITS):
             k_slice = k_chunk + i * W
-            g = k_slice // group_size
+            g = k_slice // GROUP
+            # offset: the stored unsigned field of q = zero (the bias 2^(bits-1) plus the zero point).
             if HAS_ZP:
-                zero = tl.load(z_ptr + offs_n * groups + g, mask=mask_n, other=0).to(tl.float32)
+                zero = tl.load(z_ptr + offs_n * groups + g, mask=mask_n, other=0).to(tl.int32)
                 offset = zero + (1 << (BITS - 1))
             else:
-                offset = tl.full((BLOCK_N,), (1 << (BITS - 1)), dtype=tl.float32)
+                offset = tl.full((BLOCK_N,), (1 << (BITS - 1)), dtype=tl.int32)
             src = words if i < 16 // BITS else high
             shift = BITS * (i % (16 // BITS))
             if BLOCK_M == 1:
                 field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000
                 # (2^23 + u·2^shift) − (2^23 + offset·2^shift) = (q − zero)·2^shift, exactly.
-                d = field.to(tl.float32, bitcast=True) - (8388608.0 + offset * (1 << shift))[:, None]
+                d = (
+                    field.to(tl.float32, bitcast=True)
+                    - (8388608.0 + (offset << shift).to(tl.float32))[:, None]
+                )
                 xv = tl.load(x_ptr + k_slice + offs_w).to(tl.float32) * (1.0 / (1 << shift))
                 acc_g += d * xv[None, :]
             else:
                 u = (src >> shift) & ((1 << BITS) - 1)
-                d = (u.to(tl.float32) - offset[:, None]).to(x_ptr.dtype.element_ty)
+                d = (u - offset[:, None]).to(x_ptr.dtype.element_ty)
                 xv = tl.load(
                     x_ptr + offs_m[:, None] * K + k_slice + offs_w[None, :],
                     mask=offs_m[:, None] < M,
@@ -224,8 +230,8 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + pid_n, 1)
         if ticket == SPLIT_K - 1:
-            # Atomic reads come from L2, where the other programs' adds landed.
-            total = tl.atomic_add(ws_ptr + offs_out, y * 0.0, mask=mask_out)
+            # An L2-only load (.cg, not L1) sees the other programs' adds, which land in L2.
+            total = tl.load(ws_ptr + offs_out, mask=mask_out, other=0.0, cache_modifier=".cg")
             tl.store(ws_ptr + offs_out, y * 0.0, mask=mask_out)
             tl.store(out_ptr + offs_out, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
@@ -269,7 +275,7 @@ def _bench_quick(fn: Any, quantiles: Any = None) -> Any:
 
 _gemv_autotuned = triton.autotune(
     configs=_gemv_configs(),
-    key=["m_bucket", "N", "K", "group_size", "BITS", "W", "HAS_ZP"],
+    key=["m_bucket", "N", "K", "GROUP", "BITS", "W", "HAS_ZP"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=None if INTERPRET else _bench_quick,
 )(_gemv_kernel)
@@ -327,8 +333,8 @@ def gemv(x: torch.Tensor, gw: GemvWeight) -> torch.Tensor:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     _gemv_autotuned[grid](
-        x, gw.qweight, gw.scales, zeros, out, ws, tickets, m, n, k, gw.group_size, next_power_of_2(m),
-        BITS=gw.bits, W=gw.width, SLICES_PER_GROUP=slices_per_group, HAS_ZP=gw.zeros is not None,
-        BLOCK_M=1 if m == 1 else 16,
+        x, gw.qweight, gw.scales, zeros, out, ws, tickets, m, n, k, gw.qweight.shape[1], next_power_of_2(m),
+        GROUP=gw.group_size, BITS=gw.bits, W=gw.width, SLICES_PER_GROUP=slices_per_group,
+        HAS_ZP=gw.zeros is not None, BLOCK_M=1 if m == 1 else 16,
     )  # fmt: skip
     return out

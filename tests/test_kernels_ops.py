@@ -301,7 +301,7 @@ def test_gpu_autotune_configs_prune_and_run(k: SimpleNamespace, monkeypatch: pyt
 
     gemv_tuner = triton.autotune(
         configs=k.gemv._FMA_CONFIGS + k.gemv._DOT_CONFIGS,
-        key=["m_bucket", "N", "K", "group_size", "BITS", "W", "HAS_ZP"],
+        key=["m_bucket", "N", "K", "GROUP", "BITS", "W", "HAS_ZP"],
         prune_configs_by={"early_config_prune": k.gemv._prune},
         do_bench=_cpu_bench,
     )(k.gemv._gemv_kernel)
