@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import tiny_service
 
-from tokenfleet.engine.launch import SLA_SCHEDULER_CLS, engine_command
+from tokenfleet.engine.launch import SLA_SCHEDULER_CLS, EngineCommand, EngineProcess, engine_command
 from tokenfleet.spec import load_service, parse_service
 
 
@@ -134,3 +136,26 @@ def test_an_engine_started_to_die_with_its_parent_dies_when_the_parent_is_sigkil
             break
         assert time.monotonic() < deadline, "the engine outlived its parent"
         time.sleep(0.05)
+
+
+def test_engine_output_and_exit_noise_go_to_the_replica_log_not_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # What an engine prints, including Triton's nanobind leak report at interpreter exit, stays in
+    # its log file: the terminal of `tokenfleet up` shows only the fleet's own lines.
+    script = (
+        "import sys; print('engine says hello', flush=True);"
+        " print('nanobind: leaked 4 instances!', file=sys.stderr)"
+    )
+    log = tmp_path / "logs" / "r0.log"
+    engine = EngineProcess(EngineCommand([sys.executable, "-c", script], {}), port=1, log_path=log)
+    engine.start()
+    assert engine.process is not None
+    assert engine.process.wait(timeout=60) == 0
+    assert engine.stop() == 0
+    out, err = capfd.readouterr()
+    assert "engine says hello" not in out + err
+    assert "nanobind" not in out + err
+    text = log.read_text()
+    assert "engine says hello" in text
+    assert "nanobind: leaked 4 instances!" in text
