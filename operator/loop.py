@@ -138,7 +138,10 @@ def control_tick(
     events: list[str] = []
     rollout_state = state.rollout
     stable_spec = state.stable_spec
-    if revision != rollout_state.stable and revision != rollout_state.target:
+    # A rolled-back revision stays rejected while the spec names it (each tick sees the same spec;
+    # the local fleet starts rollouts per apply instead): the stable track keeps serving.
+    rejected = revision in rollout_state.rejected and rollout_state.target is None
+    if revision != rollout_state.stable and revision != rollout_state.target and not rejected:
         if spec.rollout.strategy == "canary":
             rollout_state = begin_rollout(rollout_state, revision, "canary", now)
             events.append(rollout_state.reason)

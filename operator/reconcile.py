@@ -55,9 +55,11 @@ def owner_reference(service: LLMService, uid: str) -> dict[str, Any]:
 def traffic_weights(service: LLMService, observed: Observed, decision: ControlDecision) -> dict[str, int]:
     """Percent of requests per revision for the gateway: explicit while a canary runs (0% until
     its first step starts, so ready canary pods get nothing early), empty otherwise."""
-    if decision.canary_replicas == 0:
-        return {}
     stable = revision_of(observed.stable_spec or service.spec)
+    if decision.canary_replicas == 0:
+        # A canary Deployment being deleted still has ready pods for a while: give them nothing.
+        leaving = engine_name(service, "canary") in observed.deployments
+        return {stable: 100} if leaving else {}
     canary = revision_of(service.spec)
     return {stable: 100 - decision.canary_weight_percent, canary: decision.canary_weight_percent}
 

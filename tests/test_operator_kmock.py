@@ -680,7 +680,7 @@ async def test_canary_promoted_on_good_per_revision_stats_from_the_gateway(
     await mark_ready(k, "chat-engine-canary", 2)
     await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=60)
     assert status_of(k)["rollout"]["stableRevision"] == new
-    assert weights_of(k) == {}
+    await wait_for(lambda: weights_of(k) == {}, timeout=120)  # once the canary Deployment is gone
     assert any("canary promoted" in e.get("message", "") for e in events(k))
 
     assert (await k.delete(f"{BASE}/chat")).status == 200
@@ -706,7 +706,13 @@ async def test_canary_rolled_back_on_bad_per_revision_stats_from_the_gateway(
     assert degraded["reason"] == "CanaryRolledBack", degraded
     assert "error rate 40.0%" in degraded["message"], degraded["message"]
     assert status["rollout"]["stableRevision"] == old
-    assert weights_of(k) == {}
+    written = [
+        json.loads(r.data["data"]["weights.json"])
+        for r in k
+        if r.method == "PATCH" and r.url.path.endswith("/configmaps/chat-gateway")
+    ]
+    assert {old: 100} in written, "the rejected canary's pods got no traffic while being deleted"
+    await wait_for(lambda: weights_of(k) == {}, timeout=120)  # once the canary Deployment is gone
     stable = obj(k, "apps/v1/deployments", "chat-engine")
     assert stable is not None
     assert "8" in stable["spec"]["template"]["spec"]["containers"][0]["command"]

@@ -315,6 +315,14 @@ def test_gateway_configmap_carries_the_canary_weights() -> None:
         "llama-8b-gateway",
     )
     assert json.loads(idle["data"]["weights.json"]) == {}
+    # rolled back: until the canary Deployment is gone, its pods get none of the traffic
+    leaving = Observed(
+        uid="u", stable_spec=old.spec, deployments={"llama-8b-engine-canary": DeploymentView()}
+    )
+    config = by_name(
+        desired_objects(service, leaving, ControlDecision(stable_replicas=3)), "ConfigMap", "llama-8b-gateway"
+    )
+    assert json.loads(config["data"]["weights.json"]) == {revision_of(old.spec): 100}
     # the weights are followed at run time: they do not roll the gateway's pods
     hashes = {
         by_name(desired_objects(service, observed, d), "Deployment", "llama-8b-gateway")["spec"]["template"][
@@ -398,6 +406,15 @@ def test_control_tick_canary_rolls_back_on_errors_and_keeps_the_stable_spec() ->
     assert any("rolled back" in e for e in events)
     assert state.rollout.stable == stable_rev
     assert stable_spec_of(state, changed.spec) == service.spec
+    # later ticks over the same spec: the rejected revision is not rolled out again
+    decision, state, events = control_tick(changed, observed, state, None, now=30.0)
+    assert (decision.phase, decision.canary_replicas, events) == ("RolledBack", 0, [])
+    assert stable_spec_of(state, changed.spec) == service.spec
+    # a new revision starts a new canary
+    newer = with_spec(service, engine={"maxNumSeqs": 32})
+    decision, state, events = control_tick(newer, observed, state, None, now=40.0)
+    assert decision.phase == "Progressing"
+    assert any("canary rollout of" in e for e in events)
 
 
 def test_control_tick_rolling_is_left_to_the_deployment() -> None:
