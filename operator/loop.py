@@ -154,6 +154,10 @@ def control_tick(
     elif revision == rollout_state.stable and rollout_state.target is not None:
         rollout_state = begin_rollout(rollout_state, revision, spec.rollout.strategy, now)
         events.append(rollout_state.reason)
+    elif revision == rollout_state.stable and rollout_state.phase in ("rolled_back", "failed"):
+        # The spec names the serving revision again after a rollback: nothing is degraded any more.
+        rollout_state = replace(rollout_state, phase="complete", reason=f"spec back on {revision}")
+        events.append(rollout_state.reason)
 
     stable_name, canary_name = engine_name(service, "stable"), engine_name(service, "canary")
     views = {name: observed.deployments.get(name) for name in (stable_name, canary_name)}

@@ -410,6 +410,11 @@ def test_control_tick_canary_rolls_back_on_errors_and_keeps_the_stable_spec() ->
     decision, state, events = control_tick(changed, observed, state, None, now=30.0)
     assert (decision.phase, decision.canary_replicas, events) == ("RolledBack", 0, [])
     assert stable_spec_of(state, changed.spec) == service.spec
+    # the old spec applied again: back to normal, no canary
+    decision, back, events = control_tick(service, observed, state, None, now=35.0)
+    assert (decision.phase, decision.canary_replicas) == ("Stable", 0)
+    assert events == [f"spec back on {stable_rev}"]
+    assert back.rollout.rejected == {new_rev}
     # a new revision starts a new canary
     newer = with_spec(service, engine={"maxNumSeqs": 32})
     decision, state, events = control_tick(newer, observed, state, None, now=40.0)
