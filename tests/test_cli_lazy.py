@@ -57,6 +57,19 @@ def test_spec_commands_load_no_heavy_module(argv: tuple[str, ...]) -> None:
     assert not loaded.intersection(HEAVY), sorted(loaded.intersection(HEAVY))
 
 
+def test_validate_with_json_logs_runs_without_opentelemetry() -> None:
+    # A base install has no OpenTelemetry (engine extra): None in sys.modules makes its import fail.
+    probe = "import sys; sys.modules['opentelemetry'] = None\n" + PROBE
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "--log-format", "json", "validate", "-f", DEFAULT_YAML],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["code"] == 0
+
+
 def test_importing_the_cli_loads_only_the_spec_model() -> None:
     loaded = _modules_after("validate", "-f", DEFAULT_YAML)
     assert {"pydantic", "yaml", "tokenfleet"} <= loaded

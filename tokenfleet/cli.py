@@ -119,6 +119,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # Top-level commands defined in this module, and those a role's module registers (lazily).
 BASE_COMMANDS = frozenset({"validate", "spec", "model", "serve", "up", "apply", "status"})
 ROLE_COMMANDS = frozenset({"operator", "quantize", "bench", "kernels"})
+# Commands that need only the base dependencies (pydantic, PyYAML).
+SPEC_ONLY_COMMANDS = frozenset({"validate", "spec"})
 
 
 def _add_log_format(parser: argparse.ArgumentParser) -> None:
@@ -238,10 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     if args.log_format == "json":
-        from tokenfleet.observability.logs import setup_logging
-
-        # `up` runs the gateway and the control loop in this process: their logs go JSON too.
-        setup_logging(f"tokenfleet-{args.command}")
+        try:
+            from tokenfleet.observability.logs import setup_logging
+        except ImportError:
+            # JSON logs need OpenTelemetry (the engine extra); validate and spec print their
+            # results and must run on a base install even with $TOKENFLEET_LOG_FORMAT=json.
+            if args.command not in SPEC_ONLY_COMMANDS:
+                raise
+        else:
+            # `up` runs the gateway and the control loop in this process: their logs go JSON too.
+            setup_logging(f"tokenfleet-{args.command}")
     handler: Handler = args.handler
     try:
         return handler(args)
