@@ -147,6 +147,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, words_per_row, m_bucket,
     GROUP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     HAS_ZP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     # words_per_row (= K·bits/32) is an argument, not computed here: Triton then knows its
     # divisibility (by 16 when it is) and can load each thread's words as one 16-byte vector.
@@ -169,11 +170,11 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for c in range(c_begin, c_end):
+    q_rows = q_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
+    # STAGES: how many chunks the loop prefetches (software pipelining through shared memory).
+    for c in tl.range(c_begin, c_end, num_stages=STAGES):
         k_chunk = c * (32 // BITS) * W
-        words = tl.load(
-            q_ptr + offs_n[:, None] * words_per_row + c * W + offs_w[None, :], mask=mask_n[:, None], other=0
-        )
+        words = tl.load(q_rows + c * W, mask=mask_n[:, None], other=0)
         # Fields 0..P/2-1 are masked in place from the low half; the high half is shifted down
         # once per word so that no field reaches bit 23 (the exponent of the 2^23 trick).
         high = words >> 16
@@ -239,13 +240,20 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
 
 # M = 1 tiles (elementwise FMAs) and tensor-core tiles for 2 <= M <= 16, told apart in pruning.
 # Kept short: each is compiled once and timed once per (M bucket, N, K, group, bits).
-_FMA_TILES = ((16, 1, 4, 3), (16, 2, 4, 3), (16, 4, 4, 3), (16, 2, 2, 4), (32, 1, 4, 3), (32, 2, 4, 3),
-              (32, 4, 4, 3), (64, 1, 8, 3), (64, 2, 8, 3))  # fmt: skip
-_DOT_TILES = ((32, 1, 4, 3), (32, 2, 4, 3), (32, 4, 4, 3), (64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3))
+# (BLOCK_N, SPLIT_K, warps, stages). Wide tiles give each thread several 16-byte loads at once,
+# split-K multiplies the programs and the stages prefetch chunks (cp.async into shared memory):
+# HBM needs tens of KB in flight per SM.
+_FMA_TILES = ((16, 4, 4, 4), (32, 1, 4, 4), (32, 2, 4, 3), (32, 4, 4, 4), (32, 8, 4, 3), (64, 1, 4, 4),
+              (64, 2, 4, 3), (64, 2, 4, 5), (64, 4, 4, 3), (64, 4, 8, 4), (64, 8, 4, 3), (128, 4, 8, 3),
+              (128, 8, 8, 3))  # fmt: skip
+_DOT_TILES = ((32, 2, 4, 3), (32, 4, 4, 3), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3),
+              (128, 4, 8, 3))  # fmt: skip
 
 
 def _config(bn: int, split: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages}, num_warps=warps, num_stages=stages
+    )
 
 
 _FMA_CONFIGS = [_config(*t) for t in _FMA_TILES]
