@@ -189,18 +189,15 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
                 offset = tl.full((BLOCK_N,), (1 << (BITS - 1)), dtype=tl.int32)
             src = words if i < 16 // BITS else high
             shift = BITS * (i % (16 // BITS))
+            field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000
+            # (2^23 + u·2^shift) − (2^23 + offset·2^shift) = (q − zero)·2^shift, exactly.
+            d = field.to(tl.float32, bitcast=True) - (8388608.0 + (offset << shift).to(tl.float32))[:, None]
             if BLOCK_M == 1:
-                field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000
-                # (2^23 + u·2^shift) − (2^23 + offset·2^shift) = (q − zero)·2^shift, exactly.
-                d = (
-                    field.to(tl.float32, bitcast=True)
-                    - (8388608.0 + (offset << shift).to(tl.float32))[:, None]
-                )
                 xv = tl.load(x_ptr + k_slice + offs_w).to(tl.float32) * (1.0 / (1 << shift))
                 acc_g += d * xv[None, :]
             else:
-                u = (src >> shift) & ((1 << BITS) - 1)
-                d = (u - offset[:, None]).to(x_ptr.dtype.element_ty)
+                # Exact small integers in the activation dtype (|q − zero| < 2^bits) for tl.dot.
+                d = (d * (1.0 / (1 << shift))).to(x_ptr.dtype.element_ty)
                 xv = tl.load(
                     x_ptr + offs_m[:, None] * K + k_slice + offs_w[None, :],
                     mask=offs_m[:, None] < M,
