@@ -19,6 +19,10 @@ W4A16 steps, each a separate function:
 4. `autotuned`      — `triton.autotune` over tiles, warps, stages and split-K, keyed on the
                       power-of-two bucket of M (not M itself: decode batch sizes change every
                       step) and N, K, group size.
+
+After the steps, decode has its own kernel (kernels/gemv.py, over a repacked layout) and
+`weight_only_gemm` dispatches: the GEMV for M <= 16, this GEMM (reading the same repacked
+words, `PLANAR_W`) above.
 """
 
 from __future__ import annotations
