@@ -50,6 +50,7 @@ from tokenfleet.kernels._runtime import (
 from tokenfleet.kernels.quant import QuantizedWeight, unpack_int4
 
 GEMV_MAX_M = 16
+_MAGIC = 0x4B000000  # the bits of the float 2^23
 DOT_MIN_WIDTH = 16  # tl.dot needs K >= 16 per slice
 
 
@@ -144,7 +145,7 @@ def _add(a, b):  # type: ignore[no-untyped-def]
 
 @triton.jit
 def _gemv_kernel(  # type: ignore[no-untyped-def]
-    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, words_per_row, m_bucket,
+    x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, words_per_row, m_bucket, magic,
     GROUP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
     HAS_ZP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     STAGES: tl.constexpr,
@@ -152,7 +153,8 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     # words_per_row (= K·bits/32) is an argument, not computed here: Triton then knows its
     # divisibility (by 16 when it is) and can load each thread's words as one 16-byte vector.
     # GROUP is a compile-time constant so that the per-slice group index is a shift, not an
-    # integer division. m_bucket is only an autotuning key.
+    # integer division. m_bucket is only an autotuning key. magic is 0x4B000000 (the bits of
+    # 2^23) passed at run time: in a register, mask-and-OR compiles to one LOP3 instead of two.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -189,7 +191,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
                 offset = tl.full((BLOCK_N,), (1 << (BITS - 1)), dtype=tl.int32)
             src = words if i < 16 // BITS else high
             shift = BITS * (i % (16 // BITS))
-            field = (src & (((1 << BITS) - 1) << shift)) | 0x4B000000
+            field = (src & (((1 << BITS) - 1) << shift)) | magic
             # (2^23 + u·2^shift) − (2^23 + offset·2^shift) = (q − zero)·2^shift, exactly.
             d = field.to(tl.float32, bitcast=True) - (8388608.0 + (offset << shift).to(tl.float32))[:, None]
             if BLOCK_M == 1:
@@ -339,6 +341,7 @@ def gemv(x: torch.Tensor, gw: GemvWeight) -> torch.Tensor:
 
     _gemv_autotuned[grid](
         x, gw.qweight, gw.scales, zeros, out, ws, tickets, m, n, k, gw.qweight.shape[1], next_power_of_2(m),
+        _MAGIC,
         GROUP=gw.group_size, BITS=gw.bits, W=gw.width, SLICES_PER_GROUP=slices_per_group,
         HAS_ZP=gw.zeros is not None, BLOCK_M=1 if m == 1 else 16,
     )  # fmt: skip
