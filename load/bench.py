@@ -27,6 +27,7 @@ import httpx
 
 from tokenfleet.load import plots
 from tokenfleet.load.compare import aggregate, render_aggregate
+from tokenfleet.load.keys import TenantKeyError, resolve_tenant_keys
 from tokenfleet.load.record import RequestRecord, read_records
 from tokenfleet.load.report import Summary, Window, render_markdown, summarize
 from tokenfleet.load.scrape import KV_CACHE, QUEUE, RUNNING, Scraper, first_of, read_samples
@@ -50,11 +51,14 @@ class BenchResult:
     runs: list[Path] = field(default_factory=list)
 
 
-def preflight(target: str, model: str | None, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> str:
+def preflight(
+    target: str, model: str | None, timeout_s: float = PREFLIGHT_TIMEOUT_S, api_key: str | None = None
+) -> str:
     """Check the target serves the OpenAI API and return the model to request. Raises BenchError."""
     url = target.rstrip("/") + "/v1/models"
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(url, timeout=timeout_s)
+        response = httpx.get(url, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
         raise BenchError(f"cannot reach target {target}: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
@@ -200,7 +204,14 @@ def run_workload(
     if duration_s <= 0:
         raise BenchError(f"duration must be positive, got {duration_s}")
     target = target.rstrip("/")
-    model = preflight(target, workload.model)
+    if workload.api_keys_file is not None:
+        # Locust reads the keys itself (they never go into the run directory), maybe elsewhere.
+        workload = workload.model_copy(update={"api_keys_file": str(Path(workload.api_keys_file).resolve())})
+    try:
+        keys = resolve_tenant_keys(workload)
+    except TenantKeyError as exc:
+        raise BenchError(str(exc)) from None
+    model = preflight(target, workload.model, api_key=next(iter(keys.values()), None))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw_dir = out / "raw"

@@ -20,7 +20,6 @@ from tokenfleet.load.sse import SSEDecoder, StreamTimer
 
 Api = Literal["completions", "chat"]
 CLASS_HEADER = "x-tokenfleet-class"
-TENANT_HEADER = "x-tokenfleet-tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +29,7 @@ class LLMRequest:
     max_tokens: int
     cls: str = "standard"
     tenant: str = "default"
+    api_key: str | None = None  # the tenant's key: a gateway attributes requests by key alone
     priority: int | None = None
     api: Api = "completions"
     stream: bool = True
@@ -38,8 +38,9 @@ class LLMRequest:
 
 
 def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """(path, JSON body, headers). Class and tenant go three ways: the scheduler reads `priority`
-    and `vllm_xargs`, the gateway reads the headers."""
+    """(path, JSON body, headers). An engine's scheduler reads class and tenant from `priority`
+    and `vllm_xargs`; a gateway replaces those, takes the tenant from the API key and the asked-for
+    class from the class header."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.max_tokens,
@@ -59,11 +60,9 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
     else:
         path = "/v1/completions"
         body["prompt"] = request.prompt
-    headers = {
-        CLASS_HEADER: request.cls,
-        TENANT_HEADER: request.tenant,
-        "x-request-id": request.id,
-    }
+    headers = {CLASS_HEADER: request.cls, "x-request-id": request.id}
+    if request.api_key is not None:
+        headers["authorization"] = f"Bearer {request.api_key}"
     return path, body, headers
 
 

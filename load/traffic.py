@@ -7,7 +7,8 @@ workload and seed send the same prompts in the same order on every run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -107,6 +108,7 @@ class RequestFactory:
 
     workload: Workload
     worker: int = 0
+    keys: Mapping[str, str] = field(default_factory=dict)  # tenant -> API key (load/keys.py)
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng([self.workload.seed, self.worker])
@@ -159,6 +161,7 @@ class RequestFactory:
             max_tokens=max_tokens,
             cls=slo_class.name,
             tenant=tenant.name,
+            api_key=self.keys.get(tenant.name),
             priority=slo_class.priority,
             api=self.workload.api,
             stream=self.workload.stream,

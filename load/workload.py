@@ -124,6 +124,12 @@ class TenantMix(_Model):
     name: str = Field(min_length=1, max_length=63)
     share: Positive = 1.0
     burst: TenantBurst | None = None
+    api_key_env: str | None = Field(
+        None,
+        min_length=1,
+        description="Environment variable holding this tenant's API key (sent as a Bearer token); "
+        "else the key is looked up in the workload's `apiKeysFile`.",
+    )
 
 
 class ConstantShape(_Model):
@@ -213,6 +219,11 @@ class Workload(_Model):
     classes_from: str | None = Field(
         None,
         description="An LLMService YAML whose scheduler classes replace `classes` (shares kept by name).",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="The gateway's API-key file (`{key: tenant}`): each tenant without `apiKeyEnv` "
+        "sends the key that maps to its name. Without keys, requests carry no Authorization.",
     )
 
     @model_validator(mode="after")

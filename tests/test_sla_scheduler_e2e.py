@@ -6,16 +6,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import StartEngine, tiny_service
+from conftest import StartEngine, free_port, tiny_service
 from prometheus_client.parser import text_string_to_metric_families
 
+from tokenfleet.engine.gateway.app import create_app
+from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.launch import EngineProcess
 from tokenfleet.engine.sla_policy import REJECT_PREFIX
+from tokenfleet.load.bench import run_workload
+from tokenfleet.load.workload import parse_workload
 
 pytestmark = pytest.mark.vllm
 
@@ -273,3 +278,53 @@ def test_scheduler_series_on_the_engine_metrics_endpoint(sla_engine: EngineProce
 async def _tenant_output_tokens(client: httpx.AsyncClient, tenant: str) -> bool:
     text = (await client.get("/metrics")).text
     return _sample(text, "tokenfleet_scheduler_tenant_tokens_total", tenant=tenant, kind="output") > 0
+
+
+def test_two_tenants_through_an_authenticated_gateway(
+    sla_engine: EngineProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load harness authenticates as each workload tenant (one key from the gateway's keys
+    file, one from an environment variable); the gateway attributes by key, and both the
+    gateway's per-tenant series and the engine scheduler's fair-share counters see each tenant."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("key-of-a: a\nkey-of-b: b\n")
+    monkeypatch.setenv("TENANT_B_KEY", "key-of-b")
+    scheduler = {"policy": "sla", "classes": CLASSES, "tenants": [{"name": "a"}, {"name": "b"}]}
+    service = tiny_service("tiny", gateway={"auth": True, "apiKeysFile": str(keys)}, scheduler=scheduler)
+    workload = parse_workload(
+        {
+            "name": "tenants",
+            "seed": 3,
+            "prompts": {"kind": "synthetic", "inputTokens": {"dist": "fixed", "value": 16}},
+            "outputTokens": {"dist": "fixed", "value": 8},
+            "arrival": {"mode": "open", "maxConcurrency": 8, "shape": {"kind": "constant", "value": 3}},
+            "classes": [{"name": "standard", "priority": 1}],
+            "tenants": [{"name": "a"}, {"name": "b", "apiKeyEnv": "TENANT_B_KEY"}],
+            "apiKeysFile": str(keys),
+        }
+    )
+    before = httpx.get(f"{sla_engine.url}/metrics", timeout=10).text
+    app = create_app(service, [("r0", sla_engine.url)])
+    server = ServerThread(app, free_port()).start()
+    try:
+        server.wait_until("/ready", timeout_s=30)
+        result = run_workload(workload, server.url, 8.0, tmp_path / "run")
+        gateway_text = httpx.get(
+            f"{server.url}/metrics", headers={"authorization": "Bearer key-of-a"}, timeout=10
+        ).text
+    finally:
+        server.stop()
+    after = httpx.get(f"{sla_engine.url}/metrics", timeout=10).text
+
+    overall = result.summary["overall"]
+    assert overall["failed"] == 0, overall["errors"]
+    assert set(result.summary["tenants"]) == {"a", "b"}
+    for tenant in ("a", "b"):
+        sent = result.summary["tenants"][tenant]["requests"]
+        assert sent >= 1
+        answered = _sample(gateway_text, "tokenfleet_gateway_requests_total", tenant=tenant, code="2xx")
+        assert answered == sent, (tenant, answered, sent)
+        served = _sample(after, "tokenfleet_scheduler_tenant_tokens_total", tenant=tenant, kind="output")
+        served -= _sample(before, "tokenfleet_scheduler_tenant_tokens_total", tenant=tenant, kind="output")
+        # The counter charges computed positions: the 8th token is sampled, never computed on.
+        assert served == 7 * sent, (tenant, served, sent)

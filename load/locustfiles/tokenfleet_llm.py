@@ -23,6 +23,7 @@ from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 from tokenfleet.load.client import send
+from tokenfleet.load.keys import resolve_tenant_keys
 from tokenfleet.load.pacer import Pacer
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.rxclock import stamping_client
@@ -85,7 +86,8 @@ def _on_test_start(environment: Any, **_: Any) -> None:
     (RAW_DIR / f"start-{os.getpid()}.json").write_text(json.dumps({"t0": t0, "worker": worker}))
     log = (RAW_DIR / f"raw-{os.getpid()}.jsonl").open("a", encoding="utf-8", buffering=1)
     http = stamping_client(WORKLOAD.timeout_s)
-    STATE = ProcessState(t0, worker, RequestFactory(WORKLOAD, worker), pacer, log, http)
+    factory = RequestFactory(WORKLOAD, worker, keys=resolve_tenant_keys(WORKLOAD))
+    STATE = ProcessState(t0, worker, factory, pacer, log, http)
 
 
 def mark_stop() -> None:
