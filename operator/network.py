@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenfleet.observability.stack import VLLM_NAMES
 from tokenfleet.operator.model import (
     COMPONENT_LABEL,
     ENGINE_PORT,
@@ -20,6 +21,16 @@ from tokenfleet.operator.model import (
 )
 from tokenfleet.operator.workloads import common_labels, gateway_name
 from tokenfleet.spec import LLMService
+
+# The local stack's rename of vLLM's series, in the Prometheus Operator's spelling: a Prometheus
+# that negotiates OpenMetrics reads `vllm:x` as `vllm_x`; the dashboards and rules query `vllm:x`.
+VLLM_METRIC_NAMES = {
+    "sourceLabels": VLLM_NAMES["source_labels"],
+    "regex": VLLM_NAMES["regex"],
+    "targetLabel": VLLM_NAMES["target_label"],
+    "replacement": VLLM_NAMES["replacement"],
+    "action": "replace",
+}
 
 
 def _meta(service: LLMService, name: str, component: str) -> dict[str, Any]:
@@ -213,6 +224,14 @@ def service_monitor(service: LLMService) -> dict[str, Any]:
                 "matchExpressions": [{"key": TRACK_LABEL, "operator": "DoesNotExist"}],
             },
             "namespaceSelector": {"matchNames": [service.metadata.namespace]},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}],
+            "endpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "scheme": "http",
+                    "metricRelabelings": [VLLM_METRIC_NAMES],
+                }
+            ],
         },
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,23 @@ def test_service_monitor_shape() -> None:
         "matchExpressions": [{"key": "tokenfleet.dev/track", "operator": "DoesNotExist"}],
     }
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
-    assert monitor["spec"]["endpoints"] == [
-        {"port": "http", "path": "/metrics", "interval": "15s", "scheme": "http"}
-    ]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert {k: v for k, v in endpoint.items() if k != "metricRelabelings"} == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "15s",
+        "scheme": "http",
+    }
+    # vLLM's series reach the rules and dashboards as `vllm:x` even when read as OpenMetrics
+    # (`vllm_x`); Prometheus anchors the regex and expands $1 as below.
+    (rename,) = endpoint["metricRelabelings"]
+    assert rename["sourceLabels"] == ["__name__"]
+    assert rename["targetLabel"] == "__name__"
+    expand = rename["replacement"].replace("$1", r"\1")
+    assert (
+        re.sub(f"^(?:{rename['regex']})$", expand, "vllm_num_requests_running") == "vllm:num_requests_running"
+    )
+    assert re.fullmatch(rename["regex"], "tokenfleet_gateway_requests_total") is None
     # Both Services it selects carry the label and name their port "http".
     services = [
         o
