@@ -18,7 +18,7 @@ from tokenfleet.models import resolve_model
 from tokenfleet.spec import SpecError, parse_service
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "quantize" / "pipeline.yaml"
-# The default model's config (tokenfleet/modelbuild.py FULL): the sizes the CPU kernels see.
+# The default model's config (tokenfleet/builtin_model/tiny_code.py FULL): the sizes the CPU kernels see.
 TINY_CODE = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 256,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tokenfleet.builtin_model.tiny_code import split_of
 from tokenfleet.engine.quantize.config import ConstraintConfig, parse_config
 from tokenfleet.engine.quantize.data import pick_calibration, pick_evaluation, split_files, windows_of
 from tokenfleet.engine.quantize.evaluate import nll_of
@@ -18,7 +19,6 @@ from tokenfleet.engine.quantize.report import BASELINE, Row, recommend, rows_fro
 from tokenfleet.engine.quantize.steps import Result, Step, load_state, plan, run_steps
 from tokenfleet.engine.quantize.summary import check_targets
 from tokenfleet.engine.quantize.techniques import lookup
-from tokenfleet.modelbuild import split_of
 
 
 class FakeSteps:

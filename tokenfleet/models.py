@@ -11,18 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Re-exported for callers that predate the builtin_model package (engine/quantize/data.py).
-from tokenfleet.builtin_model.tokenizer import EOS_TOKEN, stdlib_source_files
 from tokenfleet.spec import ModelSpec
-
-__all__ = [
-    "EOS_TOKEN",
-    "builtin_path",
-    "cache_dir",
-    "ensure_builtin",
-    "resolve_model",
-    "stdlib_source_files",
-]
 
 
 def cache_dir() -> Path:

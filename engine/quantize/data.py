@@ -1,7 +1,7 @@
 """Calibration and evaluation token windows from the model corpus's train and validation splits.
 
 The default model is trained on the standard library's source, split into train and validation by
-file (`modelbuild.split_of`). Calibration windows come from the train files only, perplexity
+file (`builtin_model.tiny_code.split_of`). Calibration windows come from the train files only, perplexity
 windows from the validation files only, chosen exactly as the model build chose its validation
 windows (non-overlapping, spread evenly), so a technique is never calibrated on what it is scored
 on. A model that was not built here is calibrated and scored on the same stdlib split.
@@ -15,8 +15,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from tokenfleet.modelbuild import REPORT_NAME, split_of, spread
-from tokenfleet.models import EOS_TOKEN, stdlib_source_files
+from tokenfleet.builtin_model.tiny_code import REPORT_NAME, split_of, spread
+from tokenfleet.builtin_model.tokenizer import EOS_TOKEN, stdlib_source_files
 
 DEFAULT_VAL_FRACTION = 0.05
 
