@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from tokenfleet.engine.sla_contract import REJECT_PREFIX, decide_class
 from tokenfleet.spec import SchedulerSpec
 
 # A class without `maxWaitS` still ages: an unbounded wait is never what anyone wants.
@@ -36,8 +37,6 @@ VLLM_DEFAULT_PRIORITY = 0
 OTHER_TENANT = "other"
 # Past this share of a class queue's limit, a tenant already holding its share of it is turned away.
 SHARED_QUEUE_FRACTION = 0.75
-# Rejection reasons start with this, so a gateway can tell admission control from other aborts.
-REJECT_PREFIX = "tokenfleet:rejected"
 
 Key = tuple[int, float, float, float, int]
 
@@ -130,27 +129,25 @@ def resolve_class(
 ) -> tuple[ClassPolicy, str]:
     """The class and tenant of a request, from vLLM's `priority` and `vllm_xargs`.
 
-    Precedence: an explicit known `slo_class`; else a non-default `priority` equal to a class's;
-    else the tenant's default class; else the spec's default class. vLLM's `priority` defaults to
-    0, which is also the top class's priority in the default spec, so a bare 0 is not trusted:
-    an untagged request must not become interactive. Finally the tenant's `maxClass` caps it.
+    The class is `sla_contract.decide_class`'s, lenient (the scheduler cannot refuse a request
+    for naming an unknown class: it falls back): a known `slo_class`; else a non-default
+    `priority` equal to a class's; else the tenant's default class; else the spec's default
+    class; capped at the tenant's `maxClass`. vLLM's `priority` defaults to 0, which is also the
+    top class's priority in the default spec, so a bare 0 is not trusted: an untagged request
+    must not become interactive.
     """
     xargs = extra_args or {}
     tenant_raw = xargs.get("tenant")
     tenant = str(tenant_raw)[:63] if tenant_raw else "default"
-    chosen: ClassPolicy | None = None
     name = xargs.get("slo_class")
-    if isinstance(name, str) and name in config._by_name:
-        chosen = config.class_named(name)
-    elif priority != VLLM_DEFAULT_PRIORITY:
-        chosen = config.class_of_priority(priority)
-    if chosen is None:
-        chosen = config.class_named(config.tenant_default_class.get(tenant, config.default_class))
-    cap = config.tenant_max_class.get(tenant)
-    if cap is not None:
-        capped = config.class_named(cap)
-        if chosen.priority < capped.priority:
-            chosen = capped
+    chosen = decide_class(
+        config.classes,
+        config.default_class,
+        name=name if isinstance(name, str) else None,
+        priority=priority if priority != VLLM_DEFAULT_PRIORITY else None,
+        tenant_default=config.tenant_default_class.get(tenant),
+        tenant_max=config.tenant_max_class.get(tenant),
+    )
     return chosen, tenant
 
 

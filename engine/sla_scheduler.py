@@ -2,8 +2,8 @@
 
 Loaded by vLLM with `--scheduling-policy priority --scheduler-cls
 tokenfleet.engine.sla_scheduler.SLAScheduler` (see `launch.engine_command`), in the EngineCore
-process. The classes and tenants come from `TOKENFLEET_SCHEDULER_SPEC` (the SchedulerSpec as
-JSON); each request's class and tenant from its `priority` and `vllm_xargs`
+process. The classes and tenants come from `TOKENFLEET_SCHEDULER_SPEC` (`sla_contract.SPEC_ENV`:
+the SchedulerSpec as JSON); each request's class and tenant from its `priority` and `vllm_xargs`
 (`{"slo_class": ..., "tenant": ...}`).
 
 What it changes in vLLM, and where (ADR 0004 lists what is fragile):
@@ -11,7 +11,7 @@ What it changes in vLLM, and where (ADR 0004 lists what is fragile):
 - both waiting queues are replaced by `SLAQueue` (aging, class priority, VTC, slack);
 - `add_request` tags the request with a `Ticket` and applies per-class admission limits; a
   rejected request finishes at once with finish_reason `abort` and a `stop_reason` starting
-  with `tokenfleet:rejected` (the gateway maps it to 429/503);
+  with `sla_contract.REJECT_PREFIX` (the gateway maps it to 503);
 - `schedule` first preempts low-class running requests for an urgent waiting head (vLLM 0.32
   never preempts for a waiting request, issue #40004), ranks the running list so vLLM's own
   KV-pressure victim is the least valuable one, then calls vLLM's `schedule`;
@@ -33,6 +33,7 @@ from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
+from tokenfleet.engine.sla_contract import SPEC_ENV
 from tokenfleet.engine.sla_metrics import SchedulerMetrics, export
 from tokenfleet.engine.sla_policy import (
     PolicyConfig,
@@ -48,7 +49,6 @@ from tokenfleet.engine.sla_policy import (
 )
 from tokenfleet.spec import SchedulerSpec
 
-SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
 TICKET_ATTR = "tf_ticket"
 DEPTH_INTERVAL_S = 0.25  # how often the per-class depth gauges are recounted (O(queue))
 

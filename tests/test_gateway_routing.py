@@ -17,7 +17,6 @@ from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError, decid
 from tokenfleet.engine.gateway.replicas import parse_engine_metrics
 from tokenfleet.engine.gateway.routing import ReplicaView, RouteKey
 from tokenfleet.engine.gateway.tenancy import (
-    ClassError,
     KeyFileError,
     KeyRing,
     bearer_key,
@@ -28,6 +27,7 @@ from tokenfleet.engine.gateway.tenancy import (
     resolve_class,
     with_fields,
 )
+from tokenfleet.engine.sla_contract import ClassError
 from tokenfleet.spec import SchedulerSpec, Tenant
 
 replica_lists = st.lists(

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenfleet.engine.sla_contract import REJECT_PREFIX
 from tokenfleet.engine.sla_policy import (
     DEFAULT_MAX_WAIT_S,
     OTHER_TENANT,
-    REJECT_PREFIX,
     ClassPolicy,
     FairShare,
     PolicyConfig,

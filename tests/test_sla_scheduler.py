@@ -35,9 +35,10 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from tokenfleet.engine import sla_metrics
+from tokenfleet.engine.sla_contract import REJECT_PREFIX, SPEC_ENV
 from tokenfleet.engine.sla_metrics import SchedulerMetrics, export
-from tokenfleet.engine.sla_policy import REJECT_PREFIX, SLAQueue
-from tokenfleet.engine.sla_scheduler import SPEC_ENV, SLAScheduler, VLLMSLAQueue, load_spec
+from tokenfleet.engine.sla_policy import SLAQueue
+from tokenfleet.engine.sla_scheduler import SLAScheduler, VLLMSLAQueue, load_spec
 from tokenfleet.models import ensure_builtin
 from tokenfleet.spec import SchedulerSpec
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenfleet.engine.gateway.app import create_app
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.launch import EngineProcess
-from tokenfleet.engine.sla_policy import REJECT_PREFIX
+from tokenfleet.engine.sla_contract import REJECT_PREFIX
 from tokenfleet.load.bench import run_workload
 from tokenfleet.load.workload import parse_workload
 

@@ -46,7 +46,6 @@ from tokenfleet.engine.gateway.outcomes import Outcomes
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
 from tokenfleet.engine.gateway.resume import StreamResume, resumable
 from tokenfleet.engine.gateway.tenancy import (
-    ClassError,
     KeyRing,
     bearer_key,
     engine_fields,
@@ -65,6 +64,7 @@ from tokenfleet.engine.gateway.validation import (
     validate_body,
 )
 from tokenfleet.engine.gateway.wire import ON_DISCONNECT, Answer
+from tokenfleet.engine.sla_contract import ClassError
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 

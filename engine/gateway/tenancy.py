@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from tokenfleet.engine.sla_contract import decide_class
 from tokenfleet.spec import SchedulerSpec, SLOClass, Tenant
 
 KEYS_ENV = "TOKENFLEET_API_KEYS"  # "key1=tenant-a,key2=tenant-b"
@@ -103,10 +104,6 @@ def bearer_key(authorization: str | None, x_api_key: str | None) -> str | None:
     return x_api_key or None
 
 
-class ClassError(ValueError):
-    pass
-
-
 def resolve_class(
     scheduler: SchedulerSpec,
     tenant: Tenant,
@@ -114,28 +111,19 @@ def resolve_class(
     requested_name: str | None,
     requested_priority: int | None,
 ) -> SLOClass:
-    """The class a request runs in: what it asked for (header name or body priority), else the
-    tenant's default, else the service default; never more important than the tenant's
-    maxClass (a request above it is capped down to it, not refused)."""
-    if requested_name is not None:
-        try:
-            wanted = scheduler.class_named(requested_name)
-        except KeyError:
-            names = ", ".join(c.name for c in scheduler.classes)
-            raise ClassError(f"unknown class {requested_name!r}; known: {names}") from None
-    elif requested_priority is not None:
-        matches = [c for c in scheduler.classes if c.priority == requested_priority]
-        if not matches:
-            known = ", ".join(f"{c.priority} ({c.name})" for c in scheduler.classes)
-            raise ClassError(f"priority {requested_priority} is not a class priority; known: {known}")
-        wanted = matches[0]
-    else:
-        wanted = scheduler.class_named(tenant.default_class or scheduler.default_class)
-    if tenant.max_class is not None:
-        ceiling = scheduler.class_named(tenant.max_class)
-        if wanted.priority < ceiling.priority:  # lower number = more important
-            return ceiling
-    return wanted
+    """The class a client's request runs in (`sla_contract.decide_class`, strict: an unknown
+    class name or priority is the client's error): what it asked for (header name or body
+    priority), else the tenant's default, else the service default; capped at the tenant's
+    maxClass."""
+    return decide_class(
+        scheduler.classes,
+        scheduler.default_class,
+        name=requested_name,
+        priority=requested_priority,
+        tenant_default=tenant.default_class,
+        tenant_max=tenant.max_class,
+        strict=True,
+    )
 
 
 def with_fields(
