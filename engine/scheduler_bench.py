@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 import signal
@@ -28,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from tokenfleet.engine.launch import TIMED_SCHEDULER_CLS, EngineCommand
 from tokenfleet.engine.sla_policy import wait_bound_s
+from tokenfleet.load import stats
+from tokenfleet.observability import promtext
 
 TENANTS = ("noisy", "t2", "t3", "t4")
 NOISY = TENANTS[0]
@@ -203,13 +205,8 @@ def generate(
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """Linear interpolation between closest ranks (numpy's default), None without values."""
+    return float(np.percentile(values, q)) if values else None
 
 
 def jain(values: Sequence[float]) -> float | None:
@@ -329,18 +326,8 @@ def throughput(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, floa
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → {name{labels}: value} (labels kept verbatim)."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"^(\S+)\s+(\S+)", line)
-        if match:
-            try:
-                samples[match.group(1)] = float(match.group(2))
-            except ValueError:
-                continue
-    return samples
+    """Prometheus text → {name{labels}: value} (labels sorted; `_created` dropped)."""
+    return promtext.flat(text)
 
 
 def metric_delta(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
@@ -726,16 +713,11 @@ def _num(v: float | None) -> str:
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
-    """Mean and 95% half-width (Student t for the small n here)."""
+    """Mean and 95% half-width over seeds (Student t, load/stats.py)."""
     if not values:
         return None
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(n, 2.0)
-    return mean, t * sd / math.sqrt(n)
+    interval = stats.mean_ci(values)
+    return interval.mean, interval.half_width if len(values) > 1 else 0.0
 
 
 def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import yaml
 
+from tokenfleet.observability import promtext
 from tokenfleet.spec import LLMService, parse_service
 
 STEP_WORKLOAD = Path(__file__).resolve().parent / "workloads" / "step.yaml"
@@ -319,12 +320,11 @@ def run_rollout(
 
 def _upstream_errors(exposition: str) -> dict[str, float]:
     """Failed upstream attempts per replica, from the gateway's own counter."""
+    attempts = promtext.samples(exposition)
     errors: dict[str, float] = {}
-    for line in exposition.splitlines():
-        if line.startswith("tokenfleet_gateway_upstream_requests_total{") and 'outcome="ok"' not in line:
-            replica = re.search(r'replica="([^"]+)"', line)
-            if replica:
-                errors[replica.group(1)] = errors.get(replica.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
+    for s in attempts:
+        if s.name == "tokenfleet_gateway_upstream_requests_total" and s.labels.get("outcome") != "ok":
+            errors[s.labels["replica"]] = errors.get(s.labels["replica"], 0.0) + s.value
     return errors
 
 

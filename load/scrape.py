@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tokenfleet.observability import promtext
+
 KEEP_PREFIXES = ("vllm:",)
 # Series the report plots, with the older spellings vLLM used for the same thing.
 QUEUE = ("vllm:num_requests_waiting",)
@@ -27,26 +29,7 @@ TTFT_COUNT = "vllm:time_to_first_token_seconds_count"
 
 def parse_prometheus(text: str) -> dict[str, float]:
     """Sum every sample of a `vllm:` series over its labels (one engine serves one model)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
-        if name_end < 0:
-            continue
-        name = line[:name_end]
-        if not name.startswith(KEEP_PREFIXES) or name.endswith("_bucket") or name.endswith("_created"):
-            continue
-        rest = line[line.rfind("}") + 1 :] if "}" in line else line[name_end:]
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
+    return promtext.summed(text, KEEP_PREFIXES)
 
 
 def first_of(sample: dict[str, float], names: tuple[str, ...]) -> float | None:
@@ -103,8 +86,9 @@ class Scraper:
         t = time.time()
         try:
             sample = scrape_once(client, self.url)
-        except httpx.HTTPError:
-            # A busy or restarting server must not end the run; the gap shows in the plot.
+        except (httpx.HTTPError, ValueError):
+            # A busy or restarting server (or a cut-off exposition) must not end the run; the gap
+            # shows in the plot.
             self.errors += 1
             return False
         self.record(t, sample)

@@ -279,14 +279,14 @@ vllm:time_to_first_token_seconds_count{model_name="tiny"} 5.0
 vllm:time_to_first_token_seconds_created{model_name="tiny"} 1.7e9
 vllm:num_preemptions_total 2
 python_gc_objects_collected_total{generation="0"} 10.0
-vllm:bad_value{x="1"} NaNx
 """
     parsed = parse_prometheus(text)
     assert parsed["vllm:num_requests_running"] == 4.0
     assert parsed["vllm:num_preemptions_total"] == 2.0
     assert "vllm:time_to_first_token_seconds_bucket" not in parsed
     assert "python_gc_objects_collected_total" not in parsed
-    assert "vllm:bad_value" not in parsed
+    with pytest.raises(ValueError, match="NaNx"):
+        parse_prometheus('vllm:bad_value{x="1"} NaNx\n')  # the scraper counts it as a failed scrape
     after = {"vllm:time_to_first_token_seconds_sum": 2.5, "vllm:time_to_first_token_seconds_count": 15.0}
     mean = histogram_mean(parsed, after, "vllm:time_to_first_token_seconds")
     assert mean == (pytest.approx(0.2), 10)

@@ -169,7 +169,6 @@ tokenfleet_scheduler_schedule_seconds_bucket{le="+Inf"} 10.0
 tokenfleet_scheduler_schedule_seconds_sum 0.002
 tokenfleet_scheduler_schedule_seconds_count 10.0
 vllm:num_preemptions_created{engine="0"} 17.0
-junk line-without-number x
 """
 METRICS_AFTER = """vllm:num_preemptions_total{engine="0"} 7.0
 tokenfleet_scheduler_schedule_seconds_bucket{le="0.0005"} 900.0
@@ -227,7 +226,7 @@ def test_aggregate_and_markdown() -> None:
     assert agg["seeds"] == 3
     mean, half = agg["output_tok_per_s"]
     assert mean == pytest.approx(102.0)
-    assert half == pytest.approx(4.30 * 1.0 / 3**0.5)
+    assert half == pytest.approx(4.303 * 1.0 / 3**0.5)  # t(0.975, df=2)
     assert agg["batch.max_wait"] == pytest.approx(12.0)  # max over seeds
     assert agg["interactive.rejected"] == 3
     text = sb.render_markdown({"runs": runs})
