@@ -415,7 +415,8 @@ def run_bench(
             results[name] = run_rollout(
                 name, specs[name], specs["canary-bad"], out, workload, rollout_s, port
             )
-        results[name]["finished"] = time.time()
+        # Kept per scenario: a later `--scenarios` run may use other settings than this one.
+        results[name].update(finished=time.time(), rate=rate, phase_s=phase_s, rollout_s=rollout_s)
         _save(out, results)
     return results
 
@@ -491,12 +492,13 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"- {e['t']:.1f} s: {e['reason']}")
     for name, title in (("rolling", "Rolling update under load"), ("canary", "Bad canary under load")):
         r = results[name]
-        rate = cfg["rate"] * (CANARY_LOAD if name == "canary" else 1)
+        rate = r.get("rate", cfg["rate"]) * (CANARY_LOAD if name == "canary" else 1)
         lines += [
             "",
             f"## {title}",
             "",
-            f"Constant {rate:g} req/s for {cfg['rollout_s']:g} s; `tokenfleet apply` 10 s in."
+            f"Constant {rate:g} req/s for {r.get('rollout_s', cfg['rollout_s']):g} s; "
+            "`tokenfleet apply` 10 s in."
             + (f" Answers of ~{CANARY_OUTPUT_MEDIAN} tokens (median)." if name == "canary" else ""),
             "",
             "| requests | failed (client) | failed upstream attempts per replica | ends | after apply |",
