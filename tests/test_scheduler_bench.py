@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenfleet.engine import scheduler_bench as sb
-from tokenfleet.engine.scheduler_bench import Arrival, Outcome
+from tokenfleet.load import scheduler_bench as sb
+from tokenfleet.load.scheduler_bench import Arrival, Outcome
 from tokenfleet.spec import parse_service
 
 
