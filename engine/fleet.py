@@ -30,7 +30,8 @@ import uvloop
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from tokenfleet.engine.gateway.app import LOCAL_HOSTS, Gateway, error_body
+from tokenfleet.engine.gateway.app import LOCAL_HOSTS, Gateway
+from tokenfleet.engine.gateway.calls import error_body
 from tokenfleet.engine.gateway.replicas import Replica
 from tokenfleet.engine.gateway.server import freeze_startup_heap, gateway_config
 from tokenfleet.engine.launch import EngineProcess, engine_command

@@ -634,7 +634,7 @@ def test_engine_scheduler_rejection_becomes_503_with_retry_after(
 
 
 def test_scheduler_rejection_parser() -> None:
-    from tokenfleet.engine.gateway.app import scheduler_rejection
+    from tokenfleet.engine.gateway.forward import scheduler_rejection
 
     abort = {"finish_reason": "abort", "stop_reason": "tokenfleet:rejected: full"}
     assert scheduler_rejection(json.dumps({"choices": [abort]}).encode()) == "full"

@@ -92,6 +92,6 @@ def test_stream_usage_is_settled_and_stripped(gateway: tuple[str, Gateway], engi
     # Settled (just after the last chunk reached the client): what was spent is about prompt + 4
     # generated tokens, not the 512-token pre-charge. The stored value, not refilled since.
     deadline = time.monotonic() + 5
-    while gw.buckets[("default", "tokens")].tokens < 1_000_000 - 60:
-        assert time.monotonic() < deadline, gw.buckets[("default", "tokens")]
+    while gw.ledger.buckets[("default", "tokens")].tokens < 1_000_000 - 60:
+        assert time.monotonic() < deadline, gw.ledger.buckets[("default", "tokens")]
         time.sleep(0.02)

@@ -247,7 +247,7 @@ def test_streams_are_precharged_to_the_context_and_settled_from_usage(fakes: tup
         assert b"usage" not in reply.content  # the client did not ask for it
         assert reply.content.endswith(b"data: [DONE]\n\n")
         # Settled from the engine's count (1 prompt + 4 generated), not the pre-charge.
-        wait_for(lambda: gateway.buckets[("default", "tokens")].tokens > 100_000 - 10)
+        wait_for(lambda: gateway.ledger.buckets[("default", "tokens")].tokens > 100_000 - 10)
         # A client that asks for usage gets it.
         asked = httpx.post(f"{url}/v1/completions", json={**body, "stream_options": {"include_usage": True}})
         assert b'"total_tokens":5' in asked.content
@@ -262,7 +262,7 @@ def test_tenant_concurrency_cap(fakes: tuple[Fake, Fake]) -> None:
             replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=COMPLETION), range(4)))
         codes = sorted(r.status_code for r in replies)
         assert codes == [200, 200, 429, 429]
-        wait_for(lambda: gateway.tenant_active["default"] == 0)  # settled just after each answer
+        wait_for(lambda: gateway.ledger.tenant_active["default"] == 0)  # settled just after each answer
         assert httpx.post(f"{url}/v1/completions", json=COMPLETION).status_code == 200
 
 
@@ -319,7 +319,7 @@ def test_502_is_generic_with_a_request_id(fakes: tuple[Fake, Fake], caplog: pyte
     service = tiny_service(routing={**FAST, "ejectAfterFailures": 5})
     with running(service, [("r0", fakes[0].url)]) as (url, _):
         fakes[0].faults.status_5xx = 2  # the attempt and its retry fail
-        with caplog.at_level(logging.WARNING, logger="tokenfleet.engine.gateway.app"):
+        with caplog.at_level(logging.WARNING, logger="tokenfleet.engine.gateway.forward"):
             reply = httpx.post(f"{url}/v1/completions", json=COMPLETION, headers={"x-request-id": "req-42"})
     assert reply.status_code == 502
     message = reply.json()["error"]["message"]

@@ -1,46 +1,38 @@
-"""The gateway's HTTP layer: FastAPI routes, one pooled upstream client, forwarding with failover.
+"""The gateway's routes: the FastAPI app, its handlers, and the replica set's membership.
 
 Order of work per request, cheapest refusal first: auth (401, nothing read) → body size (413) →
 JSON and field validation (400/404) → class → tenant rate limits (429) → admission (503) →
-route → forward. Only the last two touch an engine.
-
-Retry rule: an attempt that fails before anything reached the client (connect error, reset,
-timeout, 5xx status, or a stream that dies before its first chunk) is retried on another
-replica, at most `routing.retries` times. Streams are relayed lazily: the first upstream chunk
-is read before the client gets headers, so "engine died right after accepting" is retryable.
-Once a byte was sent the request is never replayed (generation is not idempotent); a stream that
-breaks ends with an SSE `error` data event.
+route → forward. Only the last two touch an engine; they are `forward.Forwarder`'s. The tenant
+ledger is `ledger.py`; the dashboard is only mounted here (observability/dashboard.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import math
 import os
-import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from tokenfleet.engine.gateway import limits, routing
 from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
+from tokenfleet.engine.gateway.calls import Call, error_body
 from tokenfleet.engine.gateway.discovery import ApiAccess, Discovery, DiscoveryConfig, EngineEndpoint, plan
 from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
+from tokenfleet.engine.gateway.forward import CLASS_HEADER, Forwarder
+from tokenfleet.engine.gateway.ledger import RateLimitedError, TenantLedger
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.outcomes import Outcomes
 from tokenfleet.engine.gateway.replicas import Replica, ReplicaSet, probe_forever
@@ -54,7 +46,7 @@ from tokenfleet.engine.gateway.tenancy import (
     with_fields,
 )
 from tokenfleet.engine.gateway.tracing import Tracing
-from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
+from tokenfleet.engine.gateway.upstream import Upstream
 from tokenfleet.engine.gateway.usage import UsageRelay
 from tokenfleet.engine.gateway.validation import (
     RequestError,
@@ -63,13 +55,11 @@ from tokenfleet.engine.gateway.validation import (
     parse_json,
     validate_body,
 )
-from tokenfleet.engine.gateway.wire import ON_DISCONNECT, Answer
+from tokenfleet.engine.gateway.wire import ON_DISCONNECT
 from tokenfleet.engine.sla_contract import ClassError
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 
-CLASS_HEADER = "x-tokenfleet-class"
-REPLICA_HEADER = "x-tokenfleet-replica"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # With auth on, every other path needs a key unless the caller is on this host (operational
@@ -79,38 +69,6 @@ ADMIN_PREFIX = "/admin/"  # localhost-only by their own check: the fleet's CLI c
 CLIENT_GONE = 499  # nginx's "client closed request": recorded, never sent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Call:
-    """One client request as it moves through the gateway (for metrics, span and limits)."""
-
-    route: str
-    span: Span
-    headers: dict[str, str]  # the client's, names lower-case (ASGI), read once per request
-    method: str = "POST"
-    started: float = field(default_factory=time.perf_counter)
-    cls: str = "none"
-    tenant: str = "none"
-    estimate: int = 0
-    done: bool = False
-    replica: str | None = None  # the replica of the latest attempt
-    holds_tenant_slot: bool = False  # counted in the tenant's concurrency until finished
-    client_gone: bool = False  # the client's connection closed before its answer
-
-
-def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": status}}
-
-
-def sse_error(message: str) -> bytes:
-    payload = json.dumps(error_body(502, message, "upstream_error"))
-    return f"data: {payload}\n\n".encode()
-
-
-def request_id(call: Call) -> str:
-    """The client's x-request-id, else a fresh one: what an error answer and its log line share."""
-    return call.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
 
 
 class Gateway:
@@ -152,19 +110,26 @@ class Gateway:
         if spec.autoscaling.enabled and spec.autoscaling.scale_to_zero:
             self.admission.activation_wait_s = spec.autoscaling.activation_timeout_s
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
-        # Traffic percent per revision during a canary (set by the control loop); None: all replicas.
-        self.weights: dict[str, int] | None = None
         self.outcomes = Outcomes(listener=self.metrics.count_outcome)
-        self.buckets: dict[tuple[str, str], limits.Bucket] = {}
-        self.tenant_active: dict[str, int] = {}  # requests per tenant in the gateway now
+        self.ledger = TenantLedger(spec.gateway.default_limits)
         # Resume streams broken by a dead replica on another one (resume.py).
         self.resume_streams = self.routing.resume_streams
         self._fields_cache: dict[tuple[str, str], tuple[dict[str, object], bytes]] = {}
-        self.counter = itertools.count()
-        self.rng = random.Random()
         # One pooled client for all upstream traffic (requests and probes), started with the app.
         self.upstream = Upstream(
             connect_timeout_s=self.routing.connect_timeout_s, read_timeout_s=self.routing.first_byte_timeout_s
+        )
+        self.forwarder = Forwarder(
+            routing=self.routing,
+            model_name=spec.model.name,
+            replicas=self.replicas,
+            upstream=self.upstream,
+            metrics=self.metrics,
+            outcomes=self.outcomes,
+            tracing=self.tracing,
+            ledger=self.ledger,
+            refuse=self._refuse,
+            finish=self._finish,
         )
         self._prober: asyncio.Task[None] | None = None
         # On a cluster: replicas and weights from the Kubernetes API instead of `set_replicas`.
@@ -184,7 +149,12 @@ class Gateway:
         self._refresh_slots()
 
     def set_weights(self, weights: Mapping[str, int] | None) -> None:
-        self.weights = dict(weights) if weights else None
+        self.forwarder.weights = dict(weights) if weights else None
+
+    @property
+    def weights(self) -> dict[str, int] | None:
+        """Traffic percent per revision during a canary (set by the control loop); None: all replicas."""
+        return self.forwarder.weights
 
     def apply_endpoints(self, endpoints: list[EngineEndpoint]) -> None:
         """Discovered ready engine pods become the replica set; pods that left get no new requests
@@ -359,7 +329,7 @@ class Gateway:
             self._authenticate(call.headers)
         except RequestError as exc:
             return self._refuse(call, exc)
-        return await self._forward(call, "GET", None, streaming=False, release=None)
+        return await self.forwarder.forward(call, "GET", None, streaming=False, release=None)
 
     def _passthrough(self, path: str, method: str) -> Endpoint:
         async def endpoint(request: Request) -> Response:
@@ -373,7 +343,7 @@ class Gateway:
                     body = raw
             except RequestError as exc:
                 return self._refuse(call, exc)
-            return await self._forward(call, method, body, streaming=False, release=None)
+            return await self.forwarder.forward(call, method, body, streaming=False, release=None)
 
         return endpoint
 
@@ -399,8 +369,8 @@ class Gateway:
             slo_class = self._class_for(tenant, call.headers, document)
             call.cls = slo_class.name
             call.estimate = estimated_tokens(body, self.spec.model.max_model_len)
-            self._charge(tenant, call.estimate)
-            self._enter_tenant(call, tenant)
+            self.ledger.charge(tenant, call.estimate)
+            self.ledger.enter(call, tenant)
         except RequestError as exc:
             return self._refuse(call, exc)
         except ClientDisconnect:  # gone (or timed out, wire.py) while sending its body
@@ -410,12 +380,12 @@ class Gateway:
         fields, cached = self._engine_fields(slo_class, tenant.name)
         encoded: bytes | None = cached
         usage: UsageRelay | None = None
-        if streaming and route != "/v1/responses" and (tenant.name, "tokens") in self.buckets:
+        if streaming and route != "/v1/responses" and (tenant.name, "tokens") in self.ledger.buckets:
             # Settle a stream from the engine's own count: ask for its usage chunk, and take it
             # out again if the client did not ask for it.
             usage, fields = UsageRelay.for_request(document, fields)
             encoded = None
-        elif streaming and (tenant.name, "tokens") in self.buckets:
+        elif streaming and (tenant.name, "tokens") in self.ledger.buckets:
             usage = UsageRelay(strip=False)  # the Responses API streams its usage always
         resume: StreamResume | None = None
         if streaming and self.resume_streams and resumable(route, document):
@@ -431,12 +401,12 @@ class Gateway:
             try:
                 await self.admission.acquire(slo_class.name)
             except ShedError as exc:
-                self._refund(tenant.name, call.estimate)  # a shed request did not use its allowance
+                self.ledger.refund(tenant.name, call.estimate)  # a shed request did not use its allowance
                 return self._refuse(
                     call, RequestError(503, str(exc), "overloaded"), retry_after=exc.retry_after_s
                 )
             # Gauges (queued, routable) are refreshed by the prober's tick, not on this hot path.
-            return await self._forward(
+            return await self.forwarder.forward(
                 call,
                 "POST",
                 payload,
@@ -460,20 +430,6 @@ class Gateway:
         call.client_gone = True
         if task is not None and not task.done():
             task.cancel()
-
-    def _enter_tenant(self, call: Call, tenant: Tenant) -> None:
-        """Count the request against the tenant's concurrency cap, or refuse it (429)."""
-        cap = tenant.max_concurrent or self.spec.gateway.default_limits.max_concurrent
-        if cap is None:
-            return
-        active = self.tenant_active.get(tenant.name, 0)
-        if active >= cap:
-            self._refund(tenant.name, call.estimate)
-            raise RequestError(
-                429, f"tenant over its limit of {cap} concurrent requests; retry later", "rate_limit_exceeded"
-            )
-        self.tenant_active[tenant.name] = active + 1
-        call.holds_tenant_slot = True
 
     def _engine_fields(self, slo_class: SLOClass, tenant: str) -> tuple[dict[str, object], bytes]:
         """The fields the engine's scheduler reads, and their JSON: one of classes x tenants."""
@@ -527,390 +483,6 @@ class Gateway:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _tenant_limits(self, tenant: Tenant) -> tuple[int | None, int | None]:
-        defaults = self.spec.gateway.default_limits
-        return (
-            tenant.requests_per_minute or defaults.requests_per_minute,
-            tenant.tokens_per_minute or defaults.tokens_per_minute,
-        )
-
-    def _charge(self, tenant: Tenant, tokens: int) -> None:
-        """Take one request and the estimated tokens from the tenant's buckets, or 429."""
-        rpm, tpm = self._tenant_limits(tenant)
-        now = time.monotonic()
-        takes: list[tuple[tuple[str, str], limits.Take]] = []
-        for kind, per_minute, amount in (("requests", rpm, 1), ("tokens", tpm, tokens)):
-            if per_minute is None:
-                continue
-            key = (tenant.name, kind)
-            bucket = self.buckets.get(key) or limits.Bucket.full(per_minute, now)
-            result = limits.take(bucket, amount, now)
-            if not result.ok:
-                raise _RateLimitedError(kind, per_minute, result.retry_after_s)
-            takes.append((key, result))
-        for key, result in takes:  # commit only when every bucket agreed
-            self.buckets[key] = result.bucket
-
-    def _refund(self, tenant_name: str, tokens: int) -> None:
-        now = time.monotonic()
-        for kind, amount in (("requests", 1), ("tokens", tokens)):
-            key = (tenant_name, kind)
-            if key in self.buckets:
-                self.buckets[key] = limits.adjust(self.buckets[key], -amount, now)
-
-    def _settle_tokens(self, call: Call, content: bytes) -> None:
-        """Post-pay: correct the tokens bucket with the response's real usage."""
-        if (call.tenant, "tokens") not in self.buckets:
-            return
-        try:
-            usage = json.loads(content).get("usage") or {}
-            actual = int(usage["total_tokens"])
-        except (ValueError, TypeError, AttributeError, KeyError):
-            return
-        self._settle(call, actual)
-
-    def _settle(self, call: Call, actual: int) -> None:
-        key = (call.tenant, "tokens")
-        if key in self.buckets:
-            self.buckets[key] = limits.adjust(self.buckets[key], actual - call.estimate, time.monotonic())
-
-    # -- forwarding ---------------------------------------------------------------------------
-
-    def _upstream_headers(self, call: Call) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": call.headers.get("accept", "*/*")}
-        request_id = call.headers.get("x-request-id")
-        if request_id:
-            headers["x-request-id"] = request_id[:128]
-        # The engine's spans hang off this request's SERVER span: one trace per request.
-        headers.update(self.tracing.context_headers(call.span))
-        return headers
-
-    def _route_key(self, call: Call, document: Mapping[str, Any] | None) -> routing.RouteKey:
-        if self.routing.policy == "prefix_affinity" and document is not None:
-            return routing.RouteKey(prefix=routing.prompt_prefix(document, self.routing.prefix_chars))
-        if self.routing.policy == "session_affinity":
-            return routing.RouteKey(session=call.headers.get(self.routing.session_header.lower()))
-        return routing.RouteKey()
-
-    def _pick(self, key: routing.RouteKey, exclude: list[str]) -> Replica | None:
-        candidates = self.replicas.routable(exclude)
-        if not candidates:
-            return None
-        if self.weights is not None:
-            candidates = routing.by_revision_weight(candidates, self.weights, self.rng)
-        view = routing.choose(
-            self.routing.policy,
-            [r.view() for r in candidates],
-            key,
-            counter=next(self.counter),
-            rng=self.rng,
-            load_factor=self.routing.bounded_load_factor,
-        )
-        return self.replicas.replicas[view.id]
-
-    async def _forward(
-        self,
-        call: Call,
-        method: str,
-        body: bytes | None,
-        *,
-        streaming: bool,
-        release: Callable[[], None] | None,
-        document: Mapping[str, Any] | None = None,
-        usage: UsageRelay | None = None,
-        resume: StreamResume | None = None,
-    ) -> Response:
-        headers = self._upstream_headers(call)
-        key = self._route_key(call, document)
-        tried: list[str] = []
-        last_error = "no ready replica"
-        try:
-            for attempt in range(1 + self.routing.retries):
-                replica = self._pick(key, tried)
-                if replica is None:
-                    break
-                tried.append(replica.id)
-                if attempt:
-                    self.metrics.retries.labels(call.route).inc()
-                    call.span.set_attribute("tokenfleet.retries", attempt)
-                outcome = await self._attempt(
-                    call, replica, method, body, headers, streaming, release, usage, resume
-                )
-                if isinstance(outcome, Response):
-                    release = None  # handed over to the response
-                    return outcome
-                last_error = outcome
-        finally:
-            if release is not None:
-                release()
-        if not tried:
-            return self._refuse(
-                call, RequestError(503, "no ready replica", "upstream_error"), retry_after=1.0
-            )
-        # The cause (replica, exception text) goes to the log, never to the client.
-        rid = request_id(call)
-        log.warning("request %s: all %d attempt(s) failed: %s", rid, len(tried), last_error)
-        message = f"the model server failed to answer: all {len(tried)} attempt(s) failed (request id {rid})"
-        return self._refuse(call, RequestError(502, message, "upstream_error"), retry_after=1.0)
-
-    async def _attempt(
-        self,
-        call: Call,
-        replica: Replica,
-        method: str,
-        body: bytes | None,
-        headers: dict[str, str],
-        streaming: bool,
-        release: Callable[[], None] | None,
-        usage: UsageRelay | None = None,
-        resume: StreamResume | None = None,
-    ) -> Response | str:
-        """One try on one replica: a Response once committed to the client, else why it failed."""
-        call.replica = replica.id
-        self._enter(replica)
-        upstream: UpstreamResponse | None = None
-        try:
-            upstream = await self.upstream.send(method, f"{replica.url}{call.route}", body, headers)
-            if upstream.status >= 500:
-                raise _UpstreamStatusError(upstream.status)
-            first_byte_s = time.perf_counter() - call.started
-            if streaming and upstream.status == 200:
-                self._observe_first_byte(call, replica, first_byte_s)
-                self.outcomes.record(replica.revision, True, first_byte_s)
-                chunks = upstream.chunks()
-                first = await anext(chunks, b"")
-                rejection = scheduler_rejection(first)
-                if rejection is not None:
-                    return self._engine_rejected(call, replica, rejection, release)
-                self.replicas.request_succeeded(replica)
-                self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
-                headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
-                relay = self._relay(call, replica, upstream, first, chunks, release, usage, resume)
-                upstream = None  # the relay owns it now
-                return StreamingResponse(relay, status_code=200, media_type=None, headers=headers)
-            content = await upstream.read()
-        except (UpstreamError, _UpstreamStatusError) as exc:
-            kind = exc.kind if isinstance(exc, UpstreamError) else "status_5xx"
-            # UpstreamError's text starts with the cause's type name already.
-            cause = exc if isinstance(exc, UpstreamError) else f"{type(exc).__name__} {exc}"
-            reason = f"{replica.id}: {cause}"
-            self.metrics.errors.labels(replica.id, call.route, kind).inc()
-            self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
-            self.replicas.request_failed(replica, reason)
-            self.outcomes.record(replica.revision, False, None)
-            self._leave(replica)
-            log.info("request attempt on %s failed: %s", replica.id, reason)
-            # A failed attempt is an event on the request's span (the retry is the next attempt).
-            call.span.add_event(
-                "upstream attempt failed",
-                {"tokenfleet.replica": replica.id, "error.type": kind, "exception.message": reason},
-            )
-            return reason
-        except asyncio.CancelledError:  # the client went away (_client_gone): not the replica's fault
-            self._leave(replica)
-            raise
-        finally:
-            if upstream is not None:
-                upstream.close()
-        ok = 200 <= upstream.status < 300
-        rejection = scheduler_rejection(content) if ok else None
-        if rejection is not None:
-            self._observe_first_byte(call, replica, first_byte_s)
-            return self._engine_rejected(call, replica, rejection, release)
-        # Replica and admission accounting, token settlement, metrics and the span's end run
-        # once the answer is on the wire: the client does not wait for them. They are queued
-        # right behind the write, ahead of any request that arrives after, so the next request
-        # still sees them done.
-        status = upstream.status
-        return Answer(
-            content,
-            status,
-            self._raw_response_headers(call, replica, upstream.content_type),
-            after=lambda: self._answered(
-                call, replica, status, content if ok else None, first_byte_s, release
-            ),
-        )
-
-    def _answered(
-        self,
-        call: Call,
-        replica: Replica,
-        status: int,
-        content: bytes | None,
-        first_byte_s: float,
-        release: Callable[[], None] | None,
-    ) -> None:
-        self._leave(replica)
-        self.replicas.request_succeeded(replica)
-        self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
-        self._observe_first_byte(call, replica, first_byte_s)
-        self.outcomes.record(replica.revision, True, first_byte_s)
-        if release is not None:
-            release()
-        if content is not None:
-            self._settle_tokens(call, content)
-        self._finish(call, status)
-
-    def _observe_first_byte(self, call: Call, replica: Replica, seconds: float) -> None:
-        self.metrics.child(self.metrics.first_byte, call.route, call.cls, replica.id).observe(seconds)
-
-    def _engine_rejected(
-        self, call: Call, replica: Replica, reason: str, release: Callable[[], None] | None
-    ) -> Response:
-        """The engine's scheduler refused the request (its class queue is full): 503, retry later.
-
-        The replica is healthy (it answered), so this is not a failure for the circuit breaker,
-        and it is not retried elsewhere: every replica runs the same admission limits.
-        """
-        self._leave(replica)
-        self.replicas.request_succeeded(replica)
-        self.metrics.upstream_requests.labels(replica.id, call.route, "ok").inc()
-        if release is not None:
-            release()
-        self._refund(call.tenant, call.estimate)  # refused work used none of the allowance
-        message = f"engine scheduler rejected the request: {reason}"
-        return self._refuse(call, RequestError(503, message, "overloaded"), retry_after=1.0)
-
-    def _raw_response_headers(
-        self, call: Call, replica: Replica, content_type: str | None
-    ) -> list[tuple[bytes, bytes]]:
-        """`_response_headers` as ASGI's byte pairs (what `Answer` sends as they are)."""
-        headers = self._response_headers(call, replica, content_type)
-        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-
-    def _response_headers(self, call: Call, replica: Replica, content_type: str | None) -> dict[str, str]:
-        headers = {REPLICA_HEADER: replica.id}
-        if call.cls != "none":
-            headers[CLASS_HEADER] = call.cls
-        if content_type:
-            headers["content-type"] = content_type
-        return headers
-
-    async def _relay(
-        self,
-        call: Call,
-        replica: Replica,
-        upstream: UpstreamResponse,
-        first: bytes,
-        chunks: AsyncIterator[bytes],
-        release: Callable[[], None] | None,
-        usage: UsageRelay | None = None,
-        resume: StreamResume | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Pass the engine's SSE bytes through (less a usage chunk the client did not ask for,
-        see `UsageRelay`). A break is resumed on another replica when `resume` allows (see
-        `resume.py`), else it becomes an SSE error event."""
-        tail = first[-2:]
-        status = 200
-        resumes_left = self.routing.retries
-        tried = [replica.id]
-        current: tuple[Replica, UpstreamResponse] | None = (replica, upstream)
-        pending = first
-        try:
-            while current is not None:
-                try:
-                    if pending:
-                        out = _shaped(pending, usage, resume)
-                        if out:
-                            tail = (tail + out)[-2:]
-                            yield out
-                    async for chunk in chunks:
-                        # Tokens are flowing: the replica is alive whatever its probes say.
-                        current[0].last_success = time.monotonic()
-                        out = _shaped(chunk, usage, resume)
-                        if out:
-                            tail = (tail + out)[-2:]
-                            yield out
-                    if usage is not None and usage.held:
-                        yield usage.flush()
-                    break
-                except UpstreamError as exc:
-                    broken, broken_upstream = current
-                    current = None
-                    self._stream_broke(call, broken, exc)
-                    broken_upstream.close()
-                    self._leave(broken)
-                    if resume is not None and resume.finished:
-                        yield b"data: [DONE]\n\n"  # only the stream's end was lost
-                        break
-                    if resume is not None and resumes_left > 0 and resume.remaining() > 0:
-                        resumes_left -= 1
-                        resume.broken()
-                        opened = await self._continue_stream(call, resume, tried)
-                        if opened is not None:
-                            current = (opened[0], opened[1])
-                            chunks, pending = opened[2], opened[3]
-                            continue
-                    status = 502
-                    rid = request_id(call)
-                    held = usage.flush() if usage is not None else b""
-                    tail = (tail + held)[-2:]
-                    prefix = b"" if tail in (b"", b"\n\n") else b"\n\n"  # never glue onto a partial event
-                    message = f"the model server failed mid-stream; not retried (request id {rid})"
-                    yield held + prefix + sse_error(message)
-        finally:
-            if current is not None:
-                # Closing the upstream aborts the engine's request (frees its KV cache) even when
-                # the client went away and this generator is being cancelled: a plain call, no
-                # await that the cancellation could interrupt.
-                live, live_upstream = current
-                if status == 200:
-                    live.last_success = time.monotonic()  # alive: see breaker's `busy`
-                live_upstream.close()
-                self._leave(live)
-            if usage is not None and usage.total_tokens is not None:
-                self._settle(call, usage.total_tokens)
-            if release is not None:
-                release()
-            # A client that disconnected surfaces here as GeneratorExit: still one finished call.
-            self._finish(call, status)
-
-    def _stream_broke(self, call: Call, replica: Replica, exc: UpstreamError) -> None:
-        self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
-        self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
-        self.outcomes.record(replica.revision, False, None)
-        log.warning("request %s: %s broke mid-stream: %s", request_id(call), replica.id, exc)
-
-    async def _continue_stream(
-        self, call: Call, resume: StreamResume, tried: list[str]
-    ) -> tuple[Replica, UpstreamResponse, AsyncIterator[bytes], bytes] | None:
-        """Open the continuation of a broken stream on a replica not tried yet, up to its first
-        chunk; None when no replica could take it."""
-        body = resume.continuation(self.spec.model.name)
-        headers = self._upstream_headers(call)
-        key = self._route_key(call, resume.document)
-        while (replica := self._pick(key, tried)) is not None:
-            tried.append(replica.id)
-            self._enter(replica)
-            upstream: UpstreamResponse | None = None
-            try:
-                upstream = await self.upstream.send("POST", f"{replica.url}/v1/completions", body, headers)
-                if upstream.status != 200:
-                    raise _UpstreamStatusError(upstream.status)
-                chunks = upstream.chunks()
-                first = await anext(chunks, b"")
-            except (UpstreamError, _UpstreamStatusError) as exc:
-                if upstream is not None:
-                    upstream.close()
-                self._leave(replica)
-                if isinstance(exc, _UpstreamStatusError) and exc.status < 500:
-                    log.warning("request %s: continuation refused: %s", request_id(call), exc)
-                    return None  # every replica would refuse it alike
-                self.replicas.request_failed(replica, f"{replica.id}: {exc}")
-                continue
-            self.metrics.retries.labels(call.route).inc()
-            call.span.set_attribute("tokenfleet.resumed", len(tried) - 1)
-            call.replica = replica.id
-            return replica, upstream, chunks, first
-        return None
-
-    def _enter(self, replica: Replica) -> None:
-        replica.in_flight += 1
-        replica.requests += 1
-
-    def _leave(self, replica: Replica) -> None:
-        replica.in_flight = max(0, replica.in_flight - 1)
-
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _begin(self, route: str, request: Request) -> Call:
@@ -927,7 +499,7 @@ class Gateway:
 
     def _refuse(self, call: Call, exc: RequestError, retry_after: float | None = None) -> JSONResponse:
         headers: dict[str, str] = {}
-        if isinstance(exc, _RateLimitedError):
+        if isinstance(exc, RateLimitedError):
             retry_after = exc.retry_after_s
         if retry_after is not None and exc.status in (429, 503):
             headers["retry-after"] = str(max(1, math.ceil(retry_after)))
@@ -944,8 +516,7 @@ class Gateway:
         if call.done:
             return
         call.done = True
-        if call.holds_tenant_slot:
-            self.tenant_active[call.tenant] -= 1
+        self.ledger.leave(call)
         metrics = self.metrics
         metrics.child(metrics.requests, call.route, call.cls, call.tenant, code_class(status)).inc()
         metrics.child(metrics.latency, call.route, call.cls).observe(time.perf_counter() - call.started)
@@ -962,57 +533,6 @@ class Gateway:
         if status >= 500:
             call.span.set_status(StatusCode.ERROR)
         call.span.end()
-
-
-REJECTED_PREFIX = "tokenfleet:rejected"
-
-
-def _shaped(chunk: bytes, usage: UsageRelay | None, resume: StreamResume | None) -> bytes:
-    """An upstream chunk as the client gets it: resumable streams rewritten first (whole events,
-    token ids it did not ask for removed), then a usage chunk it did not ask for taken out."""
-    if resume is not None:
-        chunk = resume.feed(chunk)
-    if usage is not None:
-        chunk = usage.feed(chunk)
-    return chunk
-
-
-def scheduler_rejection(content: bytes) -> str | None:
-    """The SLA scheduler's admission rejection carried in an engine's 200 answer, if any.
-
-    vLLM cannot turn a scheduler decision into an HTTP error, so the scheduler finishes the
-    request at once with finish_reason `abort` and a stop_reason starting `tokenfleet:rejected`
-    (engine/sla_scheduler.py). `content` is a JSON body or the first bytes of an SSE stream.
-    """
-    if REJECTED_PREFIX.encode() not in content:
-        return None  # the common case costs one substring search
-    documents: list[Any] = []
-    text = content.decode(errors="replace")
-    for line in [text, *text.splitlines()]:
-        payload = line.removeprefix("data: ").strip()
-        with contextlib.suppress(ValueError):
-            documents.append(json.loads(payload))
-    for document in documents:
-        choices = document.get("choices") if isinstance(document, dict) else None
-        for choice in choices or []:
-            reason = choice.get("stop_reason") if isinstance(choice, dict) else None
-            if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECTED_PREFIX):
-                return str(reason).removeprefix(REJECTED_PREFIX).lstrip(": ") or "class queue full"
-    return None
-
-
-class _UpstreamStatusError(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"status {status}")
-        self.status = status
-
-
-class _RateLimitedError(RequestError):
-    def __init__(self, kind: str, per_minute: int, retry_after_s: float) -> None:
-        super().__init__(
-            429, f"tenant over its {kind}/min limit ({per_minute}); retry later", "rate_limit_exceeded"
-        )
-        self.retry_after_s = retry_after_s
 
 
 def create_app(
