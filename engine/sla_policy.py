@@ -75,13 +75,11 @@ class PolicyConfig:
     max_preemptions_per_request: int = 2
     max_preemptions_per_step: int = 2
     _by_name: dict[str, ClassPolicy] = field(init=False, repr=False, compare=False)
-    _by_priority: dict[int, ClassPolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.classes:
             raise ValueError("at least one class is needed")
         object.__setattr__(self, "_by_name", {c.name: c for c in self.classes})
-        object.__setattr__(self, "_by_priority", {c.priority: c for c in self.classes})
         if self.default_class not in self._by_name:
             raise ValueError(f"default class {self.default_class!r} is not a class")
 
@@ -109,9 +107,6 @@ class PolicyConfig:
 
     def class_named(self, name: str) -> ClassPolicy:
         return self._by_name[name]
-
-    def class_of_priority(self, priority: int) -> ClassPolicy | None:
-        return self._by_priority.get(priority)
 
     @property
     def min_priority(self) -> int:
