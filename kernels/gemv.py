@@ -27,7 +27,18 @@ Parallelism: programs tile N (BLOCK_N rows each) and split K (SPLIT_K ranges of 
 partials are reduced in the same launch: each program atomically adds its fp32 partial into a
 workspace and takes a ticket; the last program of an N tile writes the output and zeroes the
 workspace and ticket for the next call, so there is no memset and no second kernel.
-M = 1 uses elementwise FMAs; 2 <= M <= 16 pads M to 16 and uses tensor cores (tl.dot).
+M = 1 autotunes between elementwise FMAs and tensor-core tiles; 2 <= M <= 16 pads M to 16 and
+uses tensor cores (tl.dot).
+
+4. **int4 on the GPU: inline PTX** (`_I4_ASM`, constexpr `ASM`, chosen by `use_asm`: compiled
+   CUDA, int4, fp16/bf16 activations). On the tensor-core tiles one PTX call turns two words into
+   eight pairs of 16-bit floats: PRMT, SHR, then LOP3 `(t & 0x000F000F) | magic` puts two nibbles
+   into the mantissas of 128.0 (bf16) / 1024.0 (fp16) and one packed FMA removes the magic and the
+   bias 8 together. ~1.5 SASS instructions per weight for the conversion, ~3.0 for the whole K
+   loop (sm_90a, `compile_check.py`) against 5.2 for the portable M = 1 FMA loop. The interpreter
+   cannot run PTX, so it (and non-CUDA devices, fp32 activations, int8) takes the portable unpack
+   above; the PTX path's numerics are checked on the GPU (the bench's max-error column) and, bit
+   for bit, by a model of its PTX in tests/test_kernels_quant.py.
 """
 
 from __future__ import annotations
@@ -143,12 +154,61 @@ def _add(a, b):  # type: ignore[no-untyped-def]
     return a + b
 
 
+# int4 -> 16-bit floats in PTX (the Marlin/FasterTransformer magic-number conversion), for the
+# tensor-core path on CUDA. One call takes two neighbouring words a, b of a thread (pack=2: the
+# same row, consecutive j) and returns, for each nibble position i = 0..7, one 32-bit register
+# holding the pair (field i of a, field i of b) as two 16-bit floats: consecutive K of slice i,
+# already in the order a dot operand packs them. Per 16 weights: 2 PRMT (low halves of a and b
+# into one word, high halves into another), 6 SHR, 8 LOP3 ((t & 0x000F000F) | magic: the nibble
+# into the mantissa of 128.0 (bf16) / 1024.0 (fp16), giving 128 + u exactly) and 8 packed FMAs
+# (x·1 − (magic + 8)) that remove the magic and the 2^(bits−1) bias together: (q) exactly.
+_I4_ASM = """{
+.reg .b32 lo, hi, t, one, neg;
+mov.b32 one, ONE;
+mov.b32 neg, NEG;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, lo, 4;
+lop3.b32 $1, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, lo, 8;
+lop3.b32 $2, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, lo, 12;
+lop3.b32 $3, t, 0x000f000f, MAGIC, 0xea;
+lop3.b32 $4, hi, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, hi, 4;
+lop3.b32 $5, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, hi, 8;
+lop3.b32 $6, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, hi, 12;
+lop3.b32 $7, t, 0x000f000f, MAGIC, 0xea;
+fma.rn.TY $0, $0, one, neg;
+fma.rn.TY $1, $1, one, neg;
+fma.rn.TY $2, $2, one, neg;
+fma.rn.TY $3, $3, one, neg;
+fma.rn.TY $4, $4, one, neg;
+fma.rn.TY $5, $5, one, neg;
+fma.rn.TY $6, $6, one, neg;
+fma.rn.TY $7, $7, one, neg;
+}"""
+# (type, magic = 128.0 / 1024.0, one, −(magic + 8)) per activation dtype, as 16-bit pairs.
+_I4_ASM_BF16 = tl.constexpr(
+    _I4_ASM.replace("TY", "bf16x2").replace("MAGIC", "0x43004300").replace("ONE", "0x3f803f80")
+    .replace("NEG", "0xc308c308")
+)  # fmt: skip
+_I4_ASM_FP16 = tl.constexpr(
+    _I4_ASM.replace("TY", "f16x2").replace("MAGIC", "0x64006400").replace("ONE", "0x3c003c00")
+    .replace("NEG", "0xe408e408")
+)  # fmt: skip
+_I4_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r,r")
+
+
 @triton.jit
 def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, words_per_row, m_bucket, magic,
     GROUP: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, SLICES_PER_GROUP: tl.constexpr,
-    HAS_ZP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    STAGES: tl.constexpr,
+    HAS_ZP: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # words_per_row (= K·bits/32) is an argument, not computed here: Triton then knows its
     # divisibility (by 16 when it is) and can load each thread's words as one 16-byte vector.
@@ -180,6 +240,17 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         # Fields 0..P/2-1 are masked in place from the low half; the high half is shifted down
         # once per word so that no field reaches bit 23 (the exponent of the 2^23 trick).
         high = words >> 16
+        # ASM (int4, 16-bit activations, tensor-core tiles, CUDA only): every field of the
+        # chunk's words becomes an exact 16-bit float (q) in one inline-PTX call (_I4_ASM).
+        if ASM and BLOCK_M > 1:
+            if x_ptr.dtype.element_ty == tl.bfloat16:
+                qs = tl.inline_asm_elementwise(
+                    _I4_ASM_BF16, _I4_CONSTRAINTS, [words], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2
+                )
+            else:
+                qs = tl.inline_asm_elementwise(
+                    _I4_ASM_FP16, _I4_CONSTRAINTS, [words], dtype=(tl.float16,) * 8, is_pure=True, pack=2
+                )
         for i in tl.static_range(32 // BITS):
             k_slice = k_chunk + i * W
             g = k_slice // GROUP
@@ -199,7 +270,12 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
                 acc_g += d * xv[None, :]
             else:
                 # Exact small integers in the activation dtype (|q − zero| < 2^bits) for tl.dot.
-                d = (d * (1.0 / (1 << shift))).to(x_ptr.dtype.element_ty)
+                if ASM:
+                    d = qs[i]
+                    if HAS_ZP:
+                        d = d - zero.to(x_ptr.dtype.element_ty)[:, None]
+                else:
+                    d = (d * (1.0 / (1 << shift))).to(x_ptr.dtype.element_ty)
                 xv = tl.load(
                     x_ptr + offs_m[:, None] * K + k_slice + offs_w[None, :],
                     mask=offs_m[:, None] < M,
@@ -237,32 +313,42 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
-# M = 1 tiles (elementwise FMAs) and tensor-core tiles for 2 <= M <= 16, told apart in pruning.
-# Kept short: each is compiled once and timed once per (M bucket, N, K, group, bits).
+# Elementwise-FMA tiles (BLOCK_M = 1, M = 1 only) and tensor-core tiles (BLOCK_M = 16, M padded
+# to 16), told apart in pruning: M = 1 tries the FMA tiles and a few tensor-core ones (which
+# int4 needs: with the PTX dequantisation a word costs ~1.5 instructions per weight there,
+# against ~5 on the FMA path); 2 <= M <= 16 tries the tensor-core tiles.
+# Kept short: each is compiled once and timed once per (M bucket, N, K, group, bits, dtype).
 # (BLOCK_N, SPLIT_K, warps, stages). Wide tiles give each thread several 16-byte loads at once,
 # split-K multiplies the programs and the stages prefetch chunks (cp.async into shared memory):
 # HBM needs tens of KB in flight per SM.
-_FMA_TILES = ((16, 4, 4, 4), (32, 1, 4, 4), (32, 2, 4, 3), (32, 4, 4, 4), (32, 8, 4, 3), (64, 1, 4, 4),
-              (64, 2, 4, 3), (64, 2, 4, 5), (64, 4, 4, 3), (64, 4, 8, 4), (64, 8, 4, 3), (128, 4, 8, 3),
-              (128, 8, 8, 3))  # fmt: skip
+_FMA_TILES = ((16, 4, 4, 4), (32, 2, 4, 3), (32, 4, 4, 4), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3),
+              (64, 8, 4, 3), (128, 4, 8, 3))  # fmt: skip
 _DOT_TILES = ((32, 2, 4, 3), (32, 4, 4, 3), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3),
-              (128, 4, 8, 3))  # fmt: skip
+              (128, 4, 8, 3), (64, 16, 4, 2), (128, 8, 8, 3))  # fmt: skip
+# The tensor-core tiles M = 1 also tries (many programs: 4096x4096 has only 64 N tiles of 64).
+_DOT_M1_TILES = ((32, 4, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (64, 16, 4, 2), (128, 8, 8, 3))
 
 
-def _config(bn: int, split: int, warps: int, stages: int) -> triton.Config:
+def _config(bm: int, bn: int, split: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(
-        {"BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages}, num_warps=warps, num_stages=stages
+        {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split, "STAGES": stages}, num_warps=warps, num_stages=stages
     )
 
 
-_FMA_CONFIGS = [_config(*t) for t in _FMA_TILES]
-_DOT_CONFIGS = [_config(*t) for t in _DOT_TILES]
+_FMA_CONFIGS = [_config(1, *t) for t in _FMA_TILES]
+_DOT_CONFIGS = [_config(16, *t) for t in _DOT_TILES]
+_DOT_M1_CONFIGS = [c for c, t in zip(_DOT_CONFIGS, _DOT_TILES, strict=True) if t in _DOT_M1_TILES]
 
 
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [_config(16, 2, 4, 1)]
+        return [_config(1, 16, 2, 4, 1), _config(16, 16, 2, 4, 1)]
     return _FMA_CONFIGS + _DOT_CONFIGS
+
+
+def _m1_pool(w: int) -> list[triton.Config]:
+    """The configs M = 1 may take: the FMA tiles, and tensor-core ones when a slice is >= 16 wide."""
+    return _FMA_CONFIGS + (_DOT_M1_CONFIGS if w >= DOT_MIN_WIDTH else [])
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -270,9 +356,10 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
     args = {**named_args, **kwargs}
     dot = int(args["m_bucket"]) > 1
     chunks = int(args["K"]) // ((32 // int(args["BITS"])) * int(args["W"]))
-    pool = _DOT_CONFIGS if dot else _FMA_CONFIGS
+    pool = _DOT_CONFIGS if dot else _m1_pool(int(args["W"]))
     kept = [c for c in configs if any(c is p for p in pool) and c.kwargs["SPLIT_K"] <= max(1, chunks)]
-    return kept or configs[:1]
+    # The interpreter's two configs are in no pool: M = 1 takes the FMA one, M > 1 the other.
+    return kept or [c for c in configs if (c.kwargs["BLOCK_M"] > 1) == dot][:1]
 
 
 def _bench_quick(fn: Any, quantiles: Any = None) -> Any:
@@ -282,7 +369,7 @@ def _bench_quick(fn: Any, quantiles: Any = None) -> Any:
 
 _gemv_autotuned = triton.autotune(
     configs=_gemv_configs(),
-    key=["m_bucket", "N", "K", "GROUP", "BITS", "W", "HAS_ZP"],
+    key=["m_bucket", "N", "K", "GROUP", "BITS", "W", "HAS_ZP", "ASM"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=None if INTERPRET else _bench_quick,
 )(_gemv_kernel)
@@ -301,6 +388,19 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
             torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device),
         )
     return _WORKSPACES[key]
+
+
+def use_asm(x: torch.Tensor, gw: GemvWeight) -> bool:
+    """Whether the launch takes the inline-PTX int4 dequantisation (`_I4_ASM`) on its tensor-core
+    tiles: compiled CUDA (not the interpreter, which cannot run PTX, and not ROCm), int4 and fp16
+    or bf16 activations. Otherwise every path uses the portable shift/mask/2^23 unpack."""
+    return (
+        not INTERPRET
+        and x.is_cuda
+        and torch.version.hip is None
+        and gw.bits == 4
+        and x.dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def supports(m: int, gw: GemvWeight) -> bool:
@@ -343,6 +443,6 @@ def gemv(x: torch.Tensor, gw: GemvWeight) -> torch.Tensor:
         x, gw.qweight, gw.scales, zeros, out, ws, tickets, m, n, k, gw.qweight.shape[1], next_power_of_2(m),
         _MAGIC,
         GROUP=gw.group_size, BITS=gw.bits, W=gw.width, SLICES_PER_GROUP=slices_per_group,
-        HAS_ZP=gw.zeros is not None, BLOCK_M=1 if m == 1 else 16,
+        HAS_ZP=gw.zeros is not None, ASM=use_asm(x, gw),
     )  # fmt: skip
     return out

@@ -321,7 +321,12 @@ def test_gpu_autotune_configs_prune_and_run(k: SimpleNamespace, monkeypatch: pyt
     # K = 1024: four chunks, so split-K configs are kept and timed too.
     qw = k.quant.quantize_rtn(torch.randn(24, 1024, generator=g).half(), 4, 128)
     gw = k.gemv.repack_for_gemv(qw)
-    for m, pool in ((1, k.gemv._FMA_CONFIGS), (3, k.gemv._DOT_CONFIGS), (20, None)):
+    # M = 1 may take an FMA tile or one of the tensor-core tiles (which the GPU runs with the PTX
+    # int4 dequantisation; the interpreter with the portable unpack checked here).
+    assert not k.gemv.use_asm(torch.zeros(1, 1024).half(), gw)
+    m1_pool = k.gemv._m1_pool(gw.width)
+    assert any(c.kwargs["BLOCK_M"] == 16 for c in m1_pool)
+    for m, pool in ((1, m1_pool), (3, k.gemv._DOT_CONFIGS), (20, None)):
         x = torch.randn(m, 1024, generator=g).half()
         ref = k.quant.weight_only_gemm_reference(x, qw)
         torch.testing.assert_close(k.wgemm.weight_only_gemm(x, gw), ref, **_gemm_tol(ref, torch.float16))

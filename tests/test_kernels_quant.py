@@ -140,3 +140,86 @@ def test_gemv_layout_fields() -> None:
 )  # fmt: skip
 def test_gemv_width(k: int, group: int, bits: int, width: int | None) -> None:
     assert gemv_width(k, group, bits) == width
+
+
+# --- the int4 inline-PTX dequantisation (gemv._I4_ASM), bit by bit ---------------------------
+# The GPU runs this PTX on its tensor-core tiles; the interpreter cannot, so here a small model of
+# the five PTX instructions it uses executes the kernel's actual asm text on planar words.
+
+
+def _half_to_float(bits16: int, kind: str) -> float:
+    import numpy as np
+
+    if kind == "bf16x2":
+        return float(np.array([bits16 << 16], dtype=np.uint32).view(np.float32)[0])
+    return float(np.array([bits16], dtype=np.uint16).view(np.float16)[0])
+
+
+def _float_to_half(value: float, kind: str) -> int:
+    import numpy as np
+
+    if kind == "bf16x2":
+        word = int(np.array([value], dtype=np.float32).view(np.uint32)[0])
+        assert word & 0xFFFF == 0, f"{value} is not exact in bf16"
+        return word >> 16
+    half = np.array([value], dtype=np.float16)
+    assert float(half[0]) == value, f"{value} is not exact in fp16"
+    return int(half.view(np.uint16)[0])
+
+
+def _run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """Executes the straight-line PTX of `_I4_ASM` (mov, prmt, lop3, shr, fma.rn on 16-bit pairs)."""
+    regs = dict(operands)
+
+    def val(tok: str) -> int:
+        return int(tok, 16) if tok.startswith("0x") else regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "mov.b32":
+            out = val(args[1])
+        elif op == "prmt.b32":
+            pool = val(args[1]) | (val(args[2]) << 32)
+            sel = val(args[3])
+            assert sel & 0x8888 == 0, "no sign replication"
+            out = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(t) for t in args[1:])
+            out = 0
+            for bit in range(32):
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                out |= ((lut >> idx) & 1) << bit
+        elif op == "shr.u32":
+            out = val(args[1]) >> int(args[2])
+        elif op.startswith("fma.rn."):
+            kind = op.split(".")[2]
+            a, b, c = (val(t) for t in args[1:])
+            out = 0
+            for h in range(2):
+                x, y, z = ((v >> (16 * h)) & 0xFFFF for v in (a, b, c))
+                r = _half_to_float(x, kind) * _half_to_float(y, kind) + _half_to_float(z, kind)
+                out |= _float_to_half(r, kind) << (16 * h)
+        else:
+            raise AssertionError(f"unmodelled PTX instruction {op}")
+        regs[args[0]] = out & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("dtype", ["bf16x2", "f16x2"])
+def test_int4_asm_dequantises_planar_words(dtype: str) -> None:
+    from tokenfleet.kernels import gemv
+
+    asm = (gemv._I4_ASM_BF16 if dtype == "bf16x2" else gemv._I4_ASM_FP16).value
+    assert gemv._I4_CONSTRAINTS.value.count("=r") == 8
+    q = torch.randint(-8, 8, (1, 8 * 4), dtype=torch.int8, generator=torch.Generator().manual_seed(7))
+    q[0, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every value at least once
+    words = pack_planar(q, 4, 4)[0].tolist()  # one chunk, W = 4: word j holds q[i·4 + j]
+    for j in (0, 2):  # pack=2: a thread's neighbouring words j, j + 1 go in as $8, $9
+        regs = _run_ptx(asm, {"$8": words[j] & 0xFFFFFFFF, "$9": words[j + 1] & 0xFFFFFFFF})
+        for i in range(8):  # output $i: (slice i of word j, slice i of word j + 1), low half first
+            got = [_half_to_float((regs[f"${i}"] >> (16 * h)) & 0xFFFF, dtype) for h in range(2)]
+            assert got == [float(q[0, i * 4 + j]), float(q[0, i * 4 + j + 1])]
