@@ -126,6 +126,10 @@ class Forwarder:
         usage: UsageRelay | None = None,
         resume: StreamResume | None = None,
     ) -> Response:
+        """Try up to `1 + routing.retries` replicas; the answer, or a 502/503 when none answered.
+
+        `release` (the admission slot) is handed to the response that commits, else freed here.
+        """
         headers = self._upstream_headers(call)
         key = self._route_key(call, document)
         tried: list[str] = []
@@ -212,7 +216,7 @@ class Forwarder:
                 {"tokenfleet.replica": replica.id, "error.type": kind, "exception.message": reason},
             )
             return reason
-        except asyncio.CancelledError:  # the client went away (_client_gone): not the replica's fault
+        except asyncio.CancelledError:  # the client went away (app's _client_gone): not the replica's fault
             self._leave(replica)
             raise
         finally:
