@@ -21,12 +21,12 @@ from typing import IO
 
 import httpx
 
+from tokenfleet.engine.sla_contract import SPEC_ENV
 from tokenfleet.kernels.names import KERNELS_ENV, custom_ops_for
 from tokenfleet.spec import LLMServiceSpec
 
 SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
 TIMED_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.TimedScheduler"
-SCHEDULER_SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -114,7 +114,7 @@ def engine_command(
     if engine.kernels:
         env[KERNELS_ENV] = ",".join(engine.kernels)
     if policy == "sla":
-        env[SCHEDULER_SPEC_ENV] = spec.scheduler.model_dump_json(by_alias=True)
+        env[SPEC_ENV] = spec.scheduler.model_dump_json(by_alias=True)
     return EngineCommand(argv=argv, env=env)
 
 
@@ -178,7 +178,7 @@ class EngineProcess:
 
     def start(self, extra_env: Mapping[str, str] | None = None) -> None:
         env = {**engine_environment(os.environ), **self.command.env, **(extra_env or {})}
-        ours = SCHEDULER_SPEC_ENV in env or TIMED_SCHEDULER_CLS in self.command.argv
+        ours = SPEC_ENV in env or TIMED_SCHEDULER_CLS in self.command.argv
         if ours and PROMETHEUS_MULTIPROC_ENV not in env:
             # Our schedulers' metrics live in the EngineCore process; in prometheus_client's
             # multiprocess mode vLLM's /metrics aggregates them (ADR 0004). Fresh dir per start.

@@ -4,6 +4,7 @@
   launcher (`launch.py`) into vLLM's EngineCore process (`sla_scheduler.load_spec`).
 - `REJECT_PREFIX`: how the scheduler's admission rejections start (`stop_reason`), so the gateway
   can tell them from other aborts (`gateway/forward.scheduler_rejection`).
+- `CLASS_HEADER`: the header a client (the load harness) names its class in for the gateway.
 - `decide_class`: the one rule for which SLO class a request runs in. The gateway calls it with
   what a client sent (strict: an unknown class is the client's error, 400); the scheduler with
   what reached vLLM (lenient: it cannot refuse a request for that, so it falls back).
@@ -16,6 +17,7 @@ from typing import Protocol, TypeVar
 
 SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
 REJECT_PREFIX = "tokenfleet:rejected"
+CLASS_HEADER = "x-tokenfleet-class"  # the SLO class a client asks the gateway for
 
 
 class ClassLike(Protocol):

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import httpx
 
+from tokenfleet.engine.sla_contract import CLASS_HEADER
 from tokenfleet.load import rxclock
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.sse import SSEDecoder, StreamTimer
 
 Api = Literal["completions", "chat"]
-CLASS_HEADER = "x-tokenfleet-class"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from tokenfleet.engine.launch import TIMED_SCHEDULER_CLS, EngineCommand
+from tokenfleet.engine.sla_contract import REJECT_PREFIX
 from tokenfleet.engine.sla_policy import wait_bound_s
 from tokenfleet.load import stats
 from tokenfleet.observability import promtext
@@ -404,9 +405,7 @@ async def send(client: httpx.AsyncClient, body: dict[str, Any], outcome: Outcome
                 now = time.monotonic() - t0
                 for choice in chunk.get("choices") or []:
                     if choice.get("finish_reason") == "abort":
-                        outcome.rejected = str(choice.get("stop_reason") or "").startswith(
-                            "tokenfleet:rejected"
-                        )
+                        outcome.rejected = str(choice.get("stop_reason") or "").startswith(REJECT_PREFIX)
                         if not outcome.rejected:
                             outcome.error = "aborted"
                         continue

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from tokenfleet.engine.sla_contract import CLASS_HEADER
 from tokenfleet.load.bench import BenchError, run_workload
-from tokenfleet.load.client import CLASS_HEADER, LLMRequest, build_http_request
+from tokenfleet.load.client import LLMRequest, build_http_request
 from tokenfleet.load.keys import TenantKeyError, resolve_tenant_keys, tenant_keys
 from tokenfleet.load.traffic import RequestFactory
 from tokenfleet.load.workload import parse_workload

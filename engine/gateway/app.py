@@ -31,7 +31,7 @@ from tokenfleet.engine.gateway.admission import AdmissionQueue, ShedError
 from tokenfleet.engine.gateway.calls import Call, error_body
 from tokenfleet.engine.gateway.discovery import ApiAccess, Discovery, DiscoveryConfig, EngineEndpoint, plan
 from tokenfleet.engine.gateway.fastpath import Endpoint, FastRoutedApp
-from tokenfleet.engine.gateway.forward import CLASS_HEADER, Forwarder
+from tokenfleet.engine.gateway.forward import Forwarder
 from tokenfleet.engine.gateway.ledger import RateLimitedError, TenantLedger
 from tokenfleet.engine.gateway.metrics import GatewayMetrics, code_class
 from tokenfleet.engine.gateway.outcomes import Outcomes
@@ -56,7 +56,7 @@ from tokenfleet.engine.gateway.validation import (
     validate_body,
 )
 from tokenfleet.engine.gateway.wire import ON_DISCONNECT
-from tokenfleet.engine.sla_contract import ClassError
+from tokenfleet.engine.sla_contract import CLASS_HEADER, ClassError
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 

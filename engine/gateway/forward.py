@@ -35,10 +35,9 @@ from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, Upstream
 from tokenfleet.engine.gateway.usage import UsageRelay
 from tokenfleet.engine.gateway.validation import RequestError
 from tokenfleet.engine.gateway.wire import Answer
-from tokenfleet.engine.sla_contract import REJECT_PREFIX
+from tokenfleet.engine.sla_contract import CLASS_HEADER, REJECT_PREFIX
 from tokenfleet.spec import RoutingSpec
 
-CLASS_HEADER = "x-tokenfleet-class"
 REPLICA_HEADER = "x-tokenfleet-replica"
 
 log = logging.getLogger(__name__)
