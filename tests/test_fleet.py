@@ -89,7 +89,7 @@ def fake_launcher(log_dir: Path):  # type: ignore[no-untyped-def]
         argv = [
             sys.executable,
             "-m",
-            "tokenfleet.engine.gateway.fake_engine",
+            "tokenfleet.load.fake_engine",
             "--port",
             str(port),
             "--name",

@@ -23,9 +23,9 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfleet.engine.gateway.app import Gateway, create_app
-from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.gateway.tracing import PROPAGATOR, Tracing
+from tokenfleet.load.fake_engine import Faults, fake_engine
 from tokenfleet.spec import LLMService
 
 FAST = {"probeIntervalS": 0.1, "ejectCooldownS": 0.3, "ejectAfterFailures": 2}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenfleet.engine.gateway import bench
 from tokenfleet.engine.gateway.__main__ import parse_replica
+from tokenfleet.load import gateway_bench as bench
 
 
 def test_quantiles_and_description() -> None:

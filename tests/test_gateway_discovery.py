@@ -26,8 +26,8 @@ from tokenfleet.engine.gateway.discovery import (
     parse_weights,
     plan,
 )
-from tokenfleet.engine.gateway.fake_engine import fake_engine
 from tokenfleet.engine.gateway.server import ServerThread
+from tokenfleet.load.fake_engine import fake_engine
 from tokenfleet.spec import LLMService, parse_service
 
 NS = "llm"

@@ -26,12 +26,12 @@ from tokenfleet.cli import main
 from tokenfleet.engine.gateway.app import Gateway, create_app
 from tokenfleet.engine.gateway.breaker import Breaker
 from tokenfleet.engine.gateway.breaker import routable as breaker_routable
-from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
 from tokenfleet.engine.gateway.resume import StreamResume
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.gateway.tenancy import KeyFileError, parse_keys, parse_keys_env
 from tokenfleet.engine.gateway.validation import estimated_tokens, validate_body
 from tokenfleet.engine.gateway.wire import ClientLimits
+from tokenfleet.load.fake_engine import Faults, fake_engine
 from tokenfleet.observability.dashboard import MAX_SUBSCRIBERS, LocalMonitor, TooManySubscribersError
 from tokenfleet.spec import LLMService, SpecError, local_problems
 

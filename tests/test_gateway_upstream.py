@@ -620,7 +620,7 @@ def test_sigkill_of_a_fake_replica_process_loses_no_unstarted_request() -> None:
     ports = [free_port(), free_port()]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "tokenfleet.engine.gateway.fake_engine", "--port", str(port)],
+            [sys.executable, "-m", "tokenfleet.load.fake_engine", "--port", str(port)],
             start_new_session=True,
             env={**os.environ, "PYTHONSAFEPATH": "1"},  # never import the repo's top-level folders
         )

@@ -22,8 +22,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tokenfleet.engine.gateway.app import Gateway
-from tokenfleet.engine.gateway.fake_engine import Faults, fake_engine
 from tokenfleet.engine.gateway.server import ServerThread
+from tokenfleet.load.fake_engine import Faults, fake_engine
 from tokenfleet.observability import dashboard, stack
 from tokenfleet.observability.dashboard import (
     CHARTS,

@@ -220,9 +220,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         register_quantize(sub)
     if wants("bench"):
         # The benchmark modules import their drivers at module level: only `bench` pays for them.
-        from tokenfleet.engine.gateway.bench import register as register_gateway_bench
         from tokenfleet.load.autoscale_bench import register as register_autoscale_bench
         from tokenfleet.load.cli import register as register_bench
+        from tokenfleet.load.gateway_bench import register as register_gateway_bench
         from tokenfleet.load.scheduler_bench import register as register_scheduler_bench
 
         bench_sub = register_bench(sub)

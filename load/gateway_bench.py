@@ -137,7 +137,7 @@ def gateway_process(service: LLMService, replicas: Sequence[tuple[str, str]], wo
 @contextmanager
 def fake_process(work: Path) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "tokenfleet.engine.gateway.fake_engine", "--port", str(port)]
+    argv = [sys.executable, "-m", "tokenfleet.load.fake_engine", "--port", str(port)]
     process = subprocess.Popen(argv, env={**os.environ, "PYTHONSAFEPATH": "1"}, cwd=work)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -142,7 +142,7 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tokenfleet.engine.gateway.fake_engine --port N`: a fake replica as a process."""
+    """`python -m tokenfleet.load.fake_engine --port N`: a fake replica as a process."""
     import argparse
 
     import uvicorn
