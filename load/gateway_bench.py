@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 
 from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
+from tokenfleet.load import stats
+from tokenfleet.observability import promtext
 from tokenfleet.spec import LLMService, parse_service
 
 Log = Callable[[str], None]
@@ -68,21 +70,23 @@ def bench_service(
 
 
 def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
+    """Linear interpolation between closest ranks, as in load/stats.py (numpy's default)."""
+    return float(np.quantile(values, q)) if len(values) else float("nan")
 
 
 def describe_ms(values: Sequence[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
+    summary = stats.describe([v * 1000 for v in values])
+
+    def rounded(key: str) -> float:
+        value = summary[key]
+        return round(float(value), 3) if value is not None else float("nan")
+
     return {
-        "n": len(ms),
-        "p50_ms": round(quantile(ms, 0.5), 3),
-        "p90_ms": round(quantile(ms, 0.9), 3),
-        "p99_ms": round(quantile(ms, 0.99), 3),
-        "mean_ms": round(statistics.fmean(ms), 3) if ms else float("nan"),
+        "n": len(values),
+        "p50_ms": rounded("p50"),
+        "p90_ms": rounded("p90"),
+        "p99_ms": rounded("p99"),
+        "mean_ms": rounded("mean"),
     }
 
 
@@ -311,11 +315,7 @@ def failover_run(
     finally:
         for engine in engines:
             engine.stop(timeout_s=20)
-    retries = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("tokenfleet_gateway_retries_total")
-    )
+    retries = promtext.value(metrics, "tokenfleet_gateway_retries_total")
     return {
         "requests": len(outcomes),
         "load_s": round(load_s, 1),
