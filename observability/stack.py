@@ -269,18 +269,7 @@ class LocalStack:
         """Spawn and wait until both answer /-/ready (stopped again if they never do)."""
         self.spawn()
         try:
-            pending = self._ready_urls()
-            deadline = time.monotonic() + timeout_s
-            with httpx.Client(trust_env=False, timeout=1.0) as client:
-                while pending:
-                    self._check_alive()
-                    if time.monotonic() > deadline:
-                        raise StackError(f"not ready in {timeout_s:.0f} s: {sorted(pending)}")
-                    for name, url in list(pending.items()):
-                        with contextlib.suppress(httpx.HTTPError):
-                            if client.get(url).status_code == 200:
-                                del pending[name]
-                    time.sleep(0.1)
+            asyncio.run(self.wait_ready(timeout_s))  # callers without an event loop (tests)
         except BaseException:
             self.stop()
             raise

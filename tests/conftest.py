@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     print(f"\n(interpreter-exit diagnostics of this test process: {EXIT_STDERR_LOG})", file=sys.stderr)
     atexit.register(_stderr_to_file, EXIT_STDERR_LOG)
+
+
+def painted_pixels(page: Any, canvas_id: str) -> int:
+    """Non-transparent pixels of a canvas in a Playwright page: whether a chart was drawn."""
+    script = """(id) => { const c = document.getElementById(id);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+    return int(page.evaluate(script, canvas_id))

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, tiny_service
+from conftest import free_port, painted_pixels, tiny_service
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -344,12 +344,7 @@ def test_dashboard_in_headless_chromium_over_prometheus(live: Live, tmp_path: Pa
                 assert "engine r0" in page.evaluate(f"{board}.series('queue')")
                 assert page.locator("#notice").is_hidden()
                 page.locator("#traces tr[data-trace]").first.wait_for(timeout=30_000)
-                drawn = page.evaluate(
-                    """() => { const c = document.getElementById('chart-throughput');
-                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
-                )
-                assert drawn > 500  # the canvas really has a chart on it
+                assert painted_pixels(page, "chart-throughput") > 500  # the canvas really has a chart
                 # A replica that never answers: the gateway ejects it, Prometheus's rule fires.
                 live.gateway.set_replicas(
                     [("r0", live.engine.url), ("r1", f"http://127.0.0.1:{free_port()}")]

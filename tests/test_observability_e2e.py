@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ENGINE_START_TIMEOUT_S, free_port, tiny_service
+from conftest import ENGINE_START_TIMEOUT_S, free_port, painted_pixels, tiny_service
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfleet.engine.gateway.app import Gateway
@@ -247,12 +247,7 @@ def test_dashboard_in_headless_chromium(stack: Stack, tmp_path: Path) -> None:
                 page.locator("#traces tr[data-trace]").first.wait_for(timeout=30_000)
                 joined = [t for t in stack.monitor.snapshot["traces"] if len(t["services"]) == 2]  # type: ignore[index]
                 assert joined, "no trace with both gateway and engine spans on the dashboard"
-                drawn = page.evaluate(
-                    """() => { const c = document.getElementById('chart-throughput');
-                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
-                )
-                assert drawn > 500  # the canvas really has a chart on it
+                assert painted_pixels(page, "chart-throughput") > 500  # the canvas really has a chart
                 # A replica that never answers: the gateway ejects it, the real rule fires.
                 stack.gateway.set_replicas(
                     [("r0", stack.engine.url), ("r1", f"http://127.0.0.1:{free_port()}")]
