@@ -483,17 +483,14 @@ def gemv(x: torch.Tensor, gw: GemvWeight) -> torch.Tensor:
         check_contiguous("zeros", gw.zeros)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, tickets = _workspace(x.device, n)
-    # The kernel reads 16-bit scales as the int32 words holding them: the tensor must start on
-    # 4 bytes (a fresh allocation does; a view into another tensor might not).
-    scales = gw.scales if gw.scales.data_ptr() % 4 == 0 else gw.scales.clone()
-    zeros = gw.zeros if gw.zeros is not None else scales
+    zeros = gw.zeros if gw.zeros is not None else gw.scales
     slices_per_group = min(gw.group_size, gw.chunk) // gw.width
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     _gemv_autotuned[grid](
-        x, gw.qweight, scales, zeros, out, ws, tickets, m, n, k, gw.qweight.shape[1], next_power_of_2(m),
+        x, gw.qweight, gw.scales, zeros, out, ws, tickets, m, n, k, gw.qweight.shape[1], next_power_of_2(m),
         _MAGIC,
         GROUP=gw.group_size, BITS=gw.bits, W=gw.width, SLICES_PER_GROUP=slices_per_group,
         HAS_ZP=gw.zeros is not None, ASM=use_asm(x, gw),

@@ -335,19 +335,6 @@ def test_gpu_autotune_configs_prune_and_run(k: SimpleNamespace, monkeypatch: pyt
     assert gemm_tuner.best_config.kwargs["BLOCK_K"] <= gw.chunk
 
 
-def test_gemv_scales_view_off_four_bytes(k: SimpleNamespace) -> None:
-    """16-bit scales are read as the int32 words holding them; a scales view that starts 2 bytes
-    into its storage is copied first and gives the same answer."""
-    g = _gen(11)
-    qw = k.quant.quantize_rtn(torch.randn(24, 512, generator=g).half(), 4, 128)
-    gw = k.gemv.repack_for_gemv(qw)
-    shifted = torch.cat([torch.zeros(1, dtype=gw.scales.dtype), gw.scales.flatten()])[1:].view_as(gw.scales)
-    assert shifted.data_ptr() % 4 == 2
-    odd = k.gemv.GemvWeight(gw.qweight, shifted, gw.zeros, gw.bits, gw.group_size, gw.shape, gw.width)
-    x = torch.randn(1, 512, generator=g).half()
-    torch.testing.assert_close(k.gemv.gemv(x, odd), k.gemv.gemv(x, gw), rtol=0, atol=0)
-
-
 def test_gemv_config_lists(k: SimpleNamespace) -> None:
     """M = 1 with the PTX int4 dequantisation autotunes over every tensor-core tile that M = 16
     does (H200 run 2: the M = 16 winner on 4096x14336 was not in the M = 1 list), and each M
