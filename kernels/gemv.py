@@ -21,9 +21,7 @@ bytes with few instructions per element. Three choices make that cheap:
    exactly. Fields are masked in place (not shifted down); the power of two they carry is
    divided out of the activations instead, once per slice, not once per weight.
 3. **Group scales applied once per group** (not per weight): the kernel sums (q − zero)·x over
-   a group in fp32 and multiplies that partial sum by the group's scale. A chunk's scales are
-   loaded beside its words (16-bit ones as the int32 holding them), so they are prefetched by
-   cp.async with the words instead of waited on inside the loop.
+   a group in fp32 and multiplies that partial sum by the group's scale.
 
 Parallelism: programs tile N (BLOCK_N rows each) and split K (SPLIT_K ranges of chunks). Split
 partials are reduced in the same launch: each program atomically adds its fp32 partial into a
@@ -222,7 +220,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_w = tl.arange(0, W)
-    groups = words_per_row // ((GROUP * BITS) // 32)
+    groups = K // GROUP
     chunks = K // ((32 // BITS) * W)
     per_split = (chunks + SPLIT_K - 1) // SPLIT_K
     c_begin = pid_k * per_split
@@ -235,31 +233,10 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     q_rows = q_ptr + offs_n[:, None] * words_per_row + offs_w[None, :]
-    # The scales of a chunk's groups (groups_per_chunk of them, consecutive in a row of scales;
-    # 1 when a group spans one or more whole chunks) are loaded at the top of the iteration next
-    # to the words, so that the pipeliner prefetches them with cp.async STAGES chunks ahead too —
-    # which it does for loads of >= 4 bytes per thread, not for a 2-byte one (that would be
-    # waited on inside the loop, a memory latency per chunk). 16-bit scales (s_int32) are loaded
-    # as the aligned int32 holding them and split in registers: two groups per chunk (group
-    # 128, chunk 256: Llama) are exactly one int32 per row (K is a multiple of the chunk, so a
-    # row has an even number of groups); one group per chunk takes the half its parity says.
-    # Otherwise (fp32 scales, >= 4 groups per chunk) a [BLOCK_N, groups_per_chunk] tile.
-    groups_per_chunk: tl.constexpr = (32 // BITS) // SLICES_PER_GROUP
-    s_int32: tl.constexpr = groups_per_chunk <= 2 and s_ptr.dtype.element_ty != tl.float32
-    offs_g = tl.arange(0, groups_per_chunk)
-    s_rows = s_ptr + offs_n[:, None] * groups + offs_g[None, :]
-    s_words = s_ptr.to(tl.pointer_type(tl.int32))
     # STAGES: how many chunks the loop prefetches (software pipelining through shared memory).
     for c in tl.range(c_begin, c_end, num_stages=STAGES):
         k_chunk = c * (32 // BITS) * W
         words = tl.load(q_rows + c * W, mask=mask_n[:, None], other=0)
-        # The chunk's first group (a multiple of groups_per_chunk, which Triton sees).
-        g_first = c * groups_per_chunk if (32 // BITS) * W >= GROUP else c // (GROUP // ((32 // BITS) * W))
-        if s_int32:
-            s_idx = offs_n * groups + g_first
-            s_word = tl.load(s_words + (s_idx >> 1), mask=mask_n, other=0)
-        else:
-            s_tile = tl.load(s_rows + g_first, mask=mask_n[:, None], other=0.0).to(tl.float32)
         # Fields 0..P/2-1 are masked in place from the low half; the high half is shifted down
         # once per word so that no field reaches bit 23 (the exponent of the 2^23 trick).
         high = words >> 16
@@ -306,20 +283,7 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
                 )
                 acc_g = tl.dot(xv, tl.trans(d), acc_g)
             if (i + 1) % SLICES_PER_GROUP == 0:
-                if s_int32:
-                    # Little-endian: an even index is the low half of its int32.
-                    if groups_per_chunk == 2:
-                        half = s_word << 16 if i < SLICES_PER_GROUP else s_word & -65536
-                    else:
-                        half = tl.where((s_idx & 1) == 0, s_word << 16, s_word & -65536)
-                    if s_ptr.dtype.element_ty == tl.bfloat16:
-                        s = half.to(tl.float32, bitcast=True)  # a bf16 is the top half of its float
-                    else:
-                        s = (half >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                elif groups_per_chunk == 1:
-                    s = tl.reduce(s_tile, 1, _add)
-                else:
-                    s = tl.reduce(tl.where(offs_g[None, :] == i // SLICES_PER_GROUP, s_tile, 0.0), 1, _add)
+                s = tl.load(s_ptr + offs_n * groups + g, mask=mask_n, other=0.0).to(tl.float32)
                 if BLOCK_M == 1:
                     acc += acc_g * s[:, None]
                     acc_g = tl.full((BLOCK_N, W), 0.0, dtype=tl.float32)
@@ -350,27 +314,19 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
 
 
 # Elementwise-FMA tiles (BLOCK_M = 1, M = 1 only) and tensor-core tiles (BLOCK_M = 16, M padded
-# to 16), told apart in pruning. 2 <= M <= 16 tries the tensor-core tiles. M = 1 with the PTX
-# int4 dequantisation (`use_asm`: ~3 SASS per weight against ~5 on the FMA path) tries every
-# tensor-core tile — the same list as M = 16, so the tile that wins there (run 2: BLOCK_N=64
-# SPLIT_K=1 STAGES=4 on 4096x14336, 24 µs against the FMA tile's 53 µs at M = 1) is always a
-# candidate — plus the FMA tile that won most often; otherwise (int8, fp32, the interpreter) it
-# tries the FMA tiles and a few tensor-core ones. Each list stays <= 16 per M bucket: every
-# config is compiled once (binaries are shared between shapes and between M = 1 and M = 16)
-# and timed once per (M bucket, N, K, group, bits, PTX or not).
-# (BLOCK_N, SPLIT_K, warps, stages). HBM needs tens of KB in flight per SM: a wide tile gives a
-# thread several 16-byte cp.async per chunk, split-K multiplies the programs (4096x14336 has 224
-# N tiles of 64 for 132 SMs: one wave and a tail; split 2-4 or BLOCK_N 128 balance it) and the
-# stages prefetch chunks through shared memory.
+# to 16), told apart in pruning: M = 1 tries the FMA tiles and a few tensor-core ones (which
+# int4 needs: with the PTX dequantisation a word costs ~1.5 instructions per weight there,
+# against ~5 on the FMA path); 2 <= M <= 16 tries the tensor-core tiles.
+# Kept short: each is compiled once and timed once per (M bucket, N, K, group, bits, dtype).
+# (BLOCK_N, SPLIT_K, warps, stages). Wide tiles give each thread several 16-byte loads at once,
+# split-K multiplies the programs and the stages prefetch chunks (cp.async into shared memory):
+# HBM needs tens of KB in flight per SM.
 _FMA_TILES = ((16, 4, 4, 4), (32, 2, 4, 3), (32, 4, 4, 4), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3),
               (64, 8, 4, 3), (128, 4, 8, 3))  # fmt: skip
-_DOT_TILES = ((32, 2, 4, 4), (32, 4, 4, 4), (64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 3),
-              (64, 1, 4, 5), (64, 2, 4, 6), (64, 4, 4, 6), (64, 16, 4, 2), (32, 1, 4, 4), (128, 2, 8, 4),
-              (128, 4, 8, 3), (128, 8, 8, 3))  # fmt: skip
-# The tensor-core tiles M = 1 also tries without the PTX dequantisation.
-_DOT_M1_TILES = ((32, 4, 4, 4), (64, 4, 4, 4), (64, 8, 4, 3), (64, 16, 4, 2), (128, 8, 8, 3))
-# The FMA tile M = 1 keeps next to the tensor-core tiles with the PTX dequantisation.
-_FMA_ASM_TILES = ((64, 4, 4, 3),)
+_DOT_TILES = ((32, 2, 4, 3), (32, 4, 4, 3), (64, 1, 4, 4), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3),
+              (128, 4, 8, 3), (64, 16, 4, 2), (128, 8, 8, 3))  # fmt: skip
+# The tensor-core tiles M = 1 also tries (many programs: 4096x4096 has only 64 N tiles of 64).
+_DOT_M1_TILES = ((32, 4, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (64, 16, 4, 2), (128, 8, 8, 3))
 
 
 def _config(bm: int, bn: int, split: int, warps: int, stages: int) -> triton.Config:
@@ -382,7 +338,6 @@ def _config(bm: int, bn: int, split: int, warps: int, stages: int) -> triton.Con
 _FMA_CONFIGS = [_config(1, *t) for t in _FMA_TILES]
 _DOT_CONFIGS = [_config(16, *t) for t in _DOT_TILES]
 _DOT_M1_CONFIGS = [c for c, t in zip(_DOT_CONFIGS, _DOT_TILES, strict=True) if t in _DOT_M1_TILES]
-_FMA_ASM_CONFIGS = [c for c, t in zip(_FMA_CONFIGS, _FMA_TILES, strict=True) if t in _FMA_ASM_TILES]
 
 
 def _gemv_configs() -> list[triton.Config]:
@@ -391,14 +346,9 @@ def _gemv_configs() -> list[triton.Config]:
     return _FMA_CONFIGS + _DOT_CONFIGS
 
 
-def _m1_pool(w: int, asm: bool = False) -> list[triton.Config]:
-    """The configs M = 1 may take: tensor-core tiles only when a slice is >= 16 wide; with the PTX
-    int4 dequantisation all of them and one FMA tile, otherwise the FMA tiles and a few."""
-    if w < DOT_MIN_WIDTH:
-        return list(_FMA_CONFIGS)
-    if asm:
-        return _DOT_CONFIGS + _FMA_ASM_CONFIGS
-    return _FMA_CONFIGS + _DOT_M1_CONFIGS
+def _m1_pool(w: int) -> list[triton.Config]:
+    """The configs M = 1 may take: the FMA tiles, and tensor-core ones when a slice is >= 16 wide."""
+    return _FMA_CONFIGS + (_DOT_M1_CONFIGS if w >= DOT_MIN_WIDTH else [])
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -406,7 +356,7 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
     args = {**named_args, **kwargs}
     dot = int(args["m_bucket"]) > 1
     chunks = int(args["K"]) // ((32 // int(args["BITS"])) * int(args["W"]))
-    pool = _DOT_CONFIGS if dot else _m1_pool(int(args["W"]), bool(args.get("ASM", False)))
+    pool = _DOT_CONFIGS if dot else _m1_pool(int(args["W"]))
     kept = [c for c in configs if any(c is p for p in pool) and c.kwargs["SPLIT_K"] <= max(1, chunks)]
     # The interpreter's two configs are in no pool: M = 1 takes the FMA one, M > 1 the other.
     return kept or [c for c in configs if (c.kwargs["BLOCK_M"] > 1) == dot][:1]

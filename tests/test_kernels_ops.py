@@ -335,29 +335,6 @@ def test_gpu_autotune_configs_prune_and_run(k: SimpleNamespace, monkeypatch: pyt
     assert gemm_tuner.best_config.kwargs["BLOCK_K"] <= gw.chunk
 
 
-def test_gemv_config_lists(k: SimpleNamespace) -> None:
-    """M = 1 with the PTX int4 dequantisation autotunes over every tensor-core tile that M = 16
-    does (H200 run 2: the M = 16 winner on 4096x14336 was not in the M = 1 list), and each M
-    bucket keeps <= 16 configs (the decode bench, autotuning included, stays within budget)."""
-    gemv = k.gemv
-    everything = gemv._FMA_CONFIGS + gemv._DOT_CONFIGS
-
-    def pruned(m_bucket: int, asm: bool) -> list[object]:
-        return gemv._prune(everything, {"m_bucket": m_bucket, "K": 4096}, BITS=4, W=32, ASM=asm)
-
-    m1_asm = pruned(1, True)
-    assert all(any(c is p for p in m1_asm) for c in gemv._DOT_CONFIGS)
-    winner = (64, 1, 4, 4)  # BLOCK_N, SPLIT_K, warps, stages
-    assert any(
-        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"], c.num_warps, c.kwargs["STAGES"])
-        == (16, *winner)
-        for c in m1_asm
-    )
-    for pool in (m1_asm, pruned(1, False), pruned(16, True), pruned(16, False), gemv._m1_pool(8)):
-        assert 0 < len(pool) <= 16
-    assert all(c.kwargs["BLOCK_M"] == 16 for c in pruned(16, True))
-
-
 def test_gemv_bad_inputs_raise(k: SimpleNamespace) -> None:
     err = k.runtime.KernelInputError
     gw = k.gemv.repack_for_gemv(k.quant.quantize_rtn(torch.randn(16, 256), 4, 64))
