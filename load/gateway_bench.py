@@ -260,15 +260,20 @@ def stream_once(url: str, index: int) -> dict[str, Any]:
         "ignore_eos": True,
     }
     outcome: dict[str, Any] = {"started": False, "finished": False, "status": None, "error": None}
+    done = False
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60, trust_env=False) as reply:
             outcome["status"] = reply.status_code
-            for chunk in reply.iter_raw():
-                if chunk and reply.status_code == 200:
-                    outcome["started"] = True
-                    if b'"error"' in chunk:
-                        outcome["error"] = "mid-stream"
-            outcome["finished"] = outcome["started"] and outcome["error"] is None
+            for line in reply.iter_lines():
+                if reply.status_code != 200 or not line.startswith("data: "):
+                    continue
+                outcome["started"] = True
+                if line == "data: [DONE]":
+                    done = True
+                elif "error" in json.loads(line[6:]):
+                    # An error event, not a token: generated text may well contain "error".
+                    outcome["error"] = "mid-stream"
+            outcome["finished"] = done and outcome["error"] is None
     except httpx.HTTPError as exc:
         outcome["error"] = type(exc).__name__
     return outcome

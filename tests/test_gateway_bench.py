@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
+from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.gateway.__main__ import parse_replica
+from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.load import gateway_bench as bench
 
 
@@ -85,3 +90,33 @@ def test_cli_wires_bench_gateway(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         "skip": ["failover"],
     }
     assert "# Gateway benchmark" in capsys.readouterr().out
+
+
+def test_stream_outcome_reads_events_not_substrings() -> None:
+    """A token whose text is "error" is a token; only an error event breaks a stream."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict[str, object]) -> StreamingResponse:
+        broken = str(body["prompt"]).startswith("req 2:")
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b'data: {"choices":[{"index":0,"text":"error","finish_reason":null}]}\n\n'
+            if broken:
+                yield b'data: {"error":{"message":"the model server failed mid-stream","code":502}}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    server = ServerThread(app, free_port()).start()
+    try:
+        assert bench.stream_once(server.url, 1) == {
+            "started": True,
+            "finished": True,
+            "status": 200,
+            "error": None,
+        }
+        broken = bench.stream_once(server.url, 2)
+        assert broken == {"started": True, "finished": False, "status": 200, "error": "mid-stream"}
+    finally:
+        server.stop()
