@@ -167,14 +167,14 @@ def test_records_roundtrip_and_torn_line_skipped(tmp_path: Path) -> None:
     assert [r.id for r in read_records([path])] == ["0", "1", "2"]
 
 
-def test_request_carries_class_and_tenant_three_ways() -> None:
+def test_request_carries_class_and_tenant_to_engine_and_gateway() -> None:
     request = LLMRequest(id="r1", prompt="hello", max_tokens=4, cls="interactive", tenant="acme", priority=0)
     path, body, headers = build_http_request(request, "tiny")
     assert path == "/v1/completions"
     assert body["priority"] == 0
     assert body["vllm_xargs"] == {"slo_class": "interactive", "tenant": "acme"}
     assert headers["x-tokenfleet-class"] == "interactive"
-    assert headers["x-tokenfleet-tenant"] == "acme"
+    assert "x-tokenfleet-tenant" not in headers  # a gateway knows the tenant by its API key
     assert body["stream_options"]["include_usage"] is True
     chat = LLMRequest(id="r2", prompt="hi", max_tokens=2, api="chat", stream=False)
     path, body, _ = build_http_request(chat, "tiny")
