@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
+from tokenfleet.observability import promtext
 from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.loop import Metrics
 from tokenfleet.operator.model import Conventions
@@ -55,11 +55,7 @@ class Scrape:
 
 def signals_from_text(text: str) -> Signals:
     """Service-level signals from one gateway exposition (pure; tested on fixed text)."""
-    queued = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "tokenfleet_gateway_queued":
-            queued += sum(sample.value for sample in family.samples)
-    return Signals(gateway_queued=int(queued))
+    return Signals(gateway_queued=int(promtext.value(text, "tokenfleet_gateway_queued")))
 
 
 def revision_totals_from_text(text: str) -> dict[str, RevisionTotals]:
@@ -67,17 +63,16 @@ def revision_totals_from_text(text: str) -> dict[str, RevisionTotals]:
     ok: dict[str, float] = {}
     errors: dict[str, float] = {}
     buckets: dict[str, dict[float, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            revision = sample.labels.get("revision", "")
-            if not revision:
-                continue  # replicas of no known revision (a gateway with static replicas)
-            if sample.name == ATTEMPTS:
-                into = ok if sample.labels.get("outcome") == "ok" else errors
-                into[revision] = into.get(revision, 0.0) + sample.value
-            elif sample.name == FIRST_BYTE_BUCKET:
-                bound = float(sample.labels["le"])
-                buckets.setdefault(revision, {})[bound] = sample.value
+    for sample in promtext.samples(text):
+        revision = sample.labels.get("revision", "")
+        if not revision:
+            continue  # replicas of no known revision (a gateway with static replicas)
+        if sample.name == ATTEMPTS:
+            into = ok if sample.labels.get("outcome") == "ok" else errors
+            into[revision] = into.get(revision, 0.0) + sample.value
+        elif sample.name == FIRST_BYTE_BUCKET:
+            bound = float(sample.labels["le"])
+            buckets.setdefault(revision, {})[bound] = sample.value
     return {
         revision: RevisionTotals(
             ok=ok.get(revision, 0.0),
