@@ -76,6 +76,12 @@ class SchedulerMetrics:
             ["slo_class"],
             registry=r,
         )
+        self.overtakes = Counter(
+            f"{PREFIX}_overtakes",
+            "Requests admitted ahead of an older waiting request of a lower SLO class, per class.",
+            ["slo_class"],
+            registry=r,
+        )
         self.rejections = Counter(
             f"{PREFIX}_rejections",
             "Requests rejected by per-class admission control.",
@@ -111,6 +117,7 @@ class SchedulerMetrics:
             self.wait.labels(c)
             self.max_wait.labels(c).set(0)
             self.preemptions.labels(c)
+            self.overtakes.labels(c)
             self.rejections.labels(c)
             for target in ("ttft", "tpot"):
                 for outcome in ("met", "missed"):

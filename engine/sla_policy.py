@@ -549,6 +549,19 @@ class SLAQueue(Generic[T]):
             counts[name] = counts.get(name, 0) + n
         return counts
 
+    def holds_class_below(self, priority: int) -> bool:
+        """Whether a request of a lower class (a larger priority number) is waiting."""
+        return any(n > 0 and p > priority for (p, _, _), n in self._counts.items())
+
+    def oldest_arrivals(self) -> dict[int, float]:
+        """The earliest arrival among the waiting requests of each class priority (O(waiting))."""
+        oldest: dict[int, float] = {}
+        for _, item in self._live.values():
+            t = self._ticket_of(item)
+            p = t.slo_class.priority
+            oldest[p] = min(t.arrival, oldest.get(p, t.arrival))
+        return oldest
+
 
 # ---------------------------------------------------------------------------------------------
 # Preemption
@@ -587,6 +600,16 @@ def would_miss_after(head: Ticket, now: float, free_eta_s: float, policy: SLAPol
     prefill = head.prompt_tokens * policy.s_per_prefill_token
     start_by = head.deadline - policy.config.ttft_headroom * (head.deadline - head.arrival)
     return now + free_eta_s + prefill > start_by
+
+
+def overtook(admitted: Ticket, oldest_waiting: Mapping[int, float]) -> bool:
+    """Whether a request just admitted went ahead of an older request of a lower class that is
+    still waiting — an order FCFS never takes. `oldest_waiting` maps each class priority to the
+    earliest arrival among its waiting requests."""
+    return any(
+        priority > admitted.slo_class.priority and arrival < admitted.arrival
+        for priority, arrival in oldest_waiting.items()
+    )
 
 
 def preemptible(view: RunningView, head: Ticket, now: float, config: PolicyConfig) -> bool:

@@ -43,6 +43,7 @@ from tokenfleet.engine.sla_policy import (
     StepClock,
     Ticket,
     choose_victims,
+    overtook,
     running_rank,
     slo_met,
     would_miss_after,
@@ -224,6 +225,7 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
     def _after_schedule(self, output: Any, now: float) -> None:
         admitted = [new.req_id for new in output.scheduled_new_reqs]
         admitted += list(getattr(output.scheduled_cached_reqs, "resumed_req_ids", ()) or ())
+        first_admitted: list[Ticket] = []
         for req_id in admitted:
             request = self.requests.get(req_id)
             if request is None:
@@ -232,6 +234,9 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
             wait = self.sla.on_scheduled(ticket, now)
             if wait is not None:
                 self.sla_metrics.observe_wait(ticket.slo_class.name, wait)
+                first_admitted.append(ticket)
+        if first_admitted:
+            self._count_overtakes(first_admitted)
         for req_id in output.preempted_req_ids or ():
             request = self.requests.get(req_id)
             if request is not None:
@@ -262,6 +267,21 @@ class SLAScheduler(AsyncScheduler):  # type: ignore[misc]  # vLLM is Any to mypy
         if now - self._depths_at >= DEPTH_INTERVAL_S:
             self._depths_at = now
             self._update_depths()
+
+    def _count_overtakes(self, admitted: list[Ticket]) -> None:
+        queues = (self.waiting, self.kv_holding_waiting)
+        highest = min(t.slo_class.priority for t in admitted)
+        # The counts first (O(classes × tenants)): the queues are walked (O(waiting)) only when a
+        # lower class is waiting, i.e. when an overtake is possible at all.
+        if not any(q.holds_class_below(highest) for q in queues):
+            return
+        oldest: dict[int, float] = {}
+        for queue in queues:
+            for priority, arrival in queue.oldest_arrivals().items():
+                oldest[priority] = min(arrival, oldest.get(priority, arrival))
+        for ticket in admitted:
+            if overtook(ticket, oldest):
+                self.sla_metrics.overtakes.labels(ticket.slo_class.name).inc()
 
     def _update_depths(self) -> None:
         names = [c.name for c in self.sla.config.classes]

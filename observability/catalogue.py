@@ -204,6 +204,13 @@ CATALOGUE: tuple[Metric, ...] = (
         "Requests preempted by the SLA scheduler, per victim class.",
     ),
     _m(
+        "tokenfleet_scheduler_overtakes_total",
+        "counter",
+        SCHED,
+        ("slo_class",),
+        "Requests admitted ahead of an older waiting request of a lower class (an order FCFS never takes).",
+    ),
+    _m(
         "tokenfleet_scheduler_rejections_total",
         "counter",
         SCHED,

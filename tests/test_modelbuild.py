@@ -1,4 +1,5 @@
-"""The tiny-code builder: split, baseline, tokenizer and a quick end-to-end build (seconds)."""
+"""The builtin models: tiny-code (split, baseline, tokenizer, a quick end-to-end build) and the
+tiny-random cache check (seconds)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from tokenfleet.builtin_model.tiny_code import (
     spread,
     unigram_perplexity,
 )
+from tokenfleet.builtin_model.tiny_random import CONTEXT as TINY_RANDOM_CONTEXT
+from tokenfleet.builtin_model.tiny_random import is_current as tiny_random_is_current
+from tokenfleet.models import ensure_builtin
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +214,17 @@ def test_concurrent_builds_train_once(tmp_path: Path) -> None:
         reports = list(pool.map(lambda _: build_tiny_code(out, quick=True), range(2)))
     assert sorted(r.cached for r in reports) == [False, True]
     assert reports[0].to_json() == reports[1].to_json()
+
+
+def test_tiny_random_cache_from_an_older_recipe_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENFLEET_CACHE", str(tmp_path))
+    path = ensure_builtin("tiny-random")
+    config = json.loads((path / "config.json").read_text())
+    assert config["max_position_embeddings"] == TINY_RANDOM_CONTEXT
+    config["max_position_embeddings"] = 2048  # what the cache held before the context grew
+    (path / "config.json").write_text(json.dumps(config))
+    assert not tiny_random_is_current(path)
+    ensure_builtin("tiny-random")
+    assert json.loads((path / "config.json").read_text())["max_position_embeddings"] == TINY_RANDOM_CONTEXT

@@ -24,6 +24,7 @@ from tokenfleet.engine.sla_policy import (
     Ticket,
     choose_victims,
     natural_free_eta,
+    overtook,
     queue_share,
     resolve_class,
     running_rank,
@@ -276,6 +277,27 @@ def test_peek_then_pop_agree_and_queue_api() -> None:
         q.remove_request(a)
     q.remove_request(b)
     assert not q
+
+
+def test_an_overtake_is_going_ahead_of_an_older_waiting_request_of_a_lower_class() -> None:
+    policy = SLAPolicy(make_config())
+    q = ticket_queue(policy)
+    old_batch, old_standard = new_ticket(policy, "batch", 1.0), new_ticket(policy, "standard", 2.0)
+    q.add_request(old_batch)
+    q.add_request(old_standard)
+    assert q.oldest_arrivals() == {2: 1.0, 1: 2.0}
+    assert q.holds_class_below(0)
+    assert q.holds_class_below(1)
+    assert not q.holds_class_below(2)
+    oldest = q.oldest_arrivals()
+    assert overtook(new_ticket(policy, "interactive", 3.0), oldest)
+    assert overtook(new_ticket(policy, "standard", 3.0), oldest)  # ahead of the older batch one
+    # Not an overtake: the same class (fair share may reorder it), or lower classes that came later.
+    assert not overtook(new_ticket(policy, "batch", 3.0), oldest)
+    assert not overtook(new_ticket(policy, "interactive", 0.5), oldest)
+    q.remove_request(old_batch)
+    assert q.oldest_arrivals() == {1: 2.0}
+    assert not q.holds_class_below(1)
 
 
 @given(

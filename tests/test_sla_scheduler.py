@@ -241,6 +241,9 @@ def test_interactive_overtakes_queued_batch(sched: SLAScheduler) -> None:
     out, _ = step(sched)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["i0", "b0"]
     assert metric(sched, "wait_seconds_count", slo_class="interactive") == 1
+    # i0 went ahead of b1 and b2, which arrived before it and still wait; b0 overtook no one.
+    assert metric(sched, "overtakes_total", slo_class="interactive") == 1
+    assert metric(sched, "overtakes_total", slo_class="batch") == 0
     run_until_idle(sched)
     assert metric(sched, "slo_requests_total", slo_class="interactive", target="ttft", outcome="met") == 1
     assert metric(sched, "slo_requests_total", slo_class="interactive", target="tpot", outcome="met") == 1
@@ -262,6 +265,7 @@ def test_preempts_running_batch_for_an_urgent_interactive(sched: SLAScheduler) -
     (victim,) = out.preempted_req_ids
     assert victim in {"b0", "b1"}
     assert metric(sched, "preemptions_total", slo_class="batch") == 1
+    assert metric(sched, "overtakes_total", slo_class="interactive") == 1  # ahead of the victim
     assert sched.requests[victim].tf_ticket.num_preemptions == 1
     finished = run_until_idle(sched, max_steps=2000)
     assert set(finished) == {"b0", "b1", "i0"}

@@ -30,17 +30,17 @@ def ensure_builtin(name: str) -> Path:
     """Return the cached builtin model, building it first if it is missing."""
     path = builtin_path(name)
     if name == "tiny-random":
-        if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-            return path
-        from tokenfleet.builtin_model.tiny_random import build_tiny_random
+        from tokenfleet.builtin_model import tiny_random
 
-        return build_tiny_random(path)
+        if tiny_random.is_current(path):
+            return path
+        return tiny_random.build_tiny_random(path)
     if name == "tiny-code":
-        from tokenfleet.builtin_model.tiny_code import build_tiny_code, is_current
+        from tokenfleet.builtin_model import tiny_code
 
         # A cache built by another recipe (older code, other settings) is rebuilt, not served.
-        if not is_current(path):
-            build_tiny_code(path)
+        if not tiny_code.is_current(path):
+            tiny_code.build_tiny_code(path)
         return path
     raise ValueError(f"unknown builtin model {name!r}")
 

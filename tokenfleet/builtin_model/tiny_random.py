@@ -6,6 +6,10 @@ from pathlib import Path
 
 from tokenfleet.builtin_model.tokenizer import stdlib_source_files, train_tokenizer
 
+# Long enough for requests that keep an engine busy for minutes (the scheduler's end-to-end
+# tests need batch work that outlasts any stall of the test client); KV per position is tiny.
+CONTEXT = 16384
+
 
 def build_tiny_random(out_dir: Path, *, seed: int = 0) -> Path:
     """A 2-layer random-weight Llama with a real BPE tokenizer; seconds to build."""
@@ -23,7 +27,7 @@ def build_tiny_random(out_dir: Path, *, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=CONTEXT,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=1,
@@ -31,3 +35,13 @@ def build_tiny_random(out_dir: Path, *, seed: int = 0) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def is_current(path: Path) -> bool:
+    """Whether `path` holds a tiny-random built by this recipe (a cache from older code is not)."""
+    import json
+
+    config = path / "config.json"
+    if not config.exists() or not (path / "tokenizer.json").exists():
+        return False
+    return bool(json.loads(config.read_text()).get("max_position_embeddings") == CONTEXT)
