@@ -292,11 +292,15 @@ def scheduler() -> dict[str, Any]:
             "s",
         ),
         Panel(
-            "Preemptions and rejections per class",
+            "Preemptions, overtakes and rejections per class",
             (
                 (
                     f"sum by (slo_class) (rate(tokenfleet_scheduler_preemptions_total[{RATE}]))",
                     "preempted {{slo_class}}",
+                ),
+                (
+                    f"sum by (slo_class) (rate(tokenfleet_scheduler_overtakes_total[{RATE}]))",
+                    "overtook {{slo_class}}",
                 ),
                 (
                     f"sum by (slo_class) (rate(tokenfleet_scheduler_rejections_total[{RATE}]))",
