@@ -73,7 +73,10 @@ def test_bench_run_against_vllm_with_web_ui(engine: EngineProcess, tmp_path: Pat
     assert overall["requests"] >= 15
     assert overall["failed"] == 0, overall["errors"]
     assert overall["ttft"]["p50"] > 0
-    assert overall["tpot"]["p50"] > 0
+    # Every 12-token answer has a TPOT; it may be 0 where the client was held off the CPU and read
+    # an answer's tokens in one go (ADR 0004, "Testing on shared CPUs"), so only its sign is fixed.
+    assert overall["tpot"]["count"] == overall["ok"]
+    assert overall["tpot"]["min"] >= 0
     assert overall["output_tokens"] == 12 * overall["ok"]  # ignore_eos: usage counts every token
     assert set(summary["classes"]) == {"interactive", "batch"}
     assert sum(c["requests"] for c in summary["classes"].values()) == overall["requests"]
