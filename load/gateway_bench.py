@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +39,7 @@ import yaml
 from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.load import stats
+from tokenfleet.load.sse import SSEDecoder, StreamTimer
 from tokenfleet.observability import promtext
 from tokenfleet.spec import LLMService, parse_service
 
@@ -260,23 +261,28 @@ def stream_once(url: str, index: int) -> dict[str, Any]:
         "ignore_eos": True,
     }
     outcome: dict[str, Any] = {"started": False, "finished": False, "status": None, "error": None}
-    done = False
+    # The load harness's own SSE reader: an error event fails the stream, a token whose text is
+    # "error" does not (the tiny model generates one now and then).
+    decoder, stream = SSEDecoder(), StreamTimer()
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60, trust_env=False) as reply:
             outcome["status"] = reply.status_code
-            for line in reply.iter_lines():
-                if reply.status_code != 200 or not line.startswith("data: "):
-                    continue
-                outcome["started"] = True
-                if line == "data: [DONE]":
-                    done = True
-                elif "error" in json.loads(line[6:]):
-                    # An error event, not a token: generated text may well contain "error".
-                    outcome["error"] = "mid-stream"
-            outcome["finished"] = done and outcome["error"] is None
+            if reply.status_code == 200:
+                for data in _events(decoder, reply.iter_raw()):
+                    outcome["started"] = True
+                    stream.on_event(data, 0.0)  # outcomes only: no timings here
+            if stream.error is not None:
+                outcome["error"] = "mid-stream"
+            outcome["finished"] = stream.done and stream.error is None
     except httpx.HTTPError as exc:
         outcome["error"] = type(exc).__name__
     return outcome
+
+
+def _events(decoder: SSEDecoder, chunks: Iterable[bytes]) -> Iterator[str]:
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    yield from decoder.flush()
 
 
 def failover_run(
