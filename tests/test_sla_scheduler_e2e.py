@@ -23,6 +23,7 @@ from tokenfleet.engine.gateway.app import create_app
 from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.engine.launch import EngineProcess, engine_command
 from tokenfleet.engine.sla_contract import REJECT_PREFIX
+from tokenfleet.engine.sla_policy import PolicyConfig
 from tokenfleet.load.bench import run_workload
 from tokenfleet.load.workload import parse_workload
 from tokenfleet.models import ensure_builtin
@@ -178,15 +179,21 @@ async def _idle(client: httpx.AsyncClient) -> bool:
 DRIVER = Path(__file__).with_name("sla_engine_driver.py")
 
 
-def _drive(service_spec: Any, policy_argv_drop: tuple[str, ...] = ()) -> dict[str, Any]:
+def _drive(service: LLMService, policy_argv_drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run tests/sla_engine_driver.py on a real engine built from `engine_command`'s argv."""
     model_path = ensure_builtin("tiny-random")
-    command = engine_command(service_spec, str(model_path), port=free_port())
+    command = engine_command(service.spec, str(model_path), port=free_port())
     argv = command.argv[3:]  # after `python -m vllm.entrypoints.openai.api_server`
     for flag in policy_argv_drop:
         at = argv.index(flag)
         del argv[at : at + 2]
-    config = {"argv": argv, "batch": BURST, "batch_tokens": BATCH_TOKENS, "run_s": 1.2, "max_steps": 400}
+    config = {
+        "argv": argv,
+        "batch": BURST,
+        "batch_tokens": BATCH_TOKENS,
+        "min_run_s": PolicyConfig.min_run_s,  # the policy's default, which the spec does not override
+        "max_steps": 400,
+    }
     done = subprocess.run(
         [sys.executable, str(DRIVER), json.dumps(config)],
         env={**os.environ, **command.env},
@@ -212,7 +219,7 @@ def test_interactive_preempts_batch_and_overflow_is_rejected() -> None:
     shared CPUs"), so it cannot place its request between them. The next test runs the same
     scenario under vLLM's own `priority` policy, which this behaviour is measured against.
     """
-    result = _drive(_sla_service().spec)
+    result = _drive(_sla_service())
     rejected = result["rejected"]
     assert rejected, f"{BURST} batch requests must overflow {SLOTS} slots + the queue"
     for outcome in rejected.values():
@@ -232,7 +239,7 @@ def test_vllm_priority_policy_makes_the_interactive_request_wait() -> None:
     """The same scenario under vLLM's own `priority` policy (no tokenfleet scheduler): the
     interactive request goes to the head of the queue but waits for a running batch request to
     finish — vLLM preempts only for KV pressure, never for a waiting request."""
-    result = _drive(_sla_service().spec, policy_argv_drop=("--scheduler-cls",))
+    result = _drive(_sla_service(), policy_argv_drop=("--scheduler-cls",))
     assert result["rejected"] == {}  # no per-class queue limits either
     assert len(result["running_at_arrival"]) == SLOTS
     assert result["interactive"] is None, result  # still waiting after max_steps

@@ -27,14 +27,14 @@ def builtin_path(name: str) -> Path:
 
 
 def ensure_builtin(name: str) -> Path:
-    """Return the cached builtin model, building it first if it is missing."""
+    """Return the cached builtin model, building it first if it is missing or from an older recipe."""
     path = builtin_path(name)
     if name == "tiny-random":
         from tokenfleet.builtin_model import tiny_random
 
-        if tiny_random.is_current(path):
-            return path
-        return tiny_random.build_tiny_random(path)
+        if not tiny_random.is_current(path):
+            tiny_random.build_tiny_random(path)
+        return path
     if name == "tiny-code":
         from tokenfleet.builtin_model import tiny_code
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenfleet.builtin_model.tokenizer import stdlib_source_files, train_tokenizer
 
-# Long enough for requests that keep an engine busy for minutes (the scheduler's end-to-end
-# tests need batch work that outlasts any stall of the test client); KV per position is tiny.
+# Long enough for requests that cannot finish while a test's scenario runs (the scheduler's
+# step-driven test keeps two batch requests running past the preemption hysteresis); KV per
+# position is tiny.
 CONTEXT = 16384
 
 
@@ -39,8 +41,6 @@ def build_tiny_random(out_dir: Path, *, seed: int = 0) -> Path:
 
 def is_current(path: Path) -> bool:
     """Whether `path` holds a tiny-random built by this recipe (a cache from older code is not)."""
-    import json
-
     config = path / "config.json"
     if not config.exists() or not (path / "tokenizer.json").exists():
         return False
