@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,13 @@ NEEDS_RESTART = ("routing", "gateway")
 
 def changed_sections(old: LLMServiceSpec, new: LLMServiceSpec) -> list[str]:
     return [name for name in LLMServiceSpec.model_fields if getattr(old, name) != getattr(new, name)]
+
+
+def context_limit(serving: Sequence[LLMService]) -> int:
+    """The longest context any of the revisions taking traffic accepts: the gateway's bound for
+    a request's length, so each engine refuses what only it cannot serve (and the canary
+    analysis sees that refusal as the revision's)."""
+    return max(s.spec.model.max_model_len for s in serving)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -231,7 +238,7 @@ class LocalFleet:
 
     def signals(self, now: float) -> Signals:
         recent = self.gateway.outcomes.all_since(now - SIGNAL_WINDOW_S)
-        ttfts = [t for ok, t in recent if ok and t is not None]
+        ttfts = [t for outcome, t in recent if outcome == "ok" and t is not None]
         # Idle means no request for the whole scale-down window (at least a second).
         idle_window = max(1.0, self.service.spec.autoscaling.scale_down_stabilization_s)
         latest = self.gateway.outcomes.all_since(now - idle_window)
@@ -300,6 +307,9 @@ class LocalFleet:
         self._scale_revisions(plan.counts, now)
         self.weights = plan.weights
         self.gateway.set_weights(plan.weights)
+        serving = [self.services[r] for r in plan.counts if r in self.services]
+        if serving:  # (a recreate stops everything first: keep the limit until the new one starts)
+            self.gateway.context_limit = context_limit(serving)
         self._drain(now)
         self.sync_gateway()
         self._record_pids()

@@ -29,6 +29,7 @@ class Faults:
     reject: str | None = None  # answer as the SLA scheduler does when a class queue is full
     health_delay_s: float = 0.0  # /health answers this late (a CPU-starved engine)
     cancelled: int = 0  # requests whose client (the gateway) went away before the answer
+    max_model_len: int | None = None  # refuse (400, as vLLM) a max_tokens above it
     seen: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -63,6 +64,11 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
         if state.status_5xx > 0 or random.random() < state.error_rate:
             state.status_5xx = max(0, state.status_5xx - 1)
             return JSONResponse({"error": "injected"}, status_code=500)
+        if state.max_model_len is not None and int(body.get("max_tokens") or 0) > state.max_model_len:
+            limit = state.max_model_len
+            message = f"max_tokens={body['max_tokens']} cannot be greater than max_model_len={limit}."
+            error = {"message": message, "type": "BadRequestError", "param": "max_tokens", "code": 400}
+            return JSONResponse({"error": error}, status_code=400)
         # Wait as vLLM's `with_cancellation` does: a client that disconnects aborts the request.
         deadline = asyncio.get_running_loop().time() + state.delay_s
         while asyncio.get_running_loop().time() < deadline:
@@ -153,8 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--delay-s", type=float, default=0.0, help="wait before each answer")
     parser.add_argument("--error-rate", type=float, default=0.0, help="fraction answered with 500")
+    parser.add_argument("--max-model-len", type=int, default=None, help="refuse a larger max_tokens (400)")
     args = parser.parse_args(argv)
-    app, _ = fake_engine(args.name, args.model, Faults(delay_s=args.delay_s, error_rate=args.error_rate))
+    faults = Faults(delay_s=args.delay_s, error_rate=args.error_rate, max_model_len=args.max_model_len)
+    app, _ = fake_engine(args.name, args.model, faults)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -154,7 +154,7 @@ CATALOGUE: tuple[Metric, ...] = (
         "counter",
         GW,
         ("revision", "outcome"),
-        "Attempts sent to a replica of each revision, by outcome (ok, error): rollout analysis.",
+        "Attempts sent to each revision, by outcome (ok, refused: 4xx, error): rollout analysis.",
     ),
     _m(
         "tokenfleet_gateway_revision_first_byte_seconds",

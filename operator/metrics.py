@@ -38,10 +38,11 @@ class RevisionTotals:
     ok: float = 0.0
     errors: float = 0.0
     first_byte: tuple[tuple[float, float], ...] = ()  # (upper bound, cumulative count), by bound
+    refused: float = 0.0
 
     @property
     def attempts(self) -> float:
-        return self.ok + self.errors
+        return self.ok + self.errors + self.refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +61,28 @@ def signals_from_text(text: str) -> Signals:
 
 def revision_totals_from_text(text: str) -> dict[str, RevisionTotals]:
     """Each revision's attempt counters and first-byte histogram (pure; tested on fixed text)."""
-    ok: dict[str, float] = {}
-    errors: dict[str, float] = {}
+    by_outcome: dict[str, dict[str, float]] = {"ok": {}, "refused": {}, "error": {}}
     buckets: dict[str, dict[float, float]] = {}
     for sample in promtext.samples(text):
         revision = sample.labels.get("revision", "")
         if not revision:
             continue  # replicas of no known revision (a gateway with static replicas)
         if sample.name == ATTEMPTS:
-            into = ok if sample.labels.get("outcome") == "ok" else errors
+            # An outcome this operator does not know is counted as an error: never as a success.
+            into = by_outcome.get(sample.labels.get("outcome", ""), by_outcome["error"])
             into[revision] = into.get(revision, 0.0) + sample.value
         elif sample.name == FIRST_BYTE_BUCKET:
             bound = float(sample.labels["le"])
             buckets.setdefault(revision, {})[bound] = sample.value
+    ok, refused, errors = by_outcome["ok"], by_outcome["refused"], by_outcome["error"]
     return {
         revision: RevisionTotals(
             ok=ok.get(revision, 0.0),
             errors=errors.get(revision, 0.0),
             first_byte=tuple(sorted(buckets.get(revision, {}).items())),
+            refused=refused.get(revision, 0.0),
         )
-        for revision in sorted(set(ok) | set(errors) | set(buckets))
+        for revision in sorted(set(ok) | set(errors) | set(refused) | set(buckets))
     }
 
 
@@ -109,7 +112,7 @@ def _delta(after: float, before: float) -> float:
 def window_stats(
     before: Mapping[str, RevisionTotals], after: Mapping[str, RevisionTotals]
 ) -> dict[str, WindowStats]:
-    """Per revision, the attempts, errors and TTFT p99 between two scrapes of one gateway."""
+    """Per revision, the attempts, errors, refusals and TTFT p99 between two scrapes of one gateway."""
     out: dict[str, WindowStats] = {}
     for revision, now in after.items():
         then = before.get(revision, RevisionTotals())
@@ -121,6 +124,7 @@ def window_stats(
             requests=round(_delta(now.attempts, base.attempts)),
             errors=round(_delta(now.errors, base.errors)),
             ttft_p99_s=bucket_quantile(TTFT_QUANTILE, buckets),
+            refused=round(_delta(now.refused, base.refused)),
         )
     return out
 

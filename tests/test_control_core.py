@@ -355,9 +355,8 @@ def test_canary_walks_its_steps_and_promotes_when_healthy() -> None:
     state, events, shape = drive(spec, desired=4, stats=GOOD, strategy="canary")
     assert state.phase == "complete"
     assert state.stable == "b"
-    assert any(
-        e.startswith("step 1 (10%) passed: errors 0.0% vs 0.0%, TTFT p99 210 ms vs 200 ms") for e in events
-    )
+    passed = "step 1 (10%) passed: errors 0.0% vs 0.0%, refused 0.0% vs 0.0%, TTFT p99 210 ms vs 200 ms"
+    assert any(e.startswith(passed) for e in events)
     assert any(e.startswith("step 2 (50%) passed") for e in events)
     assert events[-1] == "canary promoted: all 4 replica(s) on b"
     assert max(total for total, _, _ in shape) <= 8
@@ -379,6 +378,9 @@ def test_canary_weights_follow_the_steps() -> None:
         (WindowStats(30, 6, 0.2), "error rate 20.0% > 2.0%"),
         (WindowStats(3, 3, None), "error rate 100.0% > 2.0%"),  # fails fast, before minRequests
         (WindowStats(30, 0, 0.9), "TTFT p99 900 ms > 1.5x stable 200 ms + 25 ms"),
+        # A canary whose engine refuses a third of what the stable serves; its refusals answer
+        # fast, so its TTFT alone would look better than the stable's.
+        (WindowStats(30, 0, 0.05, refused=10), "refused 33.3% of requests vs stable 0.0%"),
     ],
 )
 def test_a_worse_canary_is_rolled_back_with_the_reason(canary: WindowStats, expected: str) -> None:
@@ -391,6 +393,21 @@ def test_a_worse_canary_is_rolled_back_with_the_reason(canary: WindowStats, expe
     assert events[-1].startswith("canary rolled back at 10%")
 
 
+def test_a_canary_that_drops_out_of_ready_is_still_judged_on_what_its_window_saw() -> None:
+    # Its failures got it ejected by the gateway (not ready any more) before the tick that reads
+    # them: the window is judged, not restarted, so the failures are not forgotten.
+    spec = RolloutSpec(strategy="canary", canary_steps=[50, 100], step_duration_s=60, min_requests=20)
+    state = begin_rollout(RolloutState("a"), "b", "canary", 0.0)
+    serving = [*ready(2), ReplicaObservation("b-1", "b", "ready", 0.0)]
+    state = rollout(spec, state, 2, serving, {}, 1.0).state
+    assert state.step_started_at == 1.0
+    ejected = [*ready(2), ReplicaObservation("b-1", "b", "unhealthy", 1.5)]
+    plan = rollout(spec, state, 2, ejected, {"a": GOOD["a"], "b": WindowStats(4, 2, 0.01)}, 2.0)
+    assert plan.state.phase == "rolled_back"
+    assert plan.counts == {"a": 2}
+    assert "error rate 50.0% > 2.0%" in plan.events[0]
+
+
 def test_canary_waits_for_evidence_before_promoting() -> None:
     spec = RolloutSpec(strategy="canary", step_duration_s=5, min_requests=20)
     state = begin_rollout(RolloutState("a"), "b", "canary", 0.0)
@@ -400,6 +417,18 @@ def test_canary_waits_for_evidence_before_promoting() -> None:
     assert plan.state.step == 0
     assert plan.state.in_progress
     assert "5/20 requests" in plan.state.reason
+
+
+def test_refusals_count_only_beyond_the_stables() -> None:
+    spec = RolloutSpec(max_error_rate=0.02, min_requests=20)
+    # Clients' own bad requests reach both revisions alike: 10% refused on each is no verdict.
+    assert judge(spec, WindowStats(100, 0, 0.2, refused=10), WindowStats(100, 0, 0.2, refused=10)) is None
+    assert judge(spec, WindowStats(100, 0, 0.2, refused=12), WindowStats(100, 0, 0.2, refused=10)) is None
+    verdict = judge(spec, WindowStats(100, 0, 0.2, refused=13), WindowStats(100, 0, 0.2, refused=10))
+    assert verdict is not None
+    assert verdict.startswith("refused 13.0% of requests vs stable 10.0%, more than 2.0% above it")
+    # Refusals need minRequests of evidence (unlike errors, they may be the clients' doing).
+    assert judge(spec, WindowStats(10, 0, None, refused=10), WindowStats(100, 0, 0.2)) is None
 
 
 def test_latency_judgement_ignores_noise_within_the_slack() -> None:
@@ -450,11 +479,11 @@ def test_property_percentile_matches_numpy(values: list[float], q: float) -> Non
     assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-9, abs=1e-9)
 
 
-def test_window_stats_counts_errors_and_takes_p99_of_good_attempts() -> None:
-    stats = window_stats([(True, 0.1), (True, 0.3), (False, None), (True, None)])
-    assert (stats.requests, stats.errors) == (4, 1)
-    assert stats.ttft_p99_s == pytest.approx(0.298)
-    assert stats.error_rate == 0.25
+def test_window_stats_counts_errors_and_refusals_and_takes_p99_of_answered_attempts() -> None:
+    stats = window_stats([("ok", 0.1), ("ok", 0.3), ("error", None), ("ok", None), ("refused", 0.001)])
+    assert (stats.requests, stats.errors, stats.refused) == (5, 1, 1)
+    assert stats.ttft_p99_s == pytest.approx(0.298)  # the refusal's fast first byte is not a TTFT
+    assert (stats.error_rate, stats.refused_rate) == (0.2, 0.2)
     assert window_stats([]) == WindowStats()
     with pytest.raises(ValueError, match="no values"):
         percentile([], 50)

@@ -91,6 +91,7 @@ class Load:
         self.fleet = fleet
         self.codes: Counter[int] = Counter()
         self.served: Counter[str] = Counter()
+        self.refused_by: Counter[str] = Counter()  # replicas that answered with an error status
         self.stop = asyncio.Event()
         self.body = body or {"model": "tiny", "prompt": "x", "max_tokens": 2}
         self.tasks = [asyncio.create_task(self._worker()) for _ in range(workers)]
@@ -101,6 +102,8 @@ class Load:
             self.codes[reply.status_code] += 1
             if reply.status_code == 200:
                 self.served[reply.headers["x-tokenfleet-replica"]] += 1
+            elif "x-tokenfleet-replica" in reply.headers:
+                self.refused_by[reply.headers["x-tokenfleet-replica"]] += 1
 
     async def finish(self) -> Counter[int]:
         self.stop.set()
@@ -233,6 +236,45 @@ def test_a_bad_canary_is_rolled_back_automatically(tmp_path: Path, fault: str, v
     assert verdict in reason
     assert revisions(after) == {after["fleet"]["revision"]}  # the canary's replica is gone
     assert set(codes) == {200}, codes  # the canary's failures were retried on the stable revision
+
+
+def test_a_canary_that_refuses_what_the_stable_serves_is_rolled_back(tmp_path: Path) -> None:
+    """The canary's context is shorter than the stable's: its engine refuses (400) the long
+    answers the stable serves. The gateway lets them through to whichever revision it picks (the
+    stable takes them), so only the canary's own answers fail, and the analysis rolls it back."""
+    rollout = {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 30, "minRequests": 20}
+    service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
+    short = tiny_service(
+        routing=FAST_ROUTING,
+        engine={"shutdownTimeoutS": 2},
+        rollout=rollout,
+        model={"name": "tiny", "source": "builtin://tiny-random", "maxModelLen": 64},
+    )
+    long_answers = {"model": "tiny", "prompt": "x", "max_tokens": 100}
+
+    async def scenario() -> tuple[Status, Load, Load, Counter[int]]:
+        async with running(service, tmp_path, replicas=1) as fleet:
+            assert service.spec.model.max_model_len > 100
+            shorts, longs = Load(fleet, workers=2), Load(fleet, workers=2, body=long_answers)
+            assert await fleet.apply(short) == 0
+            after = await fleet.wait(
+                lambda s: s["fleet"]["rollout"]["phase"] == "rolled_back" and len(s["fleet"]["slots"]) == 1
+            )
+            await shorts.finish(), await longs.finish()
+            # Back on the stable revision alone, a long answer is served again.
+            again = Load(fleet, workers=1, body=long_answers)
+            await fleet.wait(lambda s: sum(again.codes.values()) >= 5)
+            return after, shorts, longs, await again.finish()
+
+    after, shorts, longs, again = asyncio.run(scenario())
+    reason = after["fleet"]["rollout"]["reason"]
+    assert reason.startswith("canary rolled back at 50%: refused"), reason
+    assert set(shorts.codes) == {200}, shorts.codes  # the canary served what it could
+    assert longs.codes[400] > 0, longs.codes
+    assert longs.codes[200] > 0, longs.codes  # the stable revision served long answers throughout
+    assert len(longs.refused_by) == 1, longs.refused_by  # one replica refused: the canary's
+    assert set(longs.refused_by).isdisjoint(longs.served), "the replica that refused never served one"
+    assert set(again) == {200}, again
 
 
 def test_a_good_canary_walks_its_steps_and_is_promoted(tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ def fake_launcher(log_dir: Path):  # type: ignore[no-untyped-def]
             str(port),
             "--name",
             replica_id,
+            "--max-model-len",
+            str(service.spec.model.max_model_len),
             *service.spec.engine.extra_args,
         ]
         return EngineProcess(EngineCommand(argv, {}), port=port, log_path=log_dir / f"{replica_id}.log")

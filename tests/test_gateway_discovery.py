@@ -130,13 +130,14 @@ def test_gateway_counts_outcomes_per_revision_in_metrics() -> None:
     from tokenfleet.operator.metrics import revision_totals_from_text
 
     gateway = Gateway(tiny_service())
-    gateway.outcomes.record("r1", True, 0.02)
-    gateway.outcomes.record("r1", False, None)
-    gateway.outcomes.record("r2", True, 0.3)
+    gateway.outcomes.record("r1", "ok", 0.02)
+    gateway.outcomes.record("r1", "error", None)
+    gateway.outcomes.record("r2", "ok", 0.3)
+    gateway.outcomes.record("r2", "refused", 0.001)
     totals = revision_totals_from_text(generate_latest(gateway.metrics.registry).decode())
-    assert (totals["r1"].ok, totals["r1"].errors, totals["r2"].ok) == (1, 1, 1)
+    assert (totals["r1"].ok, totals["r1"].errors, totals["r2"].ok, totals["r2"].refused) == (1, 1, 1, 1)
     buckets = dict(totals["r2"].first_byte)
-    assert (buckets[0.25], buckets[0.5]) == (0, 1)
+    assert (buckets[0.25], buckets[0.5]) == (0, 1), "a refusal's first byte is no TTFT"
 
 
 # -- a gateway following a fake API --------------------------------------------------------------

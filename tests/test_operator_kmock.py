@@ -624,9 +624,9 @@ class FakeGatewayMetrics:
 
     def serve(self, revision: str, ok: int, errors: int = 0, ttft_s: float = 0.05) -> None:
         for _ in range(ok):
-            self.metrics.count_outcome(revision, True, ttft_s)
+            self.metrics.count_outcome(revision, "ok", ttft_s)
         for _ in range(errors):
-            self.metrics.count_outcome(revision, False, None)
+            self.metrics.count_outcome(revision, "error", None)
 
 
 def weights_of(k: Any) -> dict[str, int]:

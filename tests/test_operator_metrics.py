@@ -45,6 +45,7 @@ tokenfleet_gateway_revision_attempts_total{outcome="ok",revision="aaa"} 200.0
 tokenfleet_gateway_revision_attempts_total{outcome="error",revision="aaa"} 2.0
 tokenfleet_gateway_revision_attempts_total{outcome="ok",revision="bbb"} 45.0
 tokenfleet_gateway_revision_attempts_total{outcome="error",revision="bbb"} 5.0
+tokenfleet_gateway_revision_attempts_total{outcome="refused",revision="bbb"} 10.0
 # TYPE tokenfleet_gateway_revision_first_byte_seconds histogram
 tokenfleet_gateway_revision_first_byte_seconds_bucket{le="0.1",revision="aaa"} 190.0
 tokenfleet_gateway_revision_first_byte_seconds_bucket{le="0.5",revision="aaa"} 200.0
@@ -70,7 +71,7 @@ def test_two_scrapes_become_window_stats_per_revision() -> None:
     assert stats["aaa"].errors == 0
     assert stats["aaa"].ttft_p99_s == pytest.approx(0.099)
     # bbb appeared after the window started: all of it counts; its TTFTs are past the last bound
-    assert stats["bbb"] == WindowStats(requests=50, errors=5, ttft_p99_s=0.5)
+    assert stats["bbb"] == WindowStats(requests=60, errors=5, ttft_p99_s=0.5, refused=10)
 
 
 def test_a_counter_reset_counts_from_zero() -> None:
@@ -118,13 +119,13 @@ def test_scraper_measures_each_window_from_its_start_through_the_gateway_metrics
         return dict(metrics.per_revision)
 
     for _ in range(30):
-        gateway.count_outcome("old", True, 0.05)
+        gateway.count_outcome("old", "ok", 0.05)
     assert asyncio.run(scrape(0.0, None)) == {}, "no window, no per-revision stats"
     # the step starts at t=5 (after the t=0 scrape); traffic then splits over two revisions
     for _ in range(10):
-        gateway.count_outcome("old", True, 0.05)
-        gateway.count_outcome("new", True, 0.3)
-    gateway.count_outcome("new", False, None)
+        gateway.count_outcome("old", "ok", 0.05)
+        gateway.count_outcome("new", "ok", 0.3)
+    gateway.count_outcome("new", "error", None)
     stats = asyncio.run(scrape(15.0, 5.0))
     assert stats["old"].requests == 10
     assert (stats["new"].requests, stats["new"].errors) == (11, 1)

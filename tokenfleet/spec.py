@@ -390,7 +390,13 @@ class RolloutSpec(_Spec):
     canary_steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
     step_duration_s: float = Field(60, ge=0)
     max_error_rate: float = Field(
-        0.02, ge=0, le=1, description="Canary attempts failing (5xx, reset, timeout) above this: roll back."
+        0.02,
+        ge=0,
+        le=1,
+        description=(
+            "Roll the canary back when its attempts fail (5xx, reset, timeout) above this rate, or when"
+            " its engine refuses (4xx) requests the gateway accepted at a rate this much above the stable's."
+        ),
     )
     max_ttft_p99_ratio: float = Field(1.5, gt=1, description="Canary TTFT p99 vs stable before rollback.")
     ttft_p99_slack_ms: float = Field(

@@ -110,6 +110,10 @@ class Gateway:
         if spec.autoscaling.enabled and spec.autoscaling.scale_to_zero:
             self.admission.activation_wait_s = spec.autoscaling.activation_timeout_s
         self.per_replica_slots = spec.gateway.max_in_flight_per_replica or 2 * spec.engine.max_num_seqs
+        # The longest context any serving revision takes (the local fleet widens it while a
+        # rollout runs both): a request only one revision can serve is that revision's to refuse,
+        # so the refusal counts against it and not against every client.
+        self.context_limit = spec.model.max_model_len
         self.outcomes = Outcomes(listener=self.metrics.count_outcome)
         self.ledger = TenantLedger(spec.gateway.default_limits)
         # Resume streams broken by a dead replica on another one (resume.py).
@@ -364,11 +368,11 @@ class Gateway:
             raw = await self._read_body(request, call.headers)
             document = parse_json(raw)
             body = validate_body(
-                route, document, model_name=self.spec.model.name, max_model_len=self.spec.model.max_model_len
+                route, document, model_name=self.spec.model.name, max_model_len=self.context_limit
             )
             slo_class = self._class_for(tenant, call.headers, document)
             call.cls = slo_class.name
-            call.estimate = estimated_tokens(body, self.spec.model.max_model_len)
+            call.estimate = estimated_tokens(body, self.context_limit)
             self.ledger.charge(tenant, call.estimate)
             self.ledger.enter(call, tenant)
         except RequestError as exc:
@@ -390,7 +394,7 @@ class Gateway:
         resume: StreamResume | None = None
         if streaming and self.resume_streams and resumable(route, document):
             # Keep the token ids relayed, so a replica that dies mid-stream can be resumed.
-            resume, fields = StreamResume.for_request(route, document, fields, self.spec.model.max_model_len)
+            resume, fields = StreamResume.for_request(route, document, fields, self.context_limit)
             encoded = None
         payload = with_fields(raw, document, fields, encoded)
         # A client that goes away while the gateway waits (queued, or for a non-streaming answer)

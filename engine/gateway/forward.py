@@ -185,7 +185,7 @@ class Forwarder:
             first_byte_s = time.perf_counter() - call.started
             if streaming and upstream.status == 200:
                 self._observe_first_byte(call, replica, first_byte_s)
-                self.outcomes.record(replica.revision, True, first_byte_s)
+                self.outcomes.record(replica.revision, "ok", first_byte_s)
                 chunks = upstream.chunks()
                 first = await anext(chunks, b"")
                 rejection = scheduler_rejection(first)
@@ -206,7 +206,7 @@ class Forwarder:
             self.metrics.errors.labels(replica.id, call.route, kind).inc()
             self.metrics.upstream_requests.labels(replica.id, call.route, kind).inc()
             self.replicas.request_failed(replica, reason)
-            self.outcomes.record(replica.revision, False, None)
+            self.outcomes.record(replica.revision, "error", None)
             self._leave(replica)
             log.info("request attempt on %s failed: %s", replica.id, reason)
             # A failed attempt is an event on the request's span (the retry is the next attempt).
@@ -253,7 +253,8 @@ class Forwarder:
         self.replicas.request_succeeded(replica)
         self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
         self._observe_first_byte(call, replica, first_byte_s)
-        self.outcomes.record(replica.revision, True, first_byte_s)
+        # The gateway validated the request already: a 4xx here is the revision refusing it.
+        self.outcomes.record(replica.revision, "refused" if 400 <= status < 500 else "ok", first_byte_s)
         if release is not None:
             release()
         if content is not None:
@@ -377,7 +378,7 @@ class Forwarder:
     def _stream_broke(self, call: Call, replica: Replica, exc: UpstreamError) -> None:
         self.metrics.errors.labels(replica.id, call.route, "mid_stream").inc()
         self.replicas.request_failed(replica, f"{replica.id}: stream broke: {exc.cause_name}")
-        self.outcomes.record(replica.revision, False, None)
+        self.outcomes.record(replica.revision, "error", None)
         log.warning("request %s: %s broke mid-stream: %s", request_id(call), replica.id, exc)
 
     async def _continue_stream(

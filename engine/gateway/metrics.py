@@ -15,6 +15,8 @@ from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tokenfleet.operator.control.observe import Outcome
+
 Metric = TypeVar("Metric", Counter, Gauge, Histogram)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -60,10 +62,10 @@ class GatewayMetrics:
                             metric.remove(*(sample.labels[name] for name in names))
         self._children = {key: child for key, child in self._children.items() if key[0] not in per_replica}
 
-    def count_outcome(self, revision: str, ok: bool, first_byte_s: float | None) -> None:
+    def count_outcome(self, revision: str, outcome: Outcome, first_byte_s: float | None) -> None:
         """One attempt's outcome by revision (an `Outcomes` listener)."""
-        self.child(self.revision_attempts, revision, "ok" if ok else "error").inc()
-        if ok and first_byte_s is not None:
+        self.child(self.revision_attempts, revision, outcome).inc()
+        if outcome == "ok" and first_byte_s is not None:
             self.child(self.revision_first_byte, revision).observe(first_byte_s)
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ class GatewayMetrics:
         # Per revision: what canary analysis reads from another process (operator/metrics.py).
         self.revision_attempts = Counter(
             "tokenfleet_gateway_revision_attempts",
-            "Attempts sent to a replica of each revision, by outcome (ok, error).",
+            "Attempts sent to a replica of each revision, by outcome (ok, refused: 4xx, error).",
             ["revision", "outcome"],
             registry=r,
         )

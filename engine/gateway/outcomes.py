@@ -1,6 +1,6 @@
 """Attempt outcomes per revision, kept for the control loop's canary analysis and autoscaler.
 
-One bounded deque per revision of (time, ok, time to first byte); appending is the only work on
+One bounded deque per revision of (time, outcome, time to first byte); appending is the only work on
 the request path. Readers (the control loop, once a tick) filter by time. A listener sees every
 outcome too: the gateway counts them per revision in `/metrics`, for readers in other processes
 (the operator's canary analysis on a cluster).
@@ -12,11 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from tokenfleet.operator.control.observe import Outcome
+
 # Enough for a minute at ~150 requests/s per revision; older samples fall off the left.
 MAX_SAMPLES = 10_000
 
-Sample = tuple[float, bool, float | None]
-Listener = Callable[[str, bool, float | None], None]
+Sample = tuple[float, Outcome, float | None]
+Listener = Callable[[str, Outcome, float | None], None]
 
 
 class Outcomes:
@@ -25,19 +27,19 @@ class Outcomes:
         self.listener = listener
         self._by_revision: dict[str, deque[Sample]] = {}
 
-    def record(self, revision: str, ok: bool, first_byte_s: float | None) -> None:
+    def record(self, revision: str, outcome: Outcome, first_byte_s: float | None) -> None:
         samples = self._by_revision.get(revision)
         if samples is None:
             samples = self._by_revision[revision] = deque(maxlen=MAX_SAMPLES)
-        samples.append((self.clock(), ok, first_byte_s))
+        samples.append((self.clock(), outcome, first_byte_s))
         if self.listener is not None:
-            self.listener(revision, ok, first_byte_s)
+            self.listener(revision, outcome, first_byte_s)
 
-    def since(self, revision: str, start: float) -> list[tuple[bool, float | None]]:
-        """(ok, first byte seconds) of the revision's attempts at or after `start`."""
-        return [(ok, ttfb) for t, ok, ttfb in self._by_revision.get(revision, ()) if t >= start]
+    def since(self, revision: str, start: float) -> list[tuple[Outcome, float | None]]:
+        """(outcome, first byte seconds) of the revision's attempts at or after `start`."""
+        return [(outcome, ttfb) for t, outcome, ttfb in self._by_revision.get(revision, ()) if t >= start]
 
-    def all_since(self, start: float) -> list[tuple[bool, float | None]]:
+    def all_since(self, start: float) -> list[tuple[Outcome, float | None]]:
         return [sample for revision in list(self._by_revision) for sample in self.since(revision, start)]
 
     def forget(self, keep: set[str]) -> None:

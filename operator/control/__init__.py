@@ -9,6 +9,7 @@ Deployments) — so a decision tested here behaves the same in both places.
 from tokenfleet.operator.control.autoscale import ScaleDecision, ScaleState, autoscale
 from tokenfleet.operator.control.failover import Replacement, failover, restart_delay, restarts_after_ready
 from tokenfleet.operator.control.observe import (
+    Outcome,
     ReplicaObservation,
     Signals,
     SloCounts,
@@ -20,6 +21,7 @@ from tokenfleet.operator.control.revision import revision_of
 from tokenfleet.operator.control.rollout import RolloutPlan, RolloutState, begin_rollout, rollout
 
 __all__ = [
+    "Outcome",
     "Replacement",
     "ReplicaObservation",
     "RolloutPlan",

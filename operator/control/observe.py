@@ -14,6 +14,11 @@ from typing import Literal
 # pending: no capacity yet (a Pod waiting for a GPU node); starting: loading the model;
 # ready: serving; unhealthy: was ready, health now failing while the process lives; exited.
 Phase = Literal["pending", "starting", "ready", "unhealthy", "exited"]
+# How one attempt on a replica ended, as the gateway saw it. `refused`: the engine answered 4xx to
+# a request the gateway had already validated, so the revision, not the client, said no (a
+# canary whose context is shorter than the stable's refuses what the stable serves).
+# `error`: 5xx, reset or timeout.
+Outcome = Literal["ok", "refused", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +58,16 @@ class WindowStats:
 
     requests: int = 0
     errors: int = 0
-    ttft_p99_s: float | None = None
+    ttft_p99_s: float | None = None  # over the answered (`ok`) attempts only
+    refused: int = 0
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def refused_rate(self) -> float:
+        return self.refused / self.requests if self.requests else 0.0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -71,14 +81,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def window_stats(outcomes: Iterable[tuple[bool, float | None]]) -> WindowStats:
-    """(ok, ttft seconds or None) per attempt -> counts and the TTFT P99 of the good ones."""
-    requests = errors = 0
+def window_stats(outcomes: Iterable[tuple[Outcome, float | None]]) -> WindowStats:
+    """(outcome, ttft seconds or None) per attempt -> counts and the TTFT P99 of the answered
+    ones (a refusal's fast first byte says nothing about how fast the revision serves)."""
+    requests = errors = refused = 0
     ttfts: list[float] = []
-    for ok, ttft in outcomes:
+    for outcome, ttft in outcomes:
         requests += 1
-        if not ok:
+        if outcome == "error":
             errors += 1
+        elif outcome == "refused":
+            refused += 1
         elif ttft is not None:
             ttfts.append(ttft)
-    return WindowStats(requests, errors, percentile(ttfts, 99) if ttfts else None)
+    return WindowStats(requests, errors, percentile(ttfts, 99) if ttfts else None, refused)

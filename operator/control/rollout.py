@@ -145,6 +145,13 @@ def _canary(
     weight = steps[min(state.step, len(steps) - 1)]
     wanted = desired if weight == 100 else max(1, math.ceil(desired * weight / 100))
     counts = {old: desired, new: wanted}
+    canary, stable = stats.get(new, WindowStats()), stats.get(old, WindowStats())
+    # Judge what the window saw before anything else: a canary that fails its requests may be
+    # ejected by the gateway and drop out of ready, and restarting the window then would forget
+    # the very failures that took it out.
+    verdict = judge(spec, canary, stable) if state.step_started_at is not None else None
+    if verdict is not None:
+        return _roll_back(state, desired, f"canary rolled back at {weight}%: {verdict}")
     if new_ready < wanted:
         reason = f"step {state.step + 1}: {new_ready}/{wanted} canary replica(s) ready"
         waiting = replace(state, step_started_at=None, reason=reason)
@@ -157,10 +164,6 @@ def _canary(
     if state.step_started_at is None:
         started = replace(state, step_started_at=now, reason=f"step {state.step + 1}: {weight}% to {new}")
         return RolloutPlan(counts, weights, started, (started.reason,))
-    canary, stable = stats.get(new, WindowStats()), stats.get(old, WindowStats())
-    verdict = judge(spec, canary, stable)
-    if verdict is not None:
-        return _roll_back(state, desired, f"canary rolled back at {weight}%: {verdict}")
     elapsed = now - state.step_started_at
     if canary.requests < spec.min_requests or elapsed < spec.step_duration_s:
         reason = (
@@ -178,20 +181,31 @@ def summary(canary: WindowStats, stable: WindowStats) -> str:
         return "-" if value is None else f"{value * 1000:.0f} ms"
 
     return (
-        f"errors {canary.error_rate:.1%} vs {stable.error_rate:.1%}, TTFT p99 {ms(canary.ttft_p99_s)}"
+        f"errors {canary.error_rate:.1%} vs {stable.error_rate:.1%}, refused {canary.refused_rate:.1%}"
+        f" vs {stable.refused_rate:.1%}, TTFT p99 {ms(canary.ttft_p99_s)}"
         f" vs {ms(stable.ttft_p99_s)} over {canary.requests} canary requests"
     )
 
 
 def judge(spec: RolloutSpec, canary: WindowStats, stable: WindowStats) -> str | None:
-    """Why the canary is worse than the stable revision, or None. Needs minRequests of evidence,
-    except that errors beyond what minRequests could ever excuse fail it at once."""
+    """Why the canary is worse than the stable revision, or None: errors, refusals beyond the
+    stable's, or TTFT. Needs minRequests of evidence, except that errors beyond what minRequests
+    could ever excuse fail it at once."""
     allowed_errors = spec.max_error_rate * spec.min_requests
     if canary.errors > allowed_errors or (
         canary.requests >= spec.min_requests and canary.error_rate > spec.max_error_rate
     ):
         return f"error rate {canary.error_rate:.1%} > {spec.max_error_rate:.1%} ({summary(canary, stable)})"
-    if canary.requests < spec.min_requests or canary.ttft_p99_s is None or stable.ttft_p99_s is None:
+    if canary.requests < spec.min_requests:
+        return None
+    # Both revisions see the same traffic mix, so clients' own bad requests are refused equally
+    # often by both: only the canary's excess over the stable's refusals is the revision's doing.
+    if canary.refused_rate - stable.refused_rate > spec.max_error_rate:
+        return (
+            f"refused {canary.refused_rate:.1%} of requests vs stable {stable.refused_rate:.1%}, "
+            f"more than {spec.max_error_rate:.1%} above it ({summary(canary, stable)})"
+        )
+    if canary.ttft_p99_s is None or stable.ttft_p99_s is None:
         return None
     limit = stable.ttft_p99_s * spec.max_ttft_p99_ratio + spec.ttft_p99_slack_ms / 1000
     if canary.ttft_p99_s > limit:
