@@ -1,12 +1,13 @@
 """`tokenfleet bench autoscale`: the control loop under real load, in one run.
 
-Four scenarios, each against its own `tokenfleet up` (real vLLM replicas on the default model),
+Five scenarios, each against its own `tokenfleet up` (real vLLM replicas on the default model),
 traffic from the load harness (Locust):
 1. `fixed` — one replica, a load step (steady, 2x, back down);
 2. `autoscaled` — the same step against replicas 1..3 with autoscaling on;
 3. `rolling` — constant load while `tokenfleet apply` rolls an engine change out;
-4. `canary` — constant load of long answers while a bad canary (an engine limited to one
-   sequence: requests queue behind each other, TTFT suffers) is analysed and rolled back.
+4. `canary` — constant load while a canary of an engine change is analysed and promoted;
+5. `bad-canary` — constant load while a canary whose context is shorter than the workload's
+   longest requests (its vLLM refuses them, the stable serves them) is analysed and rolled back.
 While each runs, the gateway's /admin/status is sampled twice a second; the analysis below is a
 set of pure functions over those samples, written to docs/results/control-loop.md (markdown,
 JSON, PNG timelines, machine info).
@@ -215,18 +216,13 @@ def step_workload(rate: float, phase_s: float) -> Any:
     return workload.model_copy(update={"arrival": arrival})
 
 
-def constant_workload(rate: float, output_median: int | None = None) -> Any:
-    """The step workload at a constant rate; `output_median` lengthens the answers."""
+def constant_workload(rate: float) -> Any:
+    """The step workload at a constant rate."""
     from tokenfleet.load.workload import ConstantShape, load_workload
 
     workload = load_workload(STEP_WORKLOAD)
     arrival = workload.arrival.model_copy(update={"shape": ConstantShape(kind="constant", value=rate)})
-    update: dict[str, Any] = {"arrival": arrival}
-    if output_median is not None:
-        update["output_tokens"] = workload.output_tokens.model_copy(
-            update={"median": output_median, "min": output_median // 2, "max": 2 * output_median}
-        )
-    return workload.model_copy(update=update)
+    return workload.model_copy(update={"arrival": arrival})
 
 
 def _load_result(summary: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +277,7 @@ def run_rollout(
 ) -> dict[str, Any]:
     from tokenfleet.engine.fleet import apply_spec
     from tokenfleet.load.bench import run_workload
+    from tokenfleet.operator.control import revision_of
 
     trace = Trace()
     outcome: dict[str, Any] = {}
@@ -314,7 +311,20 @@ def run_rollout(
         "events": [e.reason for e in ends],
         "canary": canary_response(trace, applied_at),
         "upstream_errors": _upstream_errors(metrics),
+        "revisions": {"stable": revision_of(service.spec), "changed": revision_of(changed.spec)},
+        "revision_outcomes": revision_outcomes(metrics),
         "trace": _trace_json(trace, applied_at),
+    }
+
+
+def revision_outcomes(exposition: str) -> dict[str, dict[str, int]]:
+    """Attempts per revision and outcome (ok, refused, error), from the gateway's own counter:
+    which revision answered the requests that failed."""
+    from tokenfleet.operator.metrics import revision_totals_from_text
+
+    return {
+        revision: {"ok": round(t.ok), "refused": round(t.refused), "error": round(t.errors)}
+        for revision, t in revision_totals_from_text(exposition).items()
     }
 
 
@@ -354,8 +364,9 @@ def services(rate: float) -> dict[str, LLMService]:
         "minSloAttainment": 0.9,
     }
     canary = {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 30, "minRequests": 30}
-    # Room for the longest prompt (96 tokens) and answer (2 x CANARY_OUTPUT_MEDIAN).
-    long_answers = {"name": "tiny-code", "source": "builtin://tiny-code", "maxModelLen": 1280}
+    # The step workload asks for up to 192 tokens after up to 96: a context of 128 refuses the
+    # answers longer than 128 tokens (vLLM: max_tokens > max_model_len), about one in six.
+    short_context = {"name": "tiny-code", "source": "builtin://tiny-code", "maxModelLen": BAD_CANARY_CONTEXT}
     return {
         "fixed": base_service("bench-fixed", replicas={"min": 1, "max": 1}),
         "autoscaled": base_service(
@@ -367,23 +378,16 @@ def services(rate: float) -> dict[str, LLMService]:
             replicas={"min": 2, "max": 2},
             engine={"maxNumSeqs": 6, "kvCacheGib": 1, "shutdownTimeoutS": 10},
         ),
-        "canary": base_service("bench-canary", rollout=canary, model=long_answers),
-        "canary-bad": base_service(
-            "bench-canary",
-            rollout=canary,
-            model=long_answers,
-            engine={"maxNumSeqs": 1, "kvCacheGib": 1, "shutdownTimeoutS": 10},
+        "canary": base_service("bench-canary", rollout=canary),
+        "canary-good": base_service(
+            "bench-canary", rollout=canary, engine={"maxNumSeqs": 6, "kvCacheGib": 1, "shutdownTimeoutS": 10}
         ),
+        "canary-bad": base_service("bench-canary", rollout=canary, model=short_context),
     }
 
 
-SCENARIOS = ("fixed", "autoscaled", "rolling", "canary")
-# The bad canary (one sequence at a time) only shows its regression once its requests queue
-# behind each other. Raising the rate does that, but on two cores it also starves the canary's
-# own start; long answers at a lower rate queue on the canary alone while the stable replica
-# (8 sequences) batches them.
-CANARY_LOAD = 0.6  # the canary scenario's rate, as a multiple of --rate
-CANARY_OUTPUT_MEDIAN = 400  # tokens
+SCENARIOS = ("fixed", "autoscaled", "rolling", "canary", "bad-canary")
+BAD_CANARY_CONTEXT = 128  # tokens
 
 
 def run_bench(
@@ -407,15 +411,14 @@ def run_bench(
         print(f"bench autoscale: {name}", file=sys.stderr)
         if name in ("fixed", "autoscaled"):
             results[name] = run_step(name, specs[name], out, rate, phase_s, port)
-        elif name == "rolling":
-            workload = constant_workload(rate)
-            results[name] = run_rollout(
-                name, specs[name], specs["rolling-changed"], out, workload, rollout_s, port
-            )
         else:
-            workload = constant_workload(CANARY_LOAD * rate, CANARY_OUTPUT_MEDIAN)
+            stable, changed = {
+                "rolling": ("rolling", "rolling-changed"),
+                "canary": ("canary", "canary-good"),
+                "bad-canary": ("canary", "canary-bad"),
+            }[name]
             results[name] = run_rollout(
-                name, specs[name], specs["canary-bad"], out, workload, rollout_s, port
+                name, specs[stable], specs[changed], out, constant_workload(rate), rollout_s, port
             )
         # Kept per scenario: a later `--scenarios` run may use other settings than this one.
         results[name].update(finished=time.time(), rate=rate, phase_s=phase_s, rollout_s=rollout_s)
@@ -492,35 +495,51 @@ def render(results: dict[str, Any]) -> str:
     for e in auto["trace"]["events"]:
         if e["kind"] == "scale":
             lines.append(f"- {e['t']:.1f} s: {e['reason']}")
-    for name, title in (("rolling", "Rolling update under load"), ("canary", "Bad canary under load")):
+    sections = (
+        ("rolling", "Rolling update under load"),
+        ("canary", "Canary update under load"),
+        ("bad-canary", "Bad canary under load"),
+    )
+    for name, title in sections:
         if name not in results:
             lines += ["", f"## {title}", "", "Not run yet (`--scenarios " + name + "`)."]
             continue
-        r = results[name]
-        rate = r.get("rate", cfg["rate"]) * (CANARY_LOAD if name == "canary" else 1)
+        lines += ["", f"## {title}", "", *_rollout_section(results[name], cfg)]
+    return "\n".join(lines) + "\n"
+
+
+def _rollout_section(r: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Constant {r.get('rate', cfg['rate']):g} req/s for {r.get('rollout_s', cfg['rollout_s']):g} s; "
+        "`tokenfleet apply` 10 s in.",
+        "",
+        "| requests | failed (client) | failed upstream attempts per replica | ends | after apply |",
+        "|---:|---:|---|---|---:|",
+        f"| {r['load']['requests']} | {r['load']['failed']} | {r['upstream_errors'] or 'none'} | "
+        f"{r['phase']} | {_sec(r['finished_s'])} |",
+        "",
+    ]
+    c = r["canary"]
+    if c["verdict"] is not None:
         lines += [
-            "",
-            f"## {title}",
-            "",
-            f"Constant {rate:g} req/s for {r.get('rollout_s', cfg['rollout_s']):g} s; "
-            "`tokenfleet apply` 10 s in."
-            + (f" Answers of ~{CANARY_OUTPUT_MEDIAN} tokens (median)." if name == "canary" else ""),
-            "",
-            "| requests | failed (client) | failed upstream attempts per replica | ends | after apply |",
-            "|---:|---:|---|---|---:|",
-            f"| {r['load']['requests']} | {r['load']['failed']} | {r['upstream_errors'] or 'none'} | "
-            f"{r['phase']} | {_sec(r['finished_s'])} |",
+            f"Canary: traffic split {_sec(c['traffic_split_s'])} after apply (the canary's vLLM had "
+            f"to start), verdict {_sec(c['analysis_s'])} after the split: {c['verdict']}",
             "",
         ]
-        if name == "canary":
-            c = r["canary"]
-            lines += [
-                f"Canary: traffic split {_sec(c['traffic_split_s'])} after apply (the canary's vLLM had "
-                f"to start), verdict {_sec(c['analysis_s'])} after the split: {c['verdict']}",
-                "",
-            ]
-        lines += [f"- {event}" for event in r["events"]]
-    return "\n".join(lines) + "\n"
+    outcomes, revisions = r.get("revision_outcomes"), r.get("revisions")
+    if outcomes and revisions:
+        lines += [
+            "| revision | answered | refused (4xx) | errors (5xx, reset, timeout) |",
+            "|---|---:|---:|---:|",
+        ]
+        for role in ("stable", "changed"):
+            counts = outcomes.get(revisions[role], {})
+            lines.append(
+                f"| {role} `{revisions[role]}` | {counts.get('ok', 0)} | {counts.get('refused', 0)} | "
+                f"{counts.get('error', 0)} |"
+            )
+        lines.append("")
+    return lines + [f"- {event}" for event in r["events"]]
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,7 @@ from tokenfleet.load.autoscale_bench import (
     Sample,
     Trace,
     canary_response,
+    constant_workload,
     plot,
     render,
     reversals,
@@ -67,8 +68,14 @@ def test_step_workload_doubles_the_rate_in_the_middle_phase() -> None:
     assert [(s.value, s.duration_s) for s in steps] == [(2.5, 30), (5.0, 30), (2.5, 30)]
     specs = services(2.5)
     assert specs["autoscaled"].spec.autoscaling.enabled
-    assert specs["canary-bad"].spec.engine.max_num_seqs == 1
     assert specs["canary"].spec.rollout.strategy == "canary"
+    # The bad canary refuses what the stable serves: its context is below the workload's longest
+    # answers, the stable's is above its longest prompt plus answer.
+    workload = constant_workload(2.5)
+    longest = workload.output_tokens.max
+    assert specs["canary-bad"].spec.model.max_model_len < longest
+    assert specs["canary"].spec.model.max_model_len >= longest + workload.prompts.input_tokens.max
+    assert specs["canary-good"].spec.rollout == specs["canary"].spec.rollout
 
 
 def test_report_renders_from_results(tmp_path: Path) -> None:
@@ -110,6 +117,21 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
         "autoscaled": step,
         "rolling": rollout,
         "canary": rollout,
+        "bad-canary": {
+            **rollout,
+            "phase": "rolled_back",
+            "canary": {
+                "traffic_split_s": 150.0,
+                "decision_s": 170.0,
+                "analysis_s": 20.0,
+                "verdict": "canary rolled back at 50%: refused 17.6% of requests vs stable 0.0%",
+            },
+            "revisions": {"stable": "aaa", "changed": "bbb"},
+            "revision_outcomes": {
+                "aaa": {"ok": 600, "refused": 0, "error": 0},
+                "bbb": {"ok": 28, "refused": 6},
+            },
+        },
     }
     text = render(results)
     assert "| step → scale-up decision | - | 12.5 s | ≤ 30 s |" in text
@@ -117,6 +139,9 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
     assert "| direction reversals (flapping) | - | 1 | 0 |" in text
     assert "- 72.5 s: queue_depth 6.10/replica vs target 2: 1 -> 3" in text
     assert "| 540 | 0 | none | complete | 95.0 s |" in text
+    assert "verdict 20.0 s after the split: canary rolled back at 50%: refused 17.6%" in text
+    assert "| stable `aaa` | 600 | 0 | 0 |" in text
+    assert "| changed `bbb` | 28 | 6 | 0 |" in text
     plot(results, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
