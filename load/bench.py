@@ -31,7 +31,8 @@ from tokenfleet.load.keys import TenantKeyError, resolve_tenant_keys
 from tokenfleet.load.record import RequestRecord, read_records
 from tokenfleet.load.report import Summary, Window, render_markdown, summarize
 from tokenfleet.load.scrape import KV_CACHE, QUEUE, RUNNING, Scraper, first_of, read_samples
-from tokenfleet.load.workload import Workload, load_workload, shape_of
+from tokenfleet.load.traffic import offered_level
+from tokenfleet.load.workload import Workload, load_workload
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfiles" / "tokenfleet_llm.py"
 PREFLIGHT_TIMEOUT_S = 5.0
@@ -218,6 +219,7 @@ def run_workload(
     raw_dir.mkdir(exist_ok=True)
     for stale in [*raw_dir.glob("*.jsonl"), *raw_dir.glob("*.json")]:
         stale.unlink()
+    (out / "server_metrics.jsonl").unlink(missing_ok=True)  # the scraper appends
     config = {
         "workload": workload.model_dump(mode="json", by_alias=True),
         "target": target,
@@ -264,6 +266,11 @@ def run_workload(
         except KeyboardInterrupt:
             interrupted = True
             _stop_locust(process)
+        except BaseException:
+            # SystemExit (a benchmark's SIGTERM handler) and the like: Locust runs in its own
+            # session, so it would outlive this process and go on loading the target.
+            _stop_locust(process)
+            raise
     stopped = time.time()
     scraper.stop()
     with httpx.Client() as client:
@@ -324,12 +331,17 @@ def write_results(
     summary = summarize(records, workload, window, run_start=run_start, server_samples=samples, meta=meta)
     plot_names = []
     if records:
-        shape = shape_of(workload)
         horizon = max(window.end, max((r.end or r.send) for r in records)) - run_start + 1
         plots.plot_cdfs([r for r in records if window.contains(r)], out / "latency_cdf.png")
         label = "offered rate (req/s)" if workload.arrival.mode == "open" else "users (closed loop)"
         plots.plot_timeline(
-            records, samples, run_start, horizon, out / "timeline.png", level=shape.level, level_label=label
+            records,
+            samples,
+            run_start,
+            horizon,
+            out / "timeline.png",
+            level=offered_level(workload),
+            level_label=label,
         )
         plot_names = ["latency_cdf.png", "timeline.png"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 
-from tokenfleet.engine.sla_contract import CLASS_HEADER
+from tokenfleet.engine.sla_contract import CLASS_HEADER, REJECT_PREFIX
 from tokenfleet.load import rxclock
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.sse import SSEDecoder, StreamTimer
 
 Api = Literal["completions", "chat"]
+# A gateway's refusals: a tenant over its rate limit (429), admission or capacity (503).
+REFUSED_STATUS = (429, 503)
+UNFINISHED = "unfinished: stopped before the answer ended"
 
 
 @dataclass(frozen=True, slots=True)
 class LLMRequest:
     id: str
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (completions API only) for exact prompt lengths
     max_tokens: int
     cls: str = "standard"
     tenant: str = "default"
@@ -55,6 +59,8 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
         # Token counts come from the server's usage, never from counting chunks.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": False}
     if request.api == "chat":
+        if not isinstance(request.prompt, str):
+            raise ValueError("token-id prompts need the completions API")
         path = "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
@@ -66,6 +72,24 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
     return path, body, headers
 
 
+def rejection(data: str) -> str | None:
+    """The SLA scheduler's admission rejection in one SSE event or JSON body, if it is one: vLLM
+    cannot answer a scheduler's refusal with an HTTP error, so the scheduler finishes the request
+    at once with finish_reason `abort` and a stop_reason starting with REJECT_PREFIX."""
+    if REJECT_PREFIX not in data:
+        return None  # every other event costs one substring search
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    for choice in choices if isinstance(choices, list) else []:
+        reason = choice.get("stop_reason") if isinstance(choice, dict) else None
+        if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECT_PREFIX):
+            return str(reason)
+    return None
+
+
 def send(
     client: httpx.Client,
     base_url: str,
@@ -75,9 +99,12 @@ def send(
     scheduled: float | None = None,
     worker: int = 0,
     timeout_s: float = 120.0,
+    on_cancel: Callable[[RequestRecord], None] | None = None,
 ) -> RequestRecord:
     """Send and time one request. Never raises for server or network trouble: a failed request is
-    a record with `ok=False` and the reason, so the run goes on and the report counts it."""
+    a record with `ok=False` and the reason, so the run goes on and the report counts it. A
+    refusal is also `rejected`. If the caller's task is killed mid-request (Locust ends users
+    still in flight at its stop timeout), `on_cancel` gets what was measured, as unfinished."""
     path, body, headers = build_http_request(request, model)
     record = RequestRecord(
         id=request.id,
@@ -88,6 +115,8 @@ def send(
         send=time.time(),
         scheduled=scheduled,
         worker=worker,
+        # Known before any answer for token ids; the server's usage replaces it when it comes.
+        prompt_tokens=len(request.prompt) if isinstance(request.prompt, list) else None,
     )
     start = time.perf_counter()
     rxclock.reset()
@@ -99,6 +128,7 @@ def send(
             if response.status_code >= 400:
                 detail = response.read().decode("utf-8", errors="replace")[:300]
                 record.error = f"HTTP {response.status_code}: {detail}"
+                record.rejected = response.status_code in REFUSED_STATUS
             elif request.stream:
                 _read_stream(response, start, record)
             else:
@@ -107,6 +137,12 @@ def send(
         record.error = f"timeout: {type(exc).__name__}"
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
+    except BaseException:
+        record.error = UNFINISHED
+        record.e2e_s = time.perf_counter() - start
+        if on_cancel is not None:
+            on_cancel(record)
+        raise
     if record.e2e_s is None:
         record.e2e_s = time.perf_counter() - start
     record.ok = record.error is None
@@ -125,23 +161,35 @@ def arrival_offset(read_at_s: float, kernel_rx: float | None, send_wall: float) 
 
 def _read_stream(response: httpx.Response, start: float, record: RequestRecord) -> None:
     decoder, timer = SSEDecoder(), StreamTimer()
-    t_end = 0.0
-    for raw in response.iter_raw():
-        # Socket arrival, before parsing.
-        t_end = arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send)
-        for data in decoder.feed(raw):
+    refused: str | None = None
+    try:
+        t_end = 0.0
+        for raw in response.iter_raw():
+            # Socket arrival, before parsing.
+            t_end = arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send)
+            for data in decoder.feed(raw):
+                timer.on_event(data, t_end)
+                refused = refused or rejection(data)
+        t_end = max(t_end, arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send))
+        for data in decoder.flush():
             timer.on_event(data, t_end)
-    t_end = max(t_end, arrival_offset(time.perf_counter() - start, rxclock.last_receive(), record.send))
-    for data in decoder.flush():
-        timer.on_event(data, t_end)
-    record.e2e_s = t_end
-    record.first_chunk_s = timer.first_chunk_s
-    record.ttft_s = timer.first_token_s
-    record.chunk_s = timer.content_times
-    record.prompt_tokens = timer.prompt_tokens
-    record.output_tokens = timer.output_tokens
-    if timer.error is not None:
+            refused = refused or rejection(data)
+        record.e2e_s = t_end
+    finally:
+        # Also when the read is cut off from outside: an unfinished record keeps its timings.
+        record.first_chunk_s = timer.first_chunk_s
+        record.ttft_s = timer.first_token_s
+        record.chunk_s = timer.content_times
+        if timer.prompt_tokens is not None:
+            record.prompt_tokens = timer.prompt_tokens
+        record.output_tokens = timer.output_tokens
+    if refused is not None:
+        record.rejected = True
+        record.error = refused
+    elif timer.error is not None:
         record.error = timer.error
+    elif timer.finish_reason == "abort":
+        record.error = "aborted by the server"
     elif not timer.done:
         record.error = "stream ended without [DONE]"
 
@@ -155,5 +203,8 @@ def _read_whole(response: httpx.Response, start: float, record: RequestRecord) -
         record.error = f"malformed JSON response: {body[:120]!r}"
         return
     usage = payload.get("usage") or {}
-    record.prompt_tokens = usage.get("prompt_tokens")
+    record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
     record.output_tokens = usage.get("completion_tokens")
+    if (refused := rejection(body.decode("utf-8", errors="replace"))) is not None:
+        record.rejected = True
+        record.error = refused

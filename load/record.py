@@ -35,6 +35,9 @@ class RequestRecord:
     status: int | None = None
     ok: bool = False
     error: str | None = None
+    # Refused by the server (the SLA scheduler's in-band rejection, a gateway's 429/503): not ok,
+    # and told apart from failures because admission control refuses on purpose.
+    rejected: bool = False
     worker: int = 0
 
     @property

@@ -78,6 +78,7 @@ def group_stats(
         "requests": len(records),
         "ok": len(ok),
         "failed": len(records) - len(ok),
+        "rejected": sum(r.rejected for r in records),
         "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:10]),
         "ttft": describe([r.ttft_s for r in ok if r.ttft_s is not None]),

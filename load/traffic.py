@@ -1,13 +1,14 @@
 """Turn a workload into a reproducible stream of requests: prompts, lengths, class and tenant.
 
 Everything is drawn from one numpy Generator seeded by (workload seed, worker index), so the same
-workload and seed send the same prompts in the same order on every run.
+workload and seed send the same prompts in the same order on every run. `mix_weights` and
+`offered_level` are the pure rules for who sends what, and how fast, at a given time.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -24,8 +25,10 @@ from tokenfleet.load.workload import (
     ShareGPT,
     Synthetic,
     TenantMix,
+    TokenIds,
     Uniform,
     Workload,
+    shape_of,
 )
 
 # Short common words. `inputTokens` counts words: one to two tokens each depending on the tokenizer
@@ -102,6 +105,64 @@ def tenant_active(tenant: TenantMix, t: float) -> bool:
     return t % (tenant.burst.on_s + tenant.burst.off_s) < tenant.burst.on_s
 
 
+def sends(tenant: TenantMix, cls: ClassMix) -> bool:
+    return tenant.classes is None or cls.name in tenant.classes
+
+
+def tenant_weights(tenants: list[TenantMix], cls: ClassMix, t: float) -> list[float]:
+    """Each tenant's rate in class `cls` at time t, as a fraction of the class's mean rate.
+
+    The tenants that send the class split it by share. An `add`-mode bursty tenant sends its
+    share only while on, at period/on times its mean; the other tenants keep their combined
+    share, divided among those that are on (a `shift`-mode tenant's share moves to the others
+    while it is off). The fractions sum to 1 without `add` bursts, and to 1 on average with them.
+    """
+    allowed = [x for x in tenants if sends(x, cls)]
+    total = sum(x.share for x in allowed)
+
+    def adds(x: TenantMix) -> bool:
+        return x.burst is not None and x.burst.mode == "add"
+
+    kept = sum(x.share for x in allowed if not adds(x))
+    kept_on = sum(x.share for x in allowed if not adds(x) and tenant_active(x, t))
+    weights = []
+    for x in tenants:
+        if not sends(x, cls) or not tenant_active(x, t):
+            weights.append(0.0)
+        elif x.burst is not None and adds(x):
+            weights.append(x.share * (x.burst.on_s + x.burst.off_s) / x.burst.on_s / total)
+        else:
+            weights.append(x.share * kept / kept_on / total)
+    return weights
+
+
+def mix_weights(workload: Workload, t: float) -> list[tuple[ClassMix, list[float]]]:
+    """Per class, each tenant's rate at time t as a fraction of the workload's mean rate."""
+    total = sum(c.share for c in workload.classes)
+    return [
+        (c, [c.share / total * w for w in tenant_weights(workload.tenants, c, t)]) for c in workload.classes
+    ]
+
+
+def rate_factor(workload: Workload, t: float) -> float:
+    """The offered rate at time t over the shape's level: 1 unless `add`-mode tenants burst."""
+    return sum(sum(weights) for _, weights in mix_weights(workload, t))
+
+
+def offered_level(workload: Workload) -> Callable[[float], float | None]:
+    """The open loop's arrival rate over time (the shape's level × `rate_factor`); in closed
+    loop the shape's level, a number of users, which tenant bursts do not change."""
+    shape = shape_of(workload)
+    if workload.arrival.mode == "closed":
+        return shape.level
+
+    def level(t: float) -> float | None:
+        value = shape.level(t)
+        return None if value is None else value * rate_factor(workload, t)
+
+    return level
+
+
 @dataclass
 class RequestFactory:
     """`next(t)` gives the next request to send at run time `t` (seconds since start)."""
@@ -126,10 +187,14 @@ class RequestFactory:
                 random_text(prefix_rng, prompts.prefix_tokens) for _ in range(prompts.num_prefixes)
             ]
 
-    def _prompt(self) -> tuple[str, int | None]:
+    def _prompt(self, cls: ClassMix) -> tuple[str | list[int], int | None]:
         prompts = self.workload.prompts
         if isinstance(prompts, Synthetic):
-            return random_text(self._rng, sample_length(self._rng, prompts.input_tokens)), None
+            length = sample_length(self._rng, cls.input_tokens or prompts.input_tokens)
+            return random_text(self._rng, length), None
+        if isinstance(prompts, TokenIds):
+            length = sample_length(self._rng, cls.input_tokens or prompts.input_tokens)
+            return self._rng.integers(prompts.min_id, prompts.max_id + 1, size=length).tolist(), None
         if isinstance(prompts, ShareGPT):
             prompt, reply_tokens = self._pairs[int(self._rng.integers(0, len(self._pairs)))]
             return prompt, reply_tokens if prompts.use_reply_length else None
@@ -139,21 +204,21 @@ class RequestFactory:
         suffix = random_text(np.random.default_rng([self.workload.seed, p, s]), prompts.suffix_tokens)
         return f"{self._prefixes[p]} {suffix}", None
 
-    def choose_class(self) -> ClassMix:
-        classes = self.workload.classes
-        return classes[pick(self._rng, [c.share for c in classes])]
-
-    def choose_tenant(self, t: float) -> TenantMix:
-        tenants = self.workload.tenants
-        return tenants[pick(self._rng, [x.share if tenant_active(x, t) else 0.0 for x in tenants])]
+    def choose(self, t: float) -> tuple[ClassMix, TenantMix]:
+        """Class and tenant of a request sent at time t, by their rates then (`mix_weights`)."""
+        mix = mix_weights(self.workload, t)
+        slo_class, weights = mix[pick(self._rng, [sum(w) for _, w in mix])]
+        return slo_class, self.workload.tenants[pick(self._rng, weights)]
 
     def next(self, t: float = 0.0) -> LLMRequest:
-        prompt, dataset_tokens = self._prompt()
-        if dataset_tokens is None:
-            dataset_tokens = sample_length(self._rng, self.workload.output_tokens)
-        max_tokens = dataset_tokens
-        slo_class = self.choose_class()
-        tenant = self.choose_tenant(t)
+        slo_class, tenant = self.choose(t)
+        prompt, dataset_tokens = self._prompt(slo_class)
+        if slo_class.output_tokens is not None:
+            max_tokens = sample_length(self._rng, slo_class.output_tokens)
+        elif dataset_tokens is not None:
+            max_tokens = dataset_tokens
+        else:
+            max_tokens = sample_length(self._rng, self.workload.output_tokens)
         self._count += 1
         return LLMRequest(
             id=f"w{self.worker}-{self._count}",

@@ -1,17 +1,17 @@
 """The workload file: what to send, how fast, and in which mix of classes and tenants.
 
 A YAML document validated strictly (unknown fields are errors, reported with their field path
-before any traffic is sent). `tokenfleet.load.requests` turns a workload into requests.
+before any traffic is sent). `tokenfleet.load.traffic` turns a workload into requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
 
 from tokenfleet.load import shapes
@@ -36,6 +36,7 @@ class _Model(BaseModel):
 
 
 Positive = Annotated[float, Field(gt=0)]
+_DEFER_MIX = "deferMixChecks"  # validation context key: the caller runs mix_errors itself
 
 
 class Fixed(_Model):
@@ -91,6 +92,24 @@ class ShareGPT(_Model):
     use_reply_length: bool = True
 
 
+class TokenIds(_Model):
+    """Random token ids sent as the prompt itself (the completions API takes a list of ids), so a
+    prompt is exactly `inputTokens` tokens long: for benchmarks whose costs count prompt tokens."""
+
+    kind: Literal["tokenIds"]
+    input_tokens: Length
+    # Past the first hundred ids (where vocabularies keep their special tokens) and below 1000,
+    # which every tokenizer's vocabulary reaches.
+    min_id: int = Field(100, ge=0)
+    max_id: int = Field(999, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min_id > self.max_id:
+            raise ValueError(f"minId ({self.min_id}) must not exceed maxId ({self.max_id})")
+        return self
+
+
 class SharedPrefix(_Model):
     """N shared prefixes × M distinct suffixes each, for prefix-cache behaviour."""
 
@@ -101,7 +120,7 @@ class SharedPrefix(_Model):
     suffix_tokens: int = Field(ge=1)
 
 
-Prompts = Annotated[Synthetic | ShareGPT | SharedPrefix, Field(discriminator="kind")]
+Prompts = Annotated[Synthetic | ShareGPT | SharedPrefix | TokenIds, Field(discriminator="kind")]
 
 
 class ClassMix(_Model):
@@ -111,19 +130,35 @@ class ClassMix(_Model):
     ttft_ms: Positive | None = None
     tpot_ms: Positive | None = None
     e2e_ms: Positive | None = None
+    input_tokens: Length | None = Field(
+        None, description="This class's prompt lengths (synthetic or tokenIds prompts); else the workload's."
+    )
+    output_tokens: Length | None = Field(
+        None, description="This class's output lengths, ahead of a dataset's; else the workload's."
+    )
 
 
 class TenantBurst(_Model):
-    """The tenant sends only during `onS` out of every `onS + offS` seconds (first phase on)."""
+    """The tenant sends only during `onS` out of every `onS + offS` seconds (first phase on).
+
+    `mode: shift` keeps the shape's rate: while the tenant is off, its share goes to the tenants
+    that are on. `mode: add` makes `share` the tenant's mean share, all of it sent within its on
+    phases ((onS + offS) / onS times that rate); the other tenants' rates do not change, so the
+    total rate rises and falls with its bursts, as a noisy neighbour's traffic does.
+    """
 
     on_s: Positive
     off_s: Positive
+    mode: Literal["shift", "add"] = "shift"
 
 
 class TenantMix(_Model):
     name: str = Field(min_length=1, max_length=63)
     share: Positive = 1.0
     burst: TenantBurst | None = None
+    classes: list[str] | None = Field(
+        None, min_length=1, description="The classes this tenant sends (default: every class)."
+    )
     api_key_env: str | None = Field(
         None,
         min_length=1,
@@ -234,26 +269,56 @@ class Workload(_Model):
                 raise ValueError(f"{label} names must be unique, got {names}")
         return self
 
+    @model_validator(mode="after")
+    def _consistent_mix(self, info: ValidationInfo) -> Self:
+        # parse_workload reports these itself, with their field paths; with `classesFrom` the
+        # class list is only known once load_workload has read the service.
+        if (info.context or {}).get(_DEFER_MIX) or self.classes_from is not None:
+            return self
+        if problems := mix_errors(self):
+            raise ValueError("; ".join(f"{path}: {reason}" for path, reason in problems))
+        return self
+
     def class_named(self, name: str) -> ClassMix | None:
         return next((c for c in self.classes if c.name == name), None)
 
 
-def classes_from_scheduler(
-    scheduler: SchedulerSpec, shares: Mapping[str, float] | None = None
-) -> list[ClassMix]:
+def mix_errors(workload: Workload) -> list[tuple[str, str]]:
+    """Rules across fields, as (field path, reason): tenants name existing classes, every class
+    has a tenant that sends it, per-class prompt lengths only where prompts are generated, and
+    token-id prompts only on the completions API (chat messages are text)."""
+    errors: list[tuple[str, str]] = []
+    known = [c.name for c in workload.classes]
+    for i, tenant in enumerate(workload.tenants):
+        for name in tenant.classes or []:
+            if name not in known:
+                errors.append((f"tenants[{i}].classes", f"unknown class {name!r}; known: {', '.join(known)}"))
+    for i, cls in enumerate(workload.classes):
+        if not any(t.classes is None or cls.name in t.classes for t in workload.tenants):
+            errors.append(
+                (f"classes[{i}]", f"no tenant sends class {cls.name!r} (their `classes` leave it out)")
+            )
+        if cls.input_tokens is not None and not isinstance(workload.prompts, Synthetic | TokenIds):
+            kind = workload.prompts.kind
+            reason = f"a class's prompt lengths need synthetic or tokenIds prompts, not {kind}"
+            errors.append((f"classes[{i}].inputTokens", reason))
+    if isinstance(workload.prompts, TokenIds) and workload.api != "completions":
+        errors.append(("prompts", "tokenIds prompts need api: completions (chat messages are text)"))
+    return errors
+
+
+def classes_from_scheduler(scheduler: SchedulerSpec, own: Sequence[ClassMix] = ()) -> list[ClassMix]:
     """A service's SLO classes as a class mix: the benchmark sends exactly the classes the
-    scheduler knows, with their priorities, and judges them by the same TTFT/TPOT targets."""
-    shares = shares or {}
-    return [
-        ClassMix(
-            name=c.name,
-            share=shares.get(c.name, 1.0),
-            priority=c.priority,
-            ttft_ms=c.ttft_ms,
-            tpot_ms=c.tpot_ms,
+    scheduler knows, with their priorities, and judges them by the same TTFT/TPOT targets. The
+    share and lengths of the workload's own class of the same name are kept."""
+    mine = {c.name: c for c in own}
+    out = []
+    for c in scheduler.classes:
+        base = mine.get(c.name, ClassMix(name=c.name))
+        out.append(
+            base.model_copy(update={"priority": c.priority, "ttft_ms": c.ttft_ms, "tpot_ms": c.tpot_ms})
         )
-        for c in scheduler.classes
-    ]
+    return out
 
 
 def shape_of(workload: Workload) -> shapes.Shape:
@@ -286,7 +351,7 @@ def parse_workload(data: object, source: str = "<workload>") -> Workload:
     if not isinstance(data, dict):
         raise WorkloadError(source, [("<root>", "a workload must be a mapping")])
     try:
-        return Workload.model_validate(data)
+        workload = Workload.model_validate(data, context={_DEFER_MIX: True})
     except ValidationError as exc:
         errors: list[tuple[str, str]] = []
         for err in exc.errors():
@@ -294,6 +359,9 @@ def parse_workload(data: object, source: str = "<workload>") -> Workload:
             # it tells the reader which variant was checked.
             errors.append((_field_path(tuple(err["loc"])), err["msg"]))
         raise WorkloadError(source, errors) from None
+    if workload.classes_from is None and (problems := mix_errors(workload)):
+        raise WorkloadError(source, problems)
+    return workload
 
 
 def load_workload(path: str | Path) -> Workload:
@@ -324,9 +392,10 @@ def load_workload(path: str | Path) -> Workload:
             raise WorkloadError(
                 source, [("classesFrom", f"cannot read {service_path}: {exc.strerror}")]
             ) from None
-        shares = {c.name: c.share for c in workload.classes}
-        classes = classes_from_scheduler(service.spec.scheduler, shares)
+        classes = classes_from_scheduler(service.spec.scheduler, workload.classes)
         workload = workload.model_copy(
             update={"classes": classes, "classes_from": str(service_path.resolve())}
         )
+        if problems := mix_errors(workload):
+            raise WorkloadError(source, problems)
     return workload

@@ -8,20 +8,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from tokenfleet.load import shapes
 from tokenfleet.load.traffic import (
     RequestFactory,
     estimate_tokens,
     load_sharegpt,
+    mix_weights,
+    offered_level,
+    rate_factor,
     sample_length,
     tenant_active,
 )
 from tokenfleet.load.workload import (
+    ClassMix,
     Fixed,
     LogNormal,
     TenantMix,
     Uniform,
+    Workload,
     WorkloadError,
     load_workload,
     parse_workload,
@@ -138,14 +144,14 @@ def test_shared_prefix_generator_has_n_prefixes_times_m_suffixes() -> None:
         }
     )
     factory = RequestFactory(workload)
-    prompts = [factory.next().prompt for _ in range(600)]
+    prompts = [str(factory.next().prompt) for _ in range(600)]
     prefixes = {" ".join(p.split()[:20]) for p in prompts}
     assert len(prefixes) == 3
     assert len(set(prompts)) == 12
     assert all(len(p.split()) == 25 for p in prompts)
     # Other workers share the same prefixes.
     other_worker = RequestFactory(workload, worker=1)
-    other = {" ".join(other_worker.next().prompt.split()[:20]) for _ in range(50)}
+    other = {" ".join(str(other_worker.next().prompt).split()[:20]) for _ in range(50)}
     assert other <= prefixes
 
 
@@ -216,4 +222,134 @@ def test_classes_from_a_service_spec(tmp_path: Path) -> None:
         load_workload(workload_path)
     workload_path.write_text("classesFrom: missing.yaml\n")
     with pytest.raises(WorkloadError, match="cannot read"):
+        load_workload(workload_path)
+
+
+def test_per_class_lengths_are_drawn_per_class() -> None:
+    workload = parse_workload(
+        {
+            "prompts": {"kind": "tokenIds", "inputTokens": {"dist": "fixed", "value": 7}},
+            "outputTokens": {"dist": "fixed", "value": 5},
+            "classes": [
+                {"name": "short", "inputTokens": {"dist": "uniform", "min": 2, "max": 4}},
+                {"name": "long", "outputTokens": {"dist": "uniform", "min": 90, "max": 99}},
+                {"name": "plain"},
+            ],
+        }
+    )
+    factory = RequestFactory(workload)
+    requests = [factory.next() for _ in range(600)]
+    by_class = {name: [r for r in requests if r.cls == name] for name in ("short", "long", "plain")}
+    assert all(len(by_class[n]) > 100 for n in by_class)
+    # Token-id prompts are exactly as long as drawn, ids inside the default range.
+    assert {len(r.prompt) for r in by_class["short"]} == {2, 3, 4}
+    assert {len(r.prompt) for r in by_class["long"] + by_class["plain"]} == {7}
+    assert all(isinstance(i, int) and 100 <= i <= 999 for r in requests for i in r.prompt)
+    assert {r.max_tokens for r in by_class["short"] + by_class["plain"]} == {5}
+    assert {r.max_tokens for r in by_class["long"]} <= set(range(90, 100))
+    assert len({r.max_tokens for r in by_class["long"]}) > 5
+
+
+def test_class_output_lengths_come_before_a_datasets() -> None:
+    workload = parse_workload(
+        {
+            "prompts": {"kind": "sharegpt", "path": str(WORKLOADS / "data" / "sharegpt-sample.json")},
+            "classes": [{"name": "a", "outputTokens": {"dist": "fixed", "value": 3}}],
+        }
+    )
+    assert {RequestFactory(workload).next().max_tokens for _ in range(20)} == {3}
+
+
+def test_mix_rules_name_the_field() -> None:
+    def first(data: dict[str, object]) -> tuple[str, str]:
+        return errors_of(data)[0]
+
+    path, reason = first({"tenants": [{"name": "a", "classes": ["nope"]}]})
+    assert (path, reason) == ("tenants[0].classes", "unknown class 'nope'; known: standard")
+    path, reason = first(
+        {"classes": [{"name": "x"}, {"name": "y"}], "tenants": [{"name": "a", "classes": ["x"]}]}
+    )
+    assert path == "classes[1]"
+    assert "no tenant sends class 'y'" in reason
+    path, reason = first(
+        {
+            "prompts": {"kind": "sharegpt", "path": "d.json"},
+            "classes": [{"name": "x", "inputTokens": {"dist": "fixed", "value": 3}}],
+        }
+    )
+    assert path == "classes[0].inputTokens"
+    assert "not sharegpt" in reason
+    path, reason = first(
+        {"api": "chat", "prompts": {"kind": "tokenIds", "inputTokens": {"dist": "fixed", "value": 3}}}
+    )
+    assert path == "prompts"
+    assert "api: completions" in reason
+    ids = {"kind": "tokenIds", "inputTokens": {"dist": "fixed", "value": 3}, "minId": 9, "maxId": 2}
+    path, reason = first({"prompts": ids})
+    assert path == "prompts.tokenIds"
+    assert "minId (9) must not exceed maxId (2)" in reason
+    path, _ = first({"tenants": [{"name": "a", "burst": {"onS": 1, "offS": 1, "mode": "sometimes"}}]})
+    assert path == "tenants[0].burst.mode"
+    path, _ = first({"classes": [{"name": "x", "outputTokens": {"dist": "fixed", "value": 0}}]})
+    assert path == "classes[0].outputTokens.fixed.value"
+    # Built in code, the same rules hold (as one message naming the field).
+    with pytest.raises(ValidationError, match=r"tenants\[0\]\.classes: unknown class 'b'"):
+        Workload(classes=[ClassMix(name="a")], tenants=[TenantMix(name="t", classes=["b"])])
+
+
+def test_tenant_restricted_to_classes_never_sends_others() -> None:
+    workload = parse_workload(
+        {
+            "classes": [{"name": "interactive"}, {"name": "batch"}],
+            "tenants": [{"name": "noisy", "share": 3, "classes": ["batch"]}, {"name": "quiet"}],
+        }
+    )
+    factory = RequestFactory(workload)
+    pairs = Counter((r.cls, r.tenant) for r in (factory.next() for _ in range(4000)))
+    assert pairs[("interactive", "noisy")] == 0
+    assert pairs[("interactive", "quiet")] / 4000 == pytest.approx(0.5, abs=0.03)
+    # In batch, noisy and quiet split by share (3 : 1).
+    assert pairs[("batch", "noisy")] / 4000 == pytest.approx(0.375, abs=0.03)
+
+
+def test_add_mode_burst_adds_load_and_keeps_the_mean_share() -> None:
+    workload = parse_workload(
+        {
+            "tenants": [
+                {"name": "noisy", "share": 0.4, "burst": {"onS": 10, "offS": 30, "mode": "add"}},
+                {"name": "steady", "share": 0.6},
+            ]
+        }
+    )
+    (_, on), (_, off) = mix_weights(workload, 5.0)[0], mix_weights(workload, 25.0)[0]
+    assert on == pytest.approx([0.4 * 4, 0.6])  # all of its mean share within a quarter of the time
+    assert off == pytest.approx([0.0, 0.6])  # the steady tenant's rate does not change
+    assert rate_factor(workload, 5.0) == pytest.approx(2.2)
+    assert rate_factor(workload, 25.0) == pytest.approx(0.6)
+    mean = sum(rate_factor(workload, t + 0.5) for t in range(40)) / 40
+    assert mean == pytest.approx(1.0)  # the shape's level stays the mean rate
+    level = offered_level(workload.model_copy(update={"arrival": parse_workload({}).arrival}))
+    assert level(5.0) == pytest.approx(2.2)  # × the default constant shape, 1 req/s
+    closed = parse_workload({**workload.model_dump(by_alias=True), "arrival": {"mode": "closed"}})
+    assert offered_level(closed)(5.0) == 1.0  # users, not a rate: bursts pick tenants only
+    # `shift` (the default) keeps the rate and moves the share while the tenant is off.
+    shifted = parse_workload({"tenants": [{"name": "a", "burst": {"onS": 1, "offS": 1}}, {"name": "b"}]})
+    assert rate_factor(shifted, 0.5) == rate_factor(shifted, 1.5) == pytest.approx(1.0)
+    assert mix_weights(shifted, 1.5)[0][1] == pytest.approx([0.0, 1.0])
+
+
+def test_classes_from_a_service_keep_the_workloads_lengths(tmp_path: Path) -> None:
+    service = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
+    workload_path = tmp_path / "w.yaml"
+    workload_path.write_text(
+        f"classesFrom: {service}\n"
+        "classes: [{name: batch, share: 2, outputTokens: {dist: fixed, value: 99}}]\n"
+        "tenants: [{name: a, classes: [interactive]}, {name: b, classes: [standard, batch]}]\n"
+    )
+    workload = load_workload(workload_path)
+    batch = workload.class_named("batch")
+    assert batch is not None
+    assert (batch.share, batch.output_tokens) == (2, Fixed(dist="fixed", value=99))
+    workload_path.write_text(f"classesFrom: {service}\ntenants: [{{name: a, classes: [interactive]}}]\n")
+    with pytest.raises(WorkloadError, match=r"classes\[1\]: no tenant sends class"):
         load_workload(workload_path)

@@ -27,20 +27,22 @@ from tokenfleet.load.keys import resolve_tenant_keys
 from tokenfleet.load.pacer import Pacer
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.rxclock import stamping_client
-from tokenfleet.load.shapes import Sweep, bounded, saturated
-from tokenfleet.load.traffic import RequestFactory
+from tokenfleet.load.shapes import Sweep, saturated
+from tokenfleet.load.traffic import RequestFactory, offered_level
 from tokenfleet.load.workload import Workload, shape_of
 
 CONFIG: dict[str, Any] = json.loads(Path(os.environ["TOKENFLEET_BENCH_CONFIG"]).read_text())
 WORKLOAD = Workload.model_validate(CONFIG["workload"])
 SHAPE = shape_of(WORKLOAD)
+OFFERED = offered_level(WORKLOAD)
 DURATION_S: float = CONFIG["duration_s"]
 RAW_DIR = Path(CONFIG["raw_dir"])
 OPEN_LOOP = WORKLOAD.arrival.mode == "open"
 
 
 def level(t: float) -> float | None:
-    return bounded(SHAPE, t, DURATION_S)
+    """The shape's level (with tenants' `add` bursts in open loop), None past the duration."""
+    return None if t >= DURATION_S else OFFERED(t)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class ProcessState:
     # One connection pool per process: an httpx.Client per user would build an SSL context each,
     # tens of ms of CPU that stalls every other greenlet's timestamps while users spawn.
     http: httpx.Client
+
+    def write(self, record: RequestRecord) -> None:
+        self.log.write(record.to_json() + "\n")
 
 
 STATE: ProcessState | None = None
@@ -157,15 +162,20 @@ class LLMUser(User):  # type: ignore[misc]  # locust is untyped here
             slot = state.pacer.claim()
             if slot is None:
                 raise StopUser()
+            # Drawn at the slot's time, in slot order: a seed gives the same requests at the same
+            # times on every run, however late a user wakes.
+            request = state.factory.next(slot)
             scheduled = state.t0 + slot
             delay = scheduled - time.time()
             if delay > 0:
                 gevent.sleep(delay)
-        elif level(time.time() - state.t0) is None:
-            raise StopUser()
+        else:
+            elapsed = time.time() - state.t0
+            if level(elapsed) is None:
+                raise StopUser()
+            request = state.factory.next(elapsed)
         if STOPPING:
             raise StopUser()
-        request = state.factory.next(time.time() - state.t0)
         record = send(
             state.http,
             CONFIG["target"],
@@ -174,8 +184,9 @@ class LLMUser(User):  # type: ignore[misc]  # locust is untyped here
             scheduled=scheduled,
             worker=state.worker,
             timeout_s=WORKLOAD.timeout_s,
+            on_cancel=state.write,
         )
-        state.log.write(record.to_json() + "\n")
+        state.write(record)
         report(record)
 
 
