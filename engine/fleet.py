@@ -53,6 +53,7 @@ from tokenfleet.operator.control import (
     restarts_after_ready,
     revision_of,
     rollout,
+    warmup_ends,
     window_stats,
 )
 from tokenfleet.operator.control.observe import Phase
@@ -296,7 +297,10 @@ class LocalFleet:
 
         state = self.rollout_state
         since = state.step_started_at if state.step_started_at is not None else now
-        stats = {rev: window_stats(self.gateway.outcomes.since(rev, since)) for rev in self.services}
+        warmed = warmup_ends(spec.rollout, state)
+        warm = warmed if warmed is not None else now
+        seen = self.gateway.outcomes
+        stats = {rev: window_stats(seen.since(rev, since), seen.since(rev, warm)) for rev in self.services}
         plan = rollout(spec.rollout, state, self.desired, observed, stats, now)
         self._set_rollout(plan.state)
         decisions.extend(self._decided("rollout", event) for event in plan.events)

@@ -110,23 +110,31 @@ def _delta(after: float, before: float) -> float:
 
 
 def window_stats(
-    before: Mapping[str, RevisionTotals], after: Mapping[str, RevisionTotals]
+    before: Mapping[str, RevisionTotals],
+    after: Mapping[str, RevisionTotals],
+    warm: Mapping[str, RevisionTotals] | None = None,
 ) -> dict[str, WindowStats]:
-    """Per revision, the attempts, errors, refusals and TTFT p99 between two scrapes of one gateway."""
+    """Per revision, the attempts, errors and refusals between two scrapes of one gateway, and
+    the TTFT p99 between `warm` (the scrape at the end of the warm-up; default `before`) and `after`."""
     out: dict[str, WindowStats] = {}
     for revision, now in after.items():
-        then = before.get(revision, RevisionTotals())
-        reset = now.attempts < then.attempts
-        base = RevisionTotals() if reset else then
-        earlier = dict(base.first_byte)
+        base = _base(before.get(revision, RevisionTotals()), now)
+        warm_base = base if warm is None else _base(warm.get(revision, RevisionTotals()), now)
+        earlier = dict(warm_base.first_byte)
         buckets = tuple((bound, _delta(count, earlier.get(bound, 0.0))) for bound, count in now.first_byte)
         out[revision] = WindowStats(
             requests=round(_delta(now.attempts, base.attempts)),
             errors=round(_delta(now.errors, base.errors)),
             ttft_p99_s=bucket_quantile(TTFT_QUANTILE, buckets),
             refused=round(_delta(now.refused, base.refused)),
+            ttft_samples=round(buckets[-1][1]) if buckets else 0,
         )
     return out
+
+
+def _base(then: RevisionTotals, now: RevisionTotals) -> RevisionTotals:
+    # Counters that went down were reset (the gateway restarted): count from zero.
+    return RevisionTotals() if now.attempts < then.attempts else then
 
 
 def baseline(history: Sequence[Scrape], start: float) -> Scrape | None:
@@ -148,11 +156,18 @@ def keep(history: Sequence[Scrape], start: float | None) -> list[Scrape]:
     return [s for s in history if base is None or s.at >= base.at]
 
 
-def metrics_of(history: Sequence[Scrape], start: float | None) -> Metrics:
-    """Signals of the latest scrape; per-revision stats since `start` (none outside a window)."""
+def metrics_of(history: Sequence[Scrape], start: float | None, warmup_s: float = 0.0) -> Metrics:
+    """Signals of the latest scrape; per-revision stats since `start` (none outside a window),
+    their TTFT since `start + warmup_s`."""
     latest = history[-1]
-    base = baseline(history, start) if start is not None else None
-    per_revision = window_stats(base.totals, latest.totals) if base is not None else {}
+    if start is None:
+        return Metrics(signals=latest.signals, per_revision={})
+    base, warm = baseline(history, start), baseline(history, start + warmup_s)
+    per_revision = (
+        window_stats(base.totals, latest.totals, warm.totals if warm is not None else None)
+        if base is not None
+        else {}
+    )
     return Metrics(signals=latest.signals, per_revision=per_revision)
 
 
@@ -200,7 +215,7 @@ class GatewayScraper:
         key = (service.metadata.namespace, service.metadata.name)
         history = [*self._history.get(key, []), scrape]
         self._history[key] = keep(history, window_start)
-        return metrics_of(history, window_start)
+        return metrics_of(history, window_start, service.spec.rollout.warmup_s)
 
     def forget(self, namespace: str, name: str) -> None:
         self._history.pop((namespace, name), None)

@@ -25,7 +25,7 @@ from tokenfleet.operator.control import (
     rollout,
     window_stats,
 )
-from tokenfleet.operator.control.rollout import judge, rolling_counts
+from tokenfleet.operator.control.rollout import judge, rolling_counts, warmup_ends
 from tokenfleet.spec import AutoscalingSpec, FailoverSpec, ReplicasSpec, RolloutSpec
 
 AUTO = AutoscalingSpec(
@@ -347,7 +347,7 @@ def test_recreate_stops_everything_before_starting_the_new_revision() -> None:
     assert events == ["recreate: 2 b replica(s) ready"]
 
 
-GOOD = {"a": WindowStats(100, 0, 0.200), "b": WindowStats(30, 0, 0.210)}
+GOOD = {"a": WindowStats(100, 0, 0.200, ttft_samples=100), "b": WindowStats(30, 0, 0.210, ttft_samples=30)}
 
 
 def test_canary_walks_its_steps_and_promotes_when_healthy() -> None:
@@ -377,7 +377,7 @@ def test_canary_weights_follow_the_steps() -> None:
     [
         (WindowStats(30, 6, 0.2), "error rate 20.0% > 2.0%"),
         (WindowStats(3, 3, None), "error rate 100.0% > 2.0%"),  # fails fast, before minRequests
-        (WindowStats(30, 0, 0.9), "TTFT p99 900 ms > 1.5x stable 200 ms + 25 ms"),
+        (WindowStats(30, 0, 0.9, ttft_samples=30), "TTFT p99 900 ms > 1.5x stable 200 ms + 25 ms"),
         # A canary whose engine refuses a third of what the stable serves; its refusals answer
         # fast, so its TTFT alone would look better than the stable's.
         (WindowStats(30, 0, 0.05, refused=10), "refused 33.3% of requests vs stable 0.0%"),
@@ -408,6 +408,25 @@ def test_a_canary_that_drops_out_of_ready_is_still_judged_on_what_its_window_saw
     assert "error rate 50.0% > 2.0%" in plan.events[0]
 
 
+def test_a_cold_canary_is_judged_on_its_warm_answers() -> None:
+    # The step's first answers were slow (in the warm-up): the window after it is as fast as the
+    # stable, so the canary walks on; the warm-up ends warmupS after the step started.
+    spec = RolloutSpec(strategy="canary", canary_steps=[50, 100], step_duration_s=30, warmup_s=20)
+    state = begin_rollout(RolloutState("a"), "b", "canary", 0.0)
+    replicas = [*ready(2), ReplicaObservation("b-1", "b", "ready", 0.0)]
+    state = rollout(spec, state, 2, replicas, {}, 10.0).state
+    assert warmup_ends(spec, state) == 30.0
+    warm = {"a": GOOD["a"], "b": WindowStats(40, 0, 0.21, ttft_samples=25)}
+    plan = rollout(spec, state, 2, replicas, warm, 45.0)
+    assert plan.state.step == 1, plan.state.reason
+    # Too few answers after the warm-up: it waits, and says why.
+    few = {"a": GOOD["a"], "b": WindowStats(40, 0, 0.21, ttft_samples=5)}
+    waiting = rollout(spec, state, 2, replicas, few, 45.0).state
+    assert waiting.step == 0
+    assert "40/20 requests (5 answered after the 20s warm-up)" in waiting.reason
+    assert warmup_ends(spec, RolloutState("a")) is None
+
+
 def test_canary_waits_for_evidence_before_promoting() -> None:
     spec = RolloutSpec(strategy="canary", step_duration_s=5, min_requests=20)
     state = begin_rollout(RolloutState("a"), "b", "canary", 0.0)
@@ -433,8 +452,11 @@ def test_refusals_count_only_beyond_the_stables() -> None:
 
 def test_latency_judgement_ignores_noise_within_the_slack() -> None:
     spec = RolloutSpec(max_ttft_p99_ratio=1.5, ttft_p99_slack_ms=25, min_requests=10)
-    assert judge(spec, WindowStats(10, 0, 0.040), WindowStats(10, 0, 0.010)) is None  # 40 < 15 + 25 ms
-    assert judge(spec, WindowStats(10, 0, 0.041), WindowStats(10, 0, 0.010)) is not None
+    stable = WindowStats(10, 0, 0.010, ttft_samples=10)
+    assert judge(spec, WindowStats(10, 0, 0.040, ttft_samples=10), stable) is None  # 40 < 15 + 25 ms
+    assert judge(spec, WindowStats(10, 0, 0.041, ttft_samples=10), stable) is not None
+    # A P99 over fewer answers than minRequests (the rest in the warm-up) is no verdict yet.
+    assert judge(spec, WindowStats(10, 0, 0.900, ttft_samples=9), stable) is None
 
 
 def test_a_crash_looping_target_fails_the_rollout_and_keeps_the_stable_revision() -> None:
@@ -483,7 +505,11 @@ def test_window_stats_counts_errors_and_refusals_and_takes_p99_of_answered_attem
     stats = window_stats([("ok", 0.1), ("ok", 0.3), ("error", None), ("ok", None), ("refused", 0.001)])
     assert (stats.requests, stats.errors, stats.refused) == (5, 1, 1)
     assert stats.ttft_p99_s == pytest.approx(0.298)  # the refusal's fast first byte is not a TTFT
+    assert stats.ttft_samples == 2
     assert (stats.error_rate, stats.refused_rate) == (0.2, 0.2)
+    # Counts over the whole window, TTFT over the attempts after the warm-up only.
+    cold = window_stats([("ok", 2.0), ("error", None), ("ok", 0.1)], after_warmup=[("ok", 0.1)])
+    assert (cold.requests, cold.errors, cold.ttft_p99_s, cold.ttft_samples) == (3, 1, 0.1, 1)
     assert window_stats([]) == WindowStats()
     with pytest.raises(ValueError, match="no values"):
         percentile([], 50)

@@ -214,7 +214,13 @@ def test_apply_rolls_a_change_out_under_load_with_no_failed_request(tmp_path: Pa
     [("--error-rate=0.5", "error rate"), ("--delay-s=0.25", "TTFT p99")],
 )
 def test_a_bad_canary_is_rolled_back_automatically(tmp_path: Path, fault: str, verdict: str) -> None:
-    rollout = {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 30, "minRequests": 20}
+    rollout = {
+        "strategy": "canary",
+        "canarySteps": [50, 100],
+        "stepDurationS": 30,
+        "minRequests": 20,
+        "warmupS": 0,
+    }
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     bad = tiny_service(
         routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2, "extraArgs": [fault]}, rollout=rollout
@@ -242,7 +248,13 @@ def test_a_canary_that_refuses_what_the_stable_serves_is_rolled_back(tmp_path: P
     """The canary's context is shorter than the stable's: its engine refuses (400) the long
     answers the stable serves. The gateway lets them through to whichever revision it picks (the
     stable takes them), so only the canary's own answers fail, and the analysis rolls it back."""
-    rollout = {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 30, "minRequests": 20}
+    rollout = {
+        "strategy": "canary",
+        "canarySteps": [50, 100],
+        "stepDurationS": 30,
+        "minRequests": 20,
+        "warmupS": 0,
+    }
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     short = tiny_service(
         routing=FAST_ROUTING,
@@ -278,7 +290,13 @@ def test_a_canary_that_refuses_what_the_stable_serves_is_rolled_back(tmp_path: P
 
 
 def test_a_good_canary_walks_its_steps_and_is_promoted(tmp_path: Path) -> None:
-    rollout = {"strategy": "canary", "canarySteps": [50, 100], "stepDurationS": 1, "minRequests": 20}
+    rollout = {
+        "strategy": "canary",
+        "canarySteps": [50, 100],
+        "stepDurationS": 1,
+        "minRequests": 20,
+        "warmupS": 0.5,
+    }
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     good = tiny_service(
         routing=FAST_ROUTING,

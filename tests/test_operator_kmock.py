@@ -330,7 +330,10 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     await mark_ready(k, "chat-engine-canary", 2)
     harness.metrics = Metrics(
         Signals(recent_requests=100),
-        {old_revision: WindowStats(requests=80, errors=0), new_revision: WindowStats(requests=40, errors=0)},
+        {
+            old_revision: WindowStats(requests=80, errors=0, ttft_samples=80),
+            new_revision: WindowStats(requests=40, errors=0, ttft_samples=40),
+        },
     )
     await wait_for(lambda: status_of(k)["rollout"]["canaryWeightPercent"] == 50, timeout=30)
     assert status_of(k)["phase"] == "Progressing"
@@ -669,6 +672,10 @@ async def test_canary_promoted_on_good_per_revision_stats_from_the_gateway(
 ) -> None:
     k = api
     harness, gateway, old, new = await canary_at_first_step(k, run_operator)
+    # In the warm-up (warmupS 20) the fresh canary answers slowly: not compared, still counted.
+    gateway.serve(old, 10, ttft_s=0.05)
+    gateway.serve(new, 10, ttft_s=3.0)
+    await asyncio.sleep(25)
     gateway.serve(old, 30, ttft_s=0.05)
     gateway.serve(new, 30, ttft_s=0.05)
     # minRequests reached and stepDurationS (60 s) passed → step 2 (100%): the canary takes every replica
@@ -676,7 +683,8 @@ async def test_canary_promoted_on_good_per_revision_stats_from_the_gateway(
     messages = [e.get("message", "") for e in events(k)]
     passed = [m for m in messages if "step 1 (50%) passed" in m]
     assert passed, messages
-    assert "over 30 canary requests" in passed[0], "only the window's requests count"
+    assert "over 40 canary requests" in passed[0], "only the window's requests count"
+    assert "TTFT p99 50 ms vs 50 ms" in passed[0], "the warm-up's slow answers are not in the P99"
     await mark_ready(k, "chat-engine-canary", 2)
     await wait_for(lambda: obj(k, "apps/v1/deployments", "chat-engine-canary") is None, timeout=60)
     assert status_of(k)["rollout"]["stableRevision"] == new

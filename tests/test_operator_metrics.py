@@ -21,7 +21,7 @@ from tokenfleet.operator.metrics import (
     window_stats,
 )
 from tokenfleet.operator.model import Conventions
-from tokenfleet.spec import default_service
+from tokenfleet.spec import LLMService, default_service
 
 # What a gateway serves (prometheus_client's text format), trimmed to the series read here.
 BEFORE = """\
@@ -71,7 +71,7 @@ def test_two_scrapes_become_window_stats_per_revision() -> None:
     assert stats["aaa"].errors == 0
     assert stats["aaa"].ttft_p99_s == pytest.approx(0.099)
     # bbb appeared after the window started: all of it counts; its TTFTs are past the last bound
-    assert stats["bbb"] == WindowStats(requests=60, errors=5, ttft_p99_s=0.5, refused=10)
+    assert stats["bbb"] == WindowStats(requests=60, errors=5, ttft_p99_s=0.5, refused=10, ttft_samples=45)
 
 
 def test_a_counter_reset_counts_from_zero() -> None:
@@ -99,6 +99,12 @@ def test_window_baseline_is_the_scrape_at_the_step_start() -> None:
     assert keep(history, None) == history[-1:]
 
 
+def warming_up_for(seconds: float) -> LLMService:
+    base = default_service()
+    rollout = base.spec.rollout.model_copy(update={"warmup_s": seconds})
+    return base.model_copy(update={"spec": base.spec.model_copy(update={"rollout": rollout})})
+
+
 def test_scraper_measures_each_window_from_its_start_through_the_gateway_metrics() -> None:
     """The gateway's own counters (GatewayMetrics.count_outcome) read back by the scraper."""
     gateway = GatewayMetrics()
@@ -110,7 +116,7 @@ def test_scraper_measures_each_window_from_its_start_through_the_gateway_metrics
         return generate_latest(gateway.registry).decode()
 
     scraper = GatewayScraper(Conventions(), clock=lambda: now[0], fetch=fetch)
-    service = default_service()
+    service = warming_up_for(0)
 
     async def scrape(at: float, start: float | None) -> dict[str, WindowStats]:
         now[0] = at
@@ -133,3 +139,33 @@ def test_scraper_measures_each_window_from_its_start_through_the_gateway_metrics
     stats = asyncio.run(scrape(30.0, 5.0))
     assert stats["old"].requests == 10, "still measured from the same baseline"
     assert urls[0] == "http://tiny-code.default.svc.cluster.local:8000/metrics"
+
+
+def test_the_scraper_compares_ttft_only_after_the_warm_up() -> None:
+    gateway = GatewayMetrics()
+    now = [0.0]
+
+    async def fetch(url: str) -> str | None:
+        return generate_latest(gateway.registry).decode()
+
+    scraper = GatewayScraper(Conventions(), clock=lambda: now[0], fetch=fetch)
+    service = warming_up_for(20)
+
+    async def scrape(at: float) -> WindowStats:
+        now[0] = at
+        metrics = await scraper(service, 5.0)
+        assert metrics is not None
+        return metrics.per_revision["new"]
+
+    gateway.count_outcome("new", "ok", 0.0)  # before the step: not in the window
+    assert (asyncio.run(scrape(0.0)).requests, asyncio.run(scrape(4.0)).requests) == (0, 0)
+    for _ in range(10):
+        gateway.count_outcome("new", "ok", 2.0)  # a cold engine's first answers
+    cold = asyncio.run(scrape(20.0))
+    assert (cold.requests, cold.ttft_samples, cold.ttft_p99_s) == (10, 0, None), "still warming up"
+    for _ in range(10):
+        gateway.count_outcome("new", "ok", 0.05)
+    warm = asyncio.run(scrape(40.0))
+    assert (warm.requests, warm.ttft_samples) == (20, 10)
+    assert warm.ttft_p99_s is not None
+    assert warm.ttft_p99_s <= 0.1, "the cold answers before the warm-up's end are not in the P99"

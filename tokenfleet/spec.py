@@ -403,7 +403,18 @@ class RolloutSpec(_Spec):
         25, ge=0, le=60_000, description="Absolute TTFT p99 difference ignored as noise."
     )
     min_requests: int = Field(
-        20, ge=1, le=1_000_000, description="Canary requests an analysis window needs before it can promote."
+        20,
+        ge=1,
+        le=1_000_000,
+        description="Canary requests an analysis window needs before it can promote (answered ones after"
+        " the warm-up, for the TTFT comparison).",
+    )
+    warmup_s: float = Field(
+        20,
+        ge=0,
+        le=3600,
+        description="Seconds from the start of a canary step in which the canary's TTFT is not compared: a"
+        " fresh engine's first answers are slow. Its errors and refusals count from the first request.",
     )
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from tokenfleet.operator.control.observe import (
     window_stats,
 )
 from tokenfleet.operator.control.revision import revision_of
-from tokenfleet.operator.control.rollout import RolloutPlan, RolloutState, begin_rollout, rollout
+from tokenfleet.operator.control.rollout import RolloutPlan, RolloutState, begin_rollout, rollout, warmup_ends
 
 __all__ = [
     "Outcome",
@@ -39,5 +39,6 @@ __all__ = [
     "restarts_after_ready",
     "revision_of",
     "rollout",
+    "warmup_ends",
     "window_stats",
 ]

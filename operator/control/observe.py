@@ -58,8 +58,9 @@ class WindowStats:
 
     requests: int = 0
     errors: int = 0
-    ttft_p99_s: float | None = None  # over the answered (`ok`) attempts only
+    ttft_p99_s: float | None = None  # over answered (`ok`) attempts after the warm-up only
     refused: int = 0
+    ttft_samples: int = 0  # the answered attempts `ttft_p99_s` was taken over
 
     @property
     def error_rate(self) -> float:
@@ -81,17 +82,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def window_stats(outcomes: Iterable[tuple[Outcome, float | None]]) -> WindowStats:
-    """(outcome, ttft seconds or None) per attempt -> counts and the TTFT P99 of the answered
-    ones (a refusal's fast first byte says nothing about how fast the revision serves)."""
-    requests = errors = refused = 0
-    ttfts: list[float] = []
-    for outcome, ttft in outcomes:
-        requests += 1
-        if outcome == "error":
-            errors += 1
-        elif outcome == "refused":
-            refused += 1
-        elif ttft is not None:
-            ttfts.append(ttft)
-    return WindowStats(requests, errors, percentile(ttfts, 99) if ttfts else None, refused)
+def window_stats(
+    outcomes: Iterable[tuple[Outcome, float | None]],
+    after_warmup: Iterable[tuple[Outcome, float | None]] | None = None,
+) -> WindowStats:
+    """(outcome, ttft seconds or None) per attempt -> counts over `outcomes`, and the TTFT P99
+    of the answered ones in `after_warmup` (default: the same attempts). A refusal's fast first
+    byte says nothing about how fast the revision serves, so only answers count for TTFT."""
+    attempts = list(outcomes)
+    requests = len(attempts)
+    errors = sum(outcome == "error" for outcome, _ in attempts)
+    refused = sum(outcome == "refused" for outcome, _ in attempts)
+    answered = attempts if after_warmup is None else after_warmup
+    ttfts = [ttft for outcome, ttft in answered if outcome == "ok" and ttft is not None]
+    p99 = percentile(ttfts, 99) if ttfts else None
+    return WindowStats(requests, errors, p99, refused, ttft_samples=len(ttfts))

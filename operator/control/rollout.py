@@ -5,7 +5,9 @@ count wanted per revision, the traffic weights, and the next state. Revisions ab
 `counts` are drained and stopped by the applier. A canary is judged against the stable revision
 over the same window on the same traffic mix (the gateway splits requests at random by weight):
 it is rolled back the moment it is worse beyond the spec's thresholds, and promoted a step only
-after `stepDurationS` with at least `minRequests` of its own requests.
+after `stepDurationS` with at least `minRequests` of its own requests. Its TTFT is compared only
+after the step's first `warmupS` seconds (`warmup_ends`): a fresh engine's first answers are slow,
+and a window that starts cold would roll back a canary that is as fast as the stable once warm.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def begin_rollout(state: RolloutState, revision: str, strategy: Strategy, now: f
         reason=f"{strategy} rollout of {revision} started",
         rejected=state.rejected - {revision},
     )
+
+
+def warmup_ends(spec: RolloutSpec, state: RolloutState) -> float | None:
+    """From when the current canary step's TTFT is analysed; None outside a step's window."""
+    return None if state.step_started_at is None else state.step_started_at + spec.warmup_s
 
 
 def _count(replicas: Sequence[ReplicaObservation], revision: str, *, ready: bool = False) -> int:
@@ -165,9 +172,11 @@ def _canary(
         started = replace(state, step_started_at=now, reason=f"step {state.step + 1}: {weight}% to {new}")
         return RolloutPlan(counts, weights, started, (started.reason,))
     elapsed = now - state.step_started_at
-    if canary.requests < spec.min_requests or elapsed < spec.step_duration_s:
+    enough = min(canary.requests, canary.ttft_samples) >= spec.min_requests
+    if not enough or elapsed < spec.step_duration_s:
         reason = (
-            f"step {state.step + 1} ({weight}%): {canary.requests}/{spec.min_requests} requests, "
+            f"step {state.step + 1} ({weight}%): {canary.requests}/{spec.min_requests} requests "
+            f"({canary.ttft_samples} answered after the {spec.warmup_s:g}s warm-up), "
             f"{elapsed:.0f}/{spec.step_duration_s:g}s"
         )
         return RolloutPlan(counts, weights, replace(state, reason=reason))
@@ -205,7 +214,8 @@ def judge(spec: RolloutSpec, canary: WindowStats, stable: WindowStats) -> str | 
             f"refused {canary.refused_rate:.1%} of requests vs stable {stable.refused_rate:.1%}, "
             f"more than {spec.max_error_rate:.1%} above it ({summary(canary, stable)})"
         )
-    if canary.ttft_p99_s is None or stable.ttft_p99_s is None:
+    # A P99 needs as much evidence as a promotion does.
+    if canary.ttft_samples < spec.min_requests or canary.ttft_p99_s is None or stable.ttft_p99_s is None:
         return None
     limit = stable.ttft_p99_s * spec.max_ttft_p99_ratio + spec.ttft_p99_slack_ms / 1000
     if canary.ttft_p99_s > limit:
