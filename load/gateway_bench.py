@@ -9,9 +9,13 @@ so the client's and the gateway's Python do not share a GIL):
 2. **Policies** — round robin, least outstanding and prefix affinity with 2 vLLM replicas on the
    load harness's shared-prefix workload (a fresh seed per policy, so no policy inherits a warm
    prefix cache): mean TTFT from the harness, prefix-cache hit rate from the engines' counters.
-3. **Failover** — a bounded streaming load over 2 replicas, one SIGKILLed (process group)
-   mid-run and restarted: requests lost before streaming (target 0), streams broken, time until
-   the replica is routable again.
+3. **Failover** — a bounded streaming load from the load harness (closed loop, 4 users) over 2
+   replicas, one SIGKILLed (process group) mid-run and restarted: requests lost before streaming
+   (target 0), streams broken, time until the replica is routable again.
+
+The policy and failover loads come from the load harness (Locust). The added latency does not: it
+is a paired microbenchmark of a proxy's cost in microseconds, one request at a time, where a load
+generator's own per-request work would be most of what is measured.
 """
 
 from __future__ import annotations
@@ -27,23 +31,25 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import yaml
 
 from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.launch import EngineCommand, EngineProcess, engine_command
 from tokenfleet.load import stats
-from tokenfleet.load.sse import SSEDecoder, StreamTimer
+from tokenfleet.load.client import UNFINISHED
+from tokenfleet.load.record import RequestRecord, read_records
+from tokenfleet.load.workload import Workload
 from tokenfleet.observability import promtext
 from tokenfleet.spec import LLMService, parse_service
 
 Log = Callable[[str], None]
+# The victim is killed this long into the failover load: streams are in flight on both replicas.
+KILL_AFTER_S = 3.0
 
 
 def bench_service(
@@ -68,11 +74,6 @@ def bench_service(
             },
         }
     )
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks, as in load/stats.py (numpy's default)."""
-    return float(np.quantile(values, q)) if len(values) else float("nan")
 
 
 def describe_ms(values: Sequence[float]) -> dict[str, float]:
@@ -190,18 +191,15 @@ def paired_latency(
     # unlike wall-clock latency on a shared 2-core box.
     cpu_ms = round((cpu_seconds(pid) - cpu_start) * 1000 / pairs, 3) if pid else None
     diffs = [g - d for g, d in zip(samples["gateway"], samples["direct"], strict=True)]
+    straight, proxied = describe_ms(samples["direct"]), describe_ms(samples["gateway"])
     return {
         "gateway_cpu_ms_per_request": cpu_ms,
         "load_average": os.getloadavg()[0],
-        "direct": describe_ms(samples["direct"]),
-        "gateway": describe_ms(samples["gateway"]),
+        "direct": straight,
+        "gateway": proxied,
         "added": describe_ms(diffs),
-        "added_p50_ms": round(
-            (quantile(samples["gateway"], 0.5) - quantile(samples["direct"], 0.5)) * 1000, 3
-        ),
-        "added_p99_ms": round(
-            (quantile(samples["gateway"], 0.99) - quantile(samples["direct"], 0.99)) * 1000, 3
-        ),
+        "added_p50_ms": round(proxied["p50_ms"] - straight["p50_ms"], 3),
+        "added_p99_ms": round(proxied["p99_ms"] - straight["p99_ms"], 3),
     }
 
 
@@ -252,43 +250,53 @@ def compare_policies(
 # -- 3. failover ---------------------------------------------------------------------------------
 
 
-def stream_once(url: str, index: int) -> dict[str, Any]:
-    body = {
-        "model": "tiny",
-        "prompt": f"req {index}: def f(",
-        "max_tokens": 128,  # long enough that the kill lands in the middle of some streams
+def failover_workload() -> Workload:
+    """Four closed-loop users streaming answers long enough that the kill lands mid-stream."""
+    from tokenfleet.load.workload import parse_workload
+
+    document = {
+        "name": "failover",
+        "seed": 5,
         "stream": True,
-        "ignore_eos": True,
+        "ignoreEos": True,
+        "prompts": {"kind": "synthetic", "inputTokens": {"dist": "fixed", "value": 8}},
+        "outputTokens": {"dist": "fixed", "value": 128},
+        "arrival": {"mode": "closed", "shape": {"kind": "constant", "value": 4}},
     }
-    outcome: dict[str, Any] = {"started": False, "finished": False, "status": None, "error": None}
-    # The load harness's own SSE reader: an error event fails the stream, a token whose text is
-    # "error" does not (the tiny model generates one now and then).
-    decoder, stream = SSEDecoder(), StreamTimer()
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60, trust_env=False) as reply:
-            outcome["status"] = reply.status_code
-            if reply.status_code == 200:
-                for data in _events(decoder, reply.iter_raw()):
-                    outcome["started"] = True
-                    stream.on_event(data, 0.0)  # outcomes only: no timings here
-            if stream.error is not None:
-                outcome["error"] = "mid-stream"
-            outcome["finished"] = stream.done and stream.error is None
-    except httpx.HTTPError as exc:
-        outcome["error"] = type(exc).__name__
-    return outcome
+    return parse_workload(document, "failover")
 
 
-def _events(decoder: SSEDecoder, chunks: Iterable[bytes]) -> Iterator[str]:
-    for chunk in chunks:
-        yield from decoder.feed(chunk)
-    yield from decoder.flush()
+def stream_outcomes(records: Iterable[RequestRecord]) -> dict[str, int]:
+    """How each request of the failover load ended: lost before its first token (refused, reset,
+    timed out), broken after it, or completed. Requests the harness cut at its own stop are not
+    the gateway's doing and are counted apart."""
+    counts = {
+        "requests": 0,
+        "lost_before_streaming": 0,
+        "broken_mid_stream": 0,
+        "completed": 0,
+        "cut_at_stop": 0,
+    }
+    for record in records:
+        counts["requests"] += 1
+        if record.ok:
+            counts["completed"] += 1
+        elif record.error == UNFINISHED:
+            counts["cut_at_stop"] += 1
+        elif record.first_chunk_s is None:
+            counts["lost_before_streaming"] += 1
+        else:
+            counts["broken_mid_stream"] += 1
+    return counts
 
 
 def failover_run(
-    service: LLMService, model_path: str, work: Path, requests: int, log: Log, *, resume: bool = True
+    service: LLMService, model_path: str, work: Path, duration_s: float, log: Log, *, resume: bool = True
 ) -> dict[str, Any]:
+    from tokenfleet.load.bench import run_workload
+
     engines = [start_engine(service, model_path, work), start_engine(service, model_path, work)]
+    mode = "with" if resume else "without"
     try:
         for engine in engines:
             engine.wait_ready(600)
@@ -298,7 +306,7 @@ def failover_run(
             timeline: dict[str, float] = {}
 
             def kill_then_restart() -> None:
-                time.sleep(3.0)
+                time.sleep(KILL_AFTER_S)
                 assert victim.process is not None
                 os.killpg(victim.process.pid, signal.SIGKILL)
                 timeline["killed"] = time.monotonic()
@@ -313,27 +321,22 @@ def failover_run(
                         return
                     time.sleep(0.2)
 
+            log(
+                f"bench gateway: failover {mode} resume, {duration_s:.0f}s load, SIGKILL at {KILL_AFTER_S:g}s"
+            )
             chaos = threading.Thread(target=kill_then_restart)
-            started = time.monotonic()
             chaos.start()
-            mode = "with" if resume else "without"
-            log(f"bench gateway: failover {mode} resume, {requests} streams, 4 at a time; SIGKILL at 3 s")
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                outcomes = list(pool.map(lambda i: stream_once(url, i), range(requests)))
-            load_s = time.monotonic() - started
+            result = run_workload(failover_workload(), url, duration_s, work / f"failover-{mode}-resume")
             chaos.join()
             metrics = httpx.get(f"{url}/metrics", timeout=5, trust_env=False).text
     finally:
         for engine in engines:
             engine.stop(timeout_s=20)
-    retries = promtext.value(metrics, "tokenfleet_gateway_retries_total")
+    outcomes = stream_outcomes(read_records([result.dir / "requests.jsonl"]))
     return {
-        "requests": len(outcomes),
-        "load_s": round(load_s, 1),
-        "lost_before_streaming": sum(1 for o in outcomes if not o["started"]),
-        "broken_mid_stream": sum(1 for o in outcomes if o["started"] and not o["finished"]),
-        "completed": sum(1 for o in outcomes if o["finished"]),
-        "retries": retries,
+        **outcomes,
+        "load_s": duration_s,
+        "retries": promtext.value(metrics, "tokenfleet_gateway_retries_total"),
         "capacity_back_s": round(timeline["readmitted"] - timeline["killed"], 1)
         if "readmitted" in timeline and "killed" in timeline
         else None,
@@ -400,7 +403,7 @@ def run_bench(
     *,
     pairs: int = 1000,
     policy_duration_s: float = 40.0,
-    failover_requests: int = 100,
+    failover_s: float = 20.0,
     skip: Sequence[str] = (),
     log: Log = print,
 ) -> dict[str, Any]:
@@ -444,10 +447,8 @@ def run_bench(
                 engine.stop(timeout_s=20)
         if "failover" not in skip:
             # Broken streams without and with resume (issue 12: 0 broken, 0 failed with it).
-            results["failover"] = failover_run(
-                service, model_path, work, failover_requests, log, resume=False
-            )
-            results["failover_resume"] = failover_run(service, model_path, work, failover_requests, log)
+            results["failover"] = failover_run(service, model_path, work, failover_s, log, resume=False)
+            results["failover_resume"] = failover_run(service, model_path, work, failover_s, log)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gateway.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "gateway.md").write_text(render(results))
@@ -459,7 +460,7 @@ def cmd_bench_gateway(args: argparse.Namespace) -> int:
         Path(args.out),
         pairs=args.pairs,
         policy_duration_s=args.duration,
-        failover_requests=args.failover_requests,
+        failover_s=args.failover_s,
         skip=args.skip or (),
     )
     print(render(results))
@@ -476,6 +477,8 @@ def register(bench_sub: Any) -> None:
         help="paired requests per latency measurement (p99 from the top 10)",
     )
     parser.add_argument("--duration", type=float, default=40.0, help="seconds per policy run")
-    parser.add_argument("--failover-requests", type=int, default=100)
+    parser.add_argument(
+        "--failover-s", type=float, default=20.0, help="seconds of streaming load per failover run"
+    )
     parser.add_argument("--skip", action="append", choices=["overhead", "policies", "failover"])
     parser.set_defaults(handler=cmd_bench_gateway)

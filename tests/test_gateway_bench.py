@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 
-from tokenfleet.engine.fleet import free_port
 from tokenfleet.engine.gateway.__main__ import parse_replica
-from tokenfleet.engine.gateway.server import ServerThread
 from tokenfleet.load import gateway_bench as bench
+from tokenfleet.load.client import UNFINISHED
+from tokenfleet.load.record import RequestRecord
 
 
-def test_quantiles_and_description() -> None:
-    values = [i / 1000 for i in range(1, 101)]
-    assert bench.quantile(values, 0.5) == pytest.approx(0.0505, abs=0.001)
-    described = bench.describe_ms(values)
+def test_description_in_milliseconds() -> None:
+    described = bench.describe_ms([i / 1000 for i in range(1, 101)])
     assert described["n"] == 100
-    assert described["p99_ms"] == pytest.approx(99.0, abs=1.01)
-    assert bench.quantile([], 0.5) != bench.quantile([], 0.5)  # NaN for no data
+    assert described["p50_ms"] == pytest.approx(50.5, abs=0.01)
+    assert described["p99_ms"] == pytest.approx(99.01, abs=0.01)
 
 
 def test_paired_latency_through_a_gateway_process(tmp_path: Path) -> None:
@@ -86,37 +81,38 @@ def test_cli_wires_bench_gateway(monkeypatch: pytest.MonkeyPatch, capsys: pytest
         "out": Path("somewhere"),
         "pairs": 7,
         "policy_duration_s": 40.0,
-        "failover_requests": 100,
+        "failover_s": 20.0,
         "skip": ["failover"],
     }
     assert "# Gateway benchmark" in capsys.readouterr().out
 
 
-def test_stream_outcome_reads_events_not_substrings() -> None:
-    """A token whose text is "error" is a token; only an error event breaks a stream."""
-    app = FastAPI()
+def record(ok: bool, first_chunk_s: float | None, error: str | None = None) -> RequestRecord:
+    return RequestRecord(
+        "r", "standard", "default", "completions", True, 0.0, first_chunk_s=first_chunk_s, ok=ok, error=error
+    )
 
-    @app.post("/v1/completions")
-    async def completions(body: dict[str, object]) -> StreamingResponse:
-        broken = str(body["prompt"]).startswith("req 2:")
 
-        async def events() -> AsyncIterator[bytes]:
-            yield b'data: {"choices":[{"index":0,"text":"error","finish_reason":null}]}\n\n'
-            if broken:
-                yield b'data: {"error":{"message":"the model server failed mid-stream","code":502}}\n\n'
-            yield b"data: [DONE]\n\n"
+def test_stream_outcomes_tell_lost_from_broken_from_cut() -> None:
+    records = [
+        record(True, 0.01),
+        record(True, 0.02),
+        record(False, None, "HTTP 503: no replica"),  # lost before streaming
+        record(False, None, "ConnectError: refused"),
+        record(False, 0.01, "stream error: the model server failed mid-stream"),  # broken after a token
+        record(False, 0.01, UNFINISHED),  # the harness's own stop: not the gateway's doing
+    ]
+    assert bench.stream_outcomes(records) == {
+        "requests": 6,
+        "lost_before_streaming": 2,
+        "broken_mid_stream": 1,
+        "completed": 2,
+        "cut_at_stop": 1,
+    }
 
-        return StreamingResponse(events(), media_type="text/event-stream")
 
-    server = ServerThread(app, free_port()).start()
-    try:
-        assert bench.stream_once(server.url, 1) == {
-            "started": True,
-            "finished": True,
-            "status": 200,
-            "error": None,
-        }
-        broken = bench.stream_once(server.url, 2)
-        assert broken == {"started": True, "finished": False, "status": 200, "error": "mid-stream"}
-    finally:
-        server.stop()
+def test_failover_workload_streams_long_answers_from_four_users() -> None:
+    workload = bench.failover_workload()
+    assert (workload.arrival.mode, workload.stream, workload.ignore_eos) == ("closed", True, True)
+    assert workload.arrival.shape.value == 4  # type: ignore[union-attr]
+    assert workload.output_tokens.value == 128  # type: ignore[union-attr]
