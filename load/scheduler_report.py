@@ -1,0 +1,271 @@
+"""The scheduler benchmark's report: per-profile tables, issue 4's target checks and plots, from
+the results JSON that `load/scheduler_bench.py` writes (means and 95% Student t intervals over
+seeds, `load/stats.py`). Pure, except the plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenfleet.load.scheduler_bench import DEFAULT_CLASSES, FAIRNESS_SHORT_WINDOW_S, FAIRNESS_WINDOW_S
+from tokenfleet.load.stats import Interval, mean_ci
+
+
+def run_line(run: dict[str, Any]) -> str:
+    """One run's headline figures, for the bench's progress log."""
+    inter, batch = run["classes"]["interactive"], run["classes"]["batch"]
+    return (
+        f"[{run['policy']}] {run['profile']} seed {run['seed']}: {run['requests']} req, interactive SLO "
+        f"{_pct(inter['slo_attainment'])} p99 TTFT {_ms(inter['ttft_p99'])}, batch max wait "
+        f"{_s(batch['max_wait'])}, J {_num(run['jain'])}, {run['output_tok_per_s']:.1f} tok/s"
+    )
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{1000 * v:.0f} ms"
+
+
+def _ms2(v: float | None) -> str:
+    return "–" if v is None else f"{1000 * v:.2f} ms"
+
+
+def _s(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f} s"
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _field(run: dict[str, Any], *path: str) -> Any:
+    """run[path[0]][path[1]]…, None where a level is missing (runs of older versions)."""
+    value: Any = run
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict[str, Any]:
+    """Mean (and 95% Student t interval) over seeds of each reported figure; max wait is the max
+    over seeds, the stated bound the tightest run's."""
+    mine = [r for r in runs if r["policy"] == policy and r["profile"] == profile]
+
+    def values(*path: str) -> list[float]:
+        return [v for r in mine if (v := _field(r, *path)) is not None]
+
+    def interval(*path: str) -> Interval | None:
+        sample = values(*path)
+        return mean_ci(sample) if sample else None
+
+    def largest(*path: str) -> float | None:
+        return max(values(*path), default=None)
+
+    agg: dict[str, Any] = {"seeds": len(mine)}
+    for n in (c.name for c in DEFAULT_CLASSES):
+        for key in ("slo_attainment", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
+            agg[f"{n}.{key}"] = interval("classes", n, key)
+        agg[f"{n}.max_wait"] = largest("classes", n, "max_wait")
+        agg[f"{n}.engine_max_wait"] = largest("server_max_wait_le_s", n)
+        agg[f"{n}.wait_bound"] = min(values("wait_bounds", n), default=None)
+        agg[f"{n}.rejected"] = sum(values("classes", n, "rejected"))
+        agg[f"{n}.requests"] = sum(values("classes", n, "requests"))
+    for key in ("jain", "jain_short", "output_tok_per_s", "req_per_s", "preemptions", "schedule_mean_s"):
+        agg[key] = interval(key)
+    for key in ("schedule_p99_le_s", "policy_p99_le_s"):
+        agg[key] = largest(key)
+    return agg
+
+
+def _ci(v: Interval | None, fmt: Callable[[float], str]) -> str:
+    if v is None:
+        return "–"
+    if not math.isfinite(v.half_width) or v.half_width == 0:
+        return fmt(v.mean)  # one seed, or all seeds equal: no interval to show
+    return f"{fmt(v.mean)} ± {fmt(v.half_width).split()[0]}"
+
+
+def _policies(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Policies in the canonical order (baselines first), whatever order the runs took."""
+    canonical = ("fcfs", "priority", "sla")
+    seen = list(dict.fromkeys(r["policy"] for r in runs))
+    return sorted(seen, key=lambda p: (canonical.index(p) if p in canonical else len(canonical), p))
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCheck:
+    target: str
+    measured: str
+    met: bool | None  # None: not measurable in this run
+
+
+def check_targets(results: dict[str, Any], ours: str = "sla", baseline: str = "fcfs") -> list[TargetCheck]:
+    """Issue 4's targets for `ours`, from the recorded runs (means over seeds)."""
+    runs = results["runs"]
+    checks: list[TargetCheck] = []
+
+    def agg(policy: str, profile: str) -> dict[str, Any] | None:
+        a = aggregate(runs, policy, profile)
+        return a if a["seeds"] else None
+
+    high, high_base = agg(ours, "1.2x"), agg(baseline, "1.2x")
+    if high is not None and high["interactive.slo_attainment"] is not None:
+        att = high["interactive.slo_attainment"].mean
+        checks.append(
+            TargetCheck("1.2× λ_sat: interactive TTFT-SLO attainment ≥ 99 %", _pct(att), att >= 0.99)
+        )
+    if high and high_base and high["interactive.ttft_p99"] and high_base["interactive.ttft_p99"]:
+        mine, theirs = high["interactive.ttft_p99"].mean, high_base["interactive.ttft_p99"].mean
+        cut = 1 - mine / theirs
+        checks.append(
+            TargetCheck(
+                f"1.2× λ_sat: interactive P99 TTFT ≥ 60 % below {baseline}",
+                f"{_ms(mine)} vs {_ms(theirs)} ({100 * cut:.0f} % lower)",
+                cut >= 0.6,
+            )
+        )
+    waits = [w for r in runs if r["policy"] == ours and (w := r["classes"]["batch"]["max_wait"]) is not None]
+    bounds = [b["batch"] for r in runs if r["policy"] == ours and (b := r.get("wait_bounds"))]
+    if waits and bounds:
+        worst, bound = max(waits), min(bounds)
+        checks.append(
+            TargetCheck(
+                "batch max wait within its stated bound (all runs)",
+                f"{_s(worst)} ≤ {_s(bound)}",
+                worst <= bound,
+            )
+        )
+    for profile in ("1.2x", "burst"):
+        a = agg(ours, profile)
+        if a is not None:
+            jain_ci = a["jain"]
+            checks.append(
+                TargetCheck(
+                    f"{profile}: Jain's index ≥ 0.95 among backlogged tenants",
+                    _num(jain_ci.mean) if jain_ci else "no window with two backlogged tenants",
+                    (jain_ci.mean >= 0.95) if jain_ci else None,
+                )
+            )
+    low, low_base = agg(ours, "0.8x"), agg(baseline, "0.8x")
+    if low and low_base and low["output_tok_per_s"] and low_base["output_tok_per_s"]:
+        mine, theirs = low["output_tok_per_s"].mean, low_base["output_tok_per_s"].mean
+        ratio = mine / theirs
+        checks.append(
+            TargetCheck(
+                f"0.8× λ_sat: throughput ≥ 97 % of {baseline}",
+                f"{mine:.1f} vs {theirs:.1f} tok/s ({100 * ratio:.1f} %)",
+                ratio >= 0.97,
+            )
+        )
+    p99s = [v for r in runs if r["policy"] == ours and (v := r.get("schedule_p99_le_s")) is not None]
+    if p99s:
+        checks.append(
+            TargetCheck(
+                "schedule() p99 ≤ 1 ms (every run)", f"≤ {_ms2(max(p99s))} (bucket bound)", max(p99s) <= 0.001
+            )
+        )
+    return checks
+
+
+def render_targets(checks: Sequence[TargetCheck]) -> str:
+    lines = ["| target | measured | met? |", "|---|---|---|"]
+    for c in checks:
+        lines.append(
+            f"| {c.target} | {c.measured} | {'yes' if c.met else 'no' if c.met is False else 'n/a'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
+    """One policy's column of a profile table: (figure, formatted value) rows."""
+    cells: list[tuple[str, str]] = []
+    for n in (c.name for c in DEFAULT_CLASSES):
+        engine_wait = a[f"{n}.engine_max_wait"]
+        cells += [
+            (f"{n} SLO attainment", _ci(a[f"{n}.slo_attainment"], _pct)),
+            (f"{n} P50 / P99 TTFT", f"{_ci(a[f'{n}.ttft_p50'], _ms)} / {_ci(a[f'{n}.ttft_p99'], _ms)}"),
+            (f"{n} P50 / P99 TPOT", f"{_ci(a[f'{n}.tpot_p50'], _ms)} / {_ci(a[f'{n}.tpot_p99'], _ms)}"),
+            (f"{n} max wait to first token (all seeds)", _s(a[f"{n}.max_wait"])),
+            (f"{n} max queue wait in the engine (bucket bound)", _s(engine_wait) if engine_wait else "n/a"),
+            (f"{n} stated wait bound (tightest run)", _s(a[f"{n}.wait_bound"])),
+            (f"{n} rejected / requests", f"{a[f'{n}.rejected']:.0f} / {a[f'{n}.requests']:.0f}"),
+        ]
+    schedule_p99 = a["schedule_p99_le_s"]
+    return [
+        *cells,
+        (f"Jain's index (backlogged tenants, {FAIRNESS_WINDOW_S:.0f} s windows)", _ci(a["jain"], _num)),
+        (f"Jain's index ({FAIRNESS_SHORT_WINDOW_S:.0f} s windows)", _ci(a["jain_short"], _num)),
+        ("throughput (output tok/s)", _ci(a["output_tok_per_s"], lambda v: f"{v:.1f}")),
+        ("completed req/s", _ci(a["req_per_s"], lambda v: f"{v:.2f}")),
+        ("preemptions per run", _ci(a["preemptions"], lambda v: f"{v:.1f}")),
+        ("schedule() p99 (bucket bound, max over seeds)", _ms2(schedule_p99) if schedule_p99 else "n/a"),
+        ("schedule() mean", _ci(a["schedule_mean_s"], _ms2)),
+    ]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The results tables (one per profile), FCFS and priority next to sla."""
+    runs = results["runs"]
+    policies = _policies(runs)
+    lines: list[str] = []
+    for profile in dict.fromkeys(r["profile"] for r in runs):
+        lines += [f"### {profile} λ_sat" if profile != "burst" else "### burst (0.7 → 1.5 → 0.5 × λ_sat)", ""]
+        lines.append("| figure | " + " | ".join(policies) + " |")
+        lines.append("|---|" + "---|" * len(policies))
+        columns = [_cells(aggregate(runs, p, profile)) for p in policies]
+        for row in zip(*columns, strict=True):
+            lines.append(f"| {row[0][0]} | " + " | ".join(value for _, value in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no cover - matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    policies = _policies(runs)
+    profiles = list(dict.fromkeys(r["profile"] for r in runs))
+    paths: list[Path] = []
+    figures = [
+        ("interactive.ttft_p99", "interactive P99 TTFT (s)", "interactive-ttft-p99.png"),
+        ("interactive.slo_attainment", "interactive SLO attainment", "interactive-attainment.png"),
+        ("output_tok_per_s", "throughput (output tok/s)", "throughput.png"),
+        ("jain", "Jain's index (backlogged tenants)", "jain.png"),
+    ]
+    for key, title, name in figures:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        width = 0.8 / len(policies)
+        for i, policy in enumerate(policies):
+            means, errs = [], []
+            for profile in profiles:
+                v: Interval | None = aggregate(runs, policy, profile)[key]
+                means.append(v.mean if v else 0.0)
+                errs.append(v.half_width if v and math.isfinite(v.half_width) else 0.0)
+            xs = [j + i * width for j in range(len(profiles))]
+            ax.bar(xs, means, width, yerr=errs, label=policy, capsize=3)
+        ax.set_xticks([j + width * (len(policies) - 1) / 2 for j in range(len(profiles))], profiles)
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:  # pragma: no cover - matplotlib
+    """tables.md (per-profile tables and the targets) and the PNG plots, from scheduler.json."""
+    tables = render_markdown(results) + "\n### Targets\n\n" + render_targets(check_targets(results))
+    (out / "tables.md").write_text(tables)
+    plot(results, out)
+    return tables
