@@ -491,8 +491,12 @@ def reference_parse(text: str) -> tuple[float, ...]:
     for line in text.split("\n"):
         for name in names:
             if line.startswith((name + "{", name + " ")):
+                rest = line[len(name) :]
+                if rest.startswith("{"):
+                    rest = rest[rest.index("}") + 1 :]
+                # The value is the first field after the labels; a timestamp may follow it.
                 with contextlib.suppress(ValueError, IndexError):
-                    sums[name] += float(line.rsplit(" ", 1)[1])
+                    sums[name] += float(rest.split()[0])
     return tuple(sums.values())
 
 

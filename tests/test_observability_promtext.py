@@ -57,3 +57,23 @@ def test_by_label() -> None:
 def test_malformed_text_is_an_error_not_a_guess() -> None:
     with pytest.raises(ValueError, match="NaNx"):
         promtext.flat("x 1.0\ny NaNx\n")
+
+
+def test_series_scan_reads_named_sample_lines_only() -> None:
+    text = (
+        TEXT
+        + 'vllm:num_requests_running_x{engine="0"} 100.0\n'  # a longer name: not the series
+        + "# HELP vllm:num_requests_waiting Waiting 7\n"
+        + 'vllm:num_requests_waiting{model_name="a b"} 2.5 1700000000\n'  # value, then a timestamp
+    )
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "absent")
+    assert promtext.series_sums(text, names) == {
+        "vllm:num_requests_running": 4.0,
+        "vllm:num_requests_waiting": 2.5,
+        "absent": 0.0,
+    }
+    requests = list(promtext.series_samples(text, ("tokenfleet_gateway_requests_total",)))
+    assert ("tokenfleet_gateway_requests_total", {"tenant": "b", "code": "2xx"}, 2.0) in requests
+    assert len(requests) == 3
+    # The scan agrees with prometheus_client's parser on well-formed text.
+    assert promtext.series_sums(TEXT, ["w_sum"]) == {"w_sum": promtext.value(TEXT, "w_sum")}

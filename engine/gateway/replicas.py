@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from tokenfleet.engine.gateway import breaker
 from tokenfleet.engine.gateway.routing import ReplicaView
 from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError
+from tokenfleet.observability import promtext
 
 # Engine series the gateway reads (vLLM V1 names).
 WAITING = "vllm:num_requests_waiting"
@@ -20,24 +20,11 @@ RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
-# The names with the value's line: a pattern that starts with a literal, so `re` can skip
-# ahead with a fast substring search (with `^` it tries every position: ~10x slower).
-_SERIES_LINES = re.compile(
-    "vllm:(?:"
-    + "|".join(
-        re.escape(n.removeprefix("vllm:")) for n in (WAITING, RUNNING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS)
-    )
-    + ")[{ ].*$",
-    re.MULTILINE,
-)
-
-
 BUSY_WINDOW_S = 10.0
 
 # The SLA scheduler's TTFT SLO counters (engine/sla_metrics.py), for the autoscaler.
 SLO_SERIES = "tokenfleet_scheduler_slo_requests_total"
-_SLO_LINES = re.compile(r"^tokenfleet_scheduler_slo_requests_total\{([^}]*)\} (\S+)$", re.MULTILINE)
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
+ENGINE_SERIES = (WAITING, RUNNING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +44,8 @@ def parse_slo_counters(text: str) -> tuple[tuple[str, float, float], ...]:
         return ()
     met: dict[str, float] = {}
     total: dict[str, float] = {}
-    for labels, value in _SLO_LINES.findall(text):
-        fields = dict(_LABEL.findall(labels))
+    for _, fields, count in promtext.series_samples(text, (SLO_SERIES,)):
         if fields.get("target") != "ttft" or "slo_class" not in fields:
-            continue
-        try:
-            count = float(value)
-        except ValueError:
             continue
         name = fields["slo_class"]
         total[name] = total.get(name, 0.0) + count
@@ -74,19 +56,7 @@ def parse_slo_counters(text: str) -> tuple[tuple[str, float, float], ...]:
 
 def parse_engine_metrics(text: str) -> EngineStats:
     """Sum each series of interest over its labels (one engine serves one model)."""
-    sums = {WAITING: 0.0, RUNNING: 0.0, KV_USAGE: 0.0, PREFIX_QUERIES: 0.0, PREFIX_HITS: 0.0}
-    # Only the lines of these series (a regex scan, in C): vLLM's /metrics is ~500 lines / 40 KB,
-    # probed every probeIntervalS per replica, and a Python loop over every line cost ~1 ms.
-    for match in _SERIES_LINES.finditer(text):
-        if match.start() and text[match.start() - 1] != "\n":
-            continue  # inside another line (a # HELP comment names the series too)
-        line = match.group()
-        name = line[: min(i for i in (line.find("{"), line.find(" ")) if i >= 0)]
-        if name in sums:
-            try:
-                sums[name] += float(line.rsplit(" ", 1)[1])
-            except (ValueError, IndexError):
-                continue
+    sums = promtext.series_sums(text, ENGINE_SERIES)
     return EngineStats(
         waiting=sums[WAITING],
         running=sums[RUNNING],
