@@ -65,9 +65,9 @@ FAIRNESS_SHORT_WINDOW_S = 5.0
 SCHEDULE_METRIC = "tokenfleet_scheduler_schedule_seconds"
 POLICY_METRIC = "tokenfleet_scheduler_policy_seconds"
 WAIT_METRIC = "tokenfleet_scheduler_wait_seconds"
-# Open-loop users, so requests in flight: above any backlog an overloaded run builds, so that a
-# late send means the load generator stalled, not that it ran out of users.
-MAX_IN_FLIGHT = 256
+# Open-loop users, so the most requests in flight: above the backlog an overloaded baseline (no
+# queue limits) builds in a run, so that a late send means the load generator stalled.
+MAX_IN_FLIGHT = 512
 REQUEST_TIMEOUT_S = 300.0
 # The harness's /metrics scrape costs the engine's API server CPU on a 2-core machine; the
 # bench needs only the samples before and after a run, so the timeline is kept coarse.
