@@ -1,13 +1,15 @@
 """`tokenfleet bench autoscale`: the control loop under real load, in one run.
 
-Five scenarios, each against its own `tokenfleet up` (real vLLM replicas on the default model),
+Six scenarios, each against its own `tokenfleet up` (real vLLM replicas on the default model),
 traffic from the load harness (Locust):
 1. `fixed` — one replica, a load step (steady, 2x, back down);
 2. `autoscaled` — the same step against replicas 1..3 with autoscaling on;
 3. `rolling` — constant load while `tokenfleet apply` rolls an engine change out;
 4. `canary` — constant load while a canary of an engine change is analysed and promoted;
 5. `bad-canary` — constant load while a canary whose context is shorter than the workload's
-   longest requests (its vLLM refuses them, the stable serves them) is analysed and rolled back.
+   longest requests (its vLLM refuses them, the stable serves them) is analysed and rolled back;
+6. `failover` — constant load on two replicas while one engine's process group is SIGKILLed:
+   the loop restarts it, the gateway routes around it meanwhile.
 While each runs, the gateway's /admin/status is sampled twice a second; the analysis below is a
 set of pure functions over those samples, written to docs/results/control-loop.md (markdown,
 JSON, PNG timelines, machine info).
@@ -96,6 +98,21 @@ def step_response(trace: Trace, step_at: float, down_at: float) -> dict[str, Any
         "changes_before_step": sum(1 for c in changes if c[0] < step_at),
         "changes_after_down": [(round(t - down_at, 1), a, b) for t, a, b in changes if t >= down_at],
         "reversals": reversals(changes),
+    }
+
+
+def failover_response(trace: Trace, killed_at: float, replicas: int) -> dict[str, Any]:
+    """How the loop met a killed replica: time to its restart decision, to losing and to getting
+    back full ready capacity."""
+    restarts = [e for e in trace.events if e.kind == "replace" and e.t >= killed_at]
+    after = [s for s in trace.samples if s.t >= killed_at]
+    lost = next((s.t for s in after if s.ready < replicas), None)
+    back = next((s.t for s in after if lost is not None and s.t > lost and s.ready >= replicas), None)
+    return {
+        "decision_s": restarts[0].t - killed_at if restarts else None,
+        "decision": restarts[0].reason if restarts else None,
+        "unready_s": lost - killed_at if lost is not None else None,
+        "ready_again_s": back - killed_at if back is not None else None,
     }
 
 
@@ -317,6 +334,47 @@ def run_rollout(
     }
 
 
+def run_failover(
+    service: LLMService, out: Path, workload: Any, duration_s: float, port: int
+) -> dict[str, Any]:
+    """Constant load; KILL_AFTER_S in, one replica's engine (its whole process group) is SIGKILLed."""
+    import os
+
+    from tokenfleet.load.bench import run_workload
+
+    trace = Trace()
+    killed: dict[str, Any] = {}
+    with fleet_up(service, out / "failover", port) as url:
+        monitor = Monitor(url, trace)
+        monitor.start()
+
+        def kill_later() -> None:
+            time.sleep(KILL_AFTER_S)
+            slots = httpx.get(f"{url}/admin/status", timeout=10, trust_env=False).json()["fleet"]["slots"]
+            victim = slots[-1]
+            killed.update(at=time.time(), replica=victim["id"])
+            os.killpg(victim["pid"], signal.SIGKILL)  # the engine and its workers, as an OOM kill would
+
+        killer = threading.Thread(target=kill_later, daemon=True)
+        killer.start()
+        result = run_workload(workload, url, duration_s, out / "failover" / "load")
+        killer.join()
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: bool(trace.samples) and trace.samples[-1].ready >= 2, 300)
+        monitor.done.set()
+        monitor.join()
+        metrics = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    killed_at = killed.get("at", time.time())
+    return {
+        "load": _load_result(result.summary),
+        "killed": killed.get("replica"),
+        "response": failover_response(trace, killed_at, 2),
+        "upstream_errors": _upstream_errors(metrics),
+        "retries": promtext.value(metrics, "tokenfleet_gateway_retries_total"),
+        "trace": _trace_json(trace, killed_at),
+    }
+
+
 def revision_outcomes(exposition: str) -> dict[str, dict[str, int]]:
     """Attempts per revision and outcome (ok, refused, error), from the gateway's own counter:
     which revision answered the requests that failed."""
@@ -383,10 +441,12 @@ def services(rate: float) -> dict[str, LLMService]:
             "bench-canary", rollout=canary, engine={"maxNumSeqs": 6, "kvCacheGib": 1, "shutdownTimeoutS": 10}
         ),
         "canary-bad": base_service("bench-canary", rollout=canary, model=short_context),
+        "failover": base_service("bench-failover", replicas={"min": 2, "max": 2}),
     }
 
 
-SCENARIOS = ("fixed", "autoscaled", "rolling", "canary", "bad-canary")
+SCENARIOS = ("fixed", "autoscaled", "rolling", "canary", "bad-canary", "failover")
+KILL_AFTER_S = 30.0  # into the failover scenario's load: both replicas serve by then
 BAD_CANARY_CONTEXT = 128  # tokens
 
 
@@ -411,6 +471,8 @@ def run_bench(
         print(f"bench autoscale: {name}", file=sys.stderr)
         if name in ("fixed", "autoscaled"):
             results[name] = run_step(name, specs[name], out, rate, phase_s, port)
+        elif name == "failover":
+            results[name] = run_failover(specs[name], out, constant_workload(rate), rollout_s, port)
         else:
             stable, changed = {
                 "rolling": ("rolling", "rolling-changed"),
@@ -505,7 +567,31 @@ def render(results: dict[str, Any]) -> str:
             lines += ["", f"## {title}", "", "Not run yet (`--scenarios " + name + "`)."]
             continue
         lines += ["", f"## {title}", "", *_rollout_section(results[name], cfg)]
+    lines += ["", "## Failover under load", ""]
+    lines += (
+        _failover_section(results["failover"], cfg)
+        if "failover" in results
+        else ["Not run yet (`--scenarios failover`)."]
+    )
     return "\n".join(lines) + "\n"
+
+
+def _failover_section(r: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    response = r["response"]
+    return [
+        f"Two replicas, constant {r.get('rate', cfg['rate']):g} req/s for "
+        f"{r.get('rollout_s', cfg['rollout_s']):g} s; "
+        f"{KILL_AFTER_S:g} s in, `{r['killed']}`'s engine (its process group) gets SIGKILL.",
+        "",
+        "| requests | failed (client) | upstream attempts failed | retries | kill → restart decision "
+        "| kill → out of ready | kill → 2 ready again |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+        f"| {r['load']['requests']} | {r['load']['failed']} | {r['upstream_errors'] or 'none'} | "
+        f"{r['retries']:g} | {_sec(response['decision_s'])} | {_sec(response['unready_s'])} | "
+        f"{_sec(response['ready_again_s'])} |",
+        "",
+        f"Decision: {response['decision']}",
+    ]
 
 
 def _rollout_section(r: dict[str, Any], cfg: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from tokenfleet.load.autoscale_bench import (
     Trace,
     canary_response,
     constant_workload,
+    failover_response,
     plot,
     render,
     reversals,
@@ -61,6 +62,24 @@ def test_canary_response_times_the_split_and_the_verdict() -> None:
         "analysis_s": 35.0,
         "verdict": "canary rolled back at 50%: TTFT p99 900 ms > 1.5x stable 200 ms",
     }
+
+
+def test_failover_response_times_the_decision_and_the_capacity() -> None:
+    readiness = ((99.0, 2), (101.0, 2), (102.0, 1), (140.0, 2))
+    samples = [Sample(t, 2, ready, "idle", None) for t, ready in readiness]
+    events = [
+        Event(50.0, "replace", "replica-0: process exited (restart 1, after 1s back-off)"),  # before
+        Event(101.5, "replace", "replica-1: process exited (restart 1, after 1s back-off)"),
+    ]
+    response = failover_response(Trace(samples, events), killed_at=100.0, replicas=2)
+    assert response == {
+        "decision_s": 1.5,
+        "decision": "replica-1: process exited (restart 1, after 1s back-off)",
+        "unready_s": 2.0,
+        "ready_again_s": 40.0,
+    }
+    nothing = failover_response(Trace(samples[:2], []), killed_at=100.0, replicas=2)
+    assert nothing == {"decision_s": None, "decision": None, "unready_s": None, "ready_again_s": None}
 
 
 def test_step_workload_doubles_the_rate_in_the_middle_phase() -> None:
@@ -117,6 +136,13 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
         "autoscaled": step,
         "rolling": rollout,
         "canary": rollout,
+        "failover": {
+            "load": load,
+            "killed": "replica-1",
+            "response": failover_response(trace(), 60.0, 2),
+            "upstream_errors": {"replica-1": 2.0},
+            "retries": 2.0,
+        },
         "bad-canary": {
             **rollout,
             "phase": "rolled_back",
@@ -142,6 +168,8 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
     assert "verdict 20.0 s after the split: canary rolled back at 50%: refused 17.6%" in text
     assert "| stable `aaa` | 600 | 0 | 0 |" in text
     assert "| changed `bbb` | 28 | 6 | 0 |" in text
+    assert "`replica-1`'s engine (its process group) gets SIGKILL" in text
+    assert "| 540 | 0 | {'replica-1': 2.0} | 2 |" in text
     plot(results, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
