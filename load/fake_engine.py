@@ -30,6 +30,7 @@ class Faults:
     health_delay_s: float = 0.0  # /health answers this late (a CPU-starved engine)
     cancelled: int = 0  # requests whose client (the gateway) went away before the answer
     max_model_len: int | None = None  # refuse (400, as vLLM) a max_tokens above it
+    first_token_delay_s: float = 0.0  # a stream's headers go at once, its first event this late
     seen: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -107,6 +108,7 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
             prompt_ids = [ord(c) % 256 for c in str(prompt if prompt is not None else body.get("messages"))]
 
         async def events() -> AsyncIterator[bytes]:
+            await asyncio.sleep(state.first_token_delay_s)  # as vLLM: queue and prefill after the headers
             for i in range(n):
                 if state.die_after_chunks is not None and i >= state.die_after_chunks:
                     raise RuntimeError("injected mid-stream death")

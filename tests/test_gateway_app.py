@@ -643,3 +643,20 @@ def test_scheduler_rejection_parser() -> None:
     assert scheduler_rejection(json.dumps({"choices": [other]}).encode()) is None
     assert scheduler_rejection(b'{"choices": [{"text": "tokenfleet:rejected"}]}') is None
     assert scheduler_rejection(b"data: tokenfleet:rejected not json") is None
+
+
+def test_a_streams_first_byte_is_its_first_event_not_its_headers(fakes: tuple[Fake, Fake]) -> None:
+    """vLLM answers a stream's headers before queueing and prefill: the gateway's TTFT (what the
+    canary analysis and the autoscaler read) must wait for the first event."""
+    fakes[0].faults.first_token_delay_s = 0.4
+    with running(tiny_service(routing=FAST), [("r0", fakes[0].url)]) as (url, gw):
+        body = {**COMPLETION, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=10) as reply:
+            assert reply.status_code == 200
+            reply.read()
+        attempts = gw.outcomes.all_since(0.0)
+    assert len(attempts) == 1
+    outcome, first_byte_s = attempts[0]
+    assert outcome == "ok"
+    assert first_byte_s is not None
+    assert first_byte_s >= 0.4

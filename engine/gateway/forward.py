@@ -184,13 +184,17 @@ class Forwarder:
                 raise _UpstreamStatusError(upstream.status)
             first_byte_s = time.perf_counter() - call.started
             if streaming and upstream.status == 200:
-                self._observe_first_byte(call, replica, first_byte_s)
-                self.outcomes.record(replica.revision, "ok", first_byte_s)
                 chunks = upstream.chunks()
                 first = await anext(chunks, b"")
+                # vLLM sends a stream's headers before any work; its first event comes with the
+                # first token, so that is the stream's time to first token.
+                first_byte_s = time.perf_counter() - call.started
+                self._observe_first_byte(call, replica, first_byte_s)
                 rejection = scheduler_rejection(first)
                 if rejection is not None:
+                    self.outcomes.record(replica.revision, "refused", first_byte_s)
                     return self._engine_rejected(call, replica, rejection, release)
+                self.outcomes.record(replica.revision, "ok", first_byte_s)
                 self.replicas.request_succeeded(replica)
                 self.metrics.child(self.metrics.upstream_requests, replica.id, call.route, "ok").inc()
                 headers = self._response_headers(call, replica, upstream.content_type or "text/event-stream")
@@ -225,6 +229,7 @@ class Forwarder:
         rejection = scheduler_rejection(content) if ok else None
         if rejection is not None:
             self._observe_first_byte(call, replica, first_byte_s)
+            self.outcomes.record(replica.revision, "refused", first_byte_s)
             return self._engine_rejected(call, replica, rejection, release)
         # Replica and admission accounting, token settlement, metrics and the span's end run
         # once the answer is on the wire: the client does not wait for them. They are queued
