@@ -583,11 +583,12 @@ def _failover_section(r: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         f"{r.get('rollout_s', cfg['rollout_s']):g} s; "
         f"{KILL_AFTER_S:g} s in, `{r['killed']}`'s engine (its process group) gets SIGKILL.",
         "",
-        "| requests | failed (client) | upstream attempts failed | retries | kill → restart decision "
+        # Failed attempts show as retries: the killed replica's own series leave /metrics with it.
+        "| requests | failed (client) | attempts retried on the other replica | kill → restart decision "
         "| kill → out of ready | kill → 2 ready again |",
-        "|---:|---:|---|---:|---:|---:|---:|",
-        f"| {r['load']['requests']} | {r['load']['failed']} | {r['upstream_errors'] or 'none'} | "
-        f"{r['retries']:g} | {_sec(response['decision_s'])} | {_sec(response['unready_s'])} | "
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {r['load']['requests']} | {r['load']['failed']} | {r['retries']:g} | "
+        f"{_sec(response['decision_s'])} | {_sec(response['unready_s'])} | "
         f"{_sec(response['ready_again_s'])} |",
         "",
         f"Decision: {response['decision']}",

@@ -169,7 +169,7 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
     assert "| stable `aaa` | 600 | 0 | 0 |" in text
     assert "| changed `bbb` | 28 | 6 | 0 |" in text
     assert "`replica-1`'s engine (its process group) gets SIGKILL" in text
-    assert "| 540 | 0 | {'replica-1': 2.0} | 2 |" in text
+    assert "| 540 | 0 | 2 | - | 0.0 s | 20.0 s |" in text
     plot(results, tmp_path / "timeline.png")
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
