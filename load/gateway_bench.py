@@ -48,7 +48,7 @@ from tokenfleet.observability import promtext
 from tokenfleet.spec import LLMService, parse_service
 
 Log = Callable[[str], None]
-# The victim is killed this long into the failover load: streams are in flight on both replicas.
+# The victim is killed this long after its first request, while it has streams in flight.
 KILL_AFTER_S = 3.0
 
 
@@ -290,6 +290,16 @@ def stream_outcomes(records: Iterable[RequestRecord]) -> dict[str, int]:
     return counts
 
 
+def _replica_state(url: str, replica: str) -> dict[str, Any]:
+    """One replica's row of the gateway's /admin/status ({} when the gateway does not answer)."""
+    try:
+        status = httpx.get(f"{url}/admin/status", timeout=5, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    rows: dict[str, dict[str, Any]] = {r["id"]: r for r in status.get("replicas", [])}
+    return rows.get(replica, {})
+
+
 def failover_run(
     service: LLMService, model_path: str, work: Path, duration_s: float, log: Log, *, resume: bool = True
 ) -> dict[str, Any]:
@@ -306,7 +316,22 @@ def failover_run(
             timeline: dict[str, float] = {}
 
             def kill_then_restart() -> None:
-                time.sleep(KILL_AFTER_S)
+                # Counted from the victim's first request, not from the call: Locust takes seconds
+                # to start, and a kill before the load would break nothing. It lands while the
+                # victim has streams in flight.
+                deadline = time.monotonic() + 120
+                first: float | None = None
+                while time.monotonic() < deadline:
+                    state = _replica_state(url, "victim")
+                    if first is None and state.get("requests", 0):
+                        first = time.monotonic()
+                    if (
+                        first is not None
+                        and time.monotonic() - first >= KILL_AFTER_S
+                        and state.get("in_flight")
+                    ):
+                        break
+                    time.sleep(0.05)
                 assert victim.process is not None
                 os.killpg(victim.process.pid, signal.SIGKILL)
                 timeline["killed"] = time.monotonic()
@@ -314,9 +339,7 @@ def failover_run(
                 victim.start()
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
-                    status = httpx.get(f"{url}/admin/status", timeout=5, trust_env=False).json()
-                    state = {r["id"]: r["state"] for r in status["replicas"]}
-                    if state["victim"] == "ready":
+                    if _replica_state(url, "victim").get("state") == "ready":
                         timeline["readmitted"] = time.monotonic()
                         return
                     time.sleep(0.2)
