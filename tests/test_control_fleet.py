@@ -111,6 +111,18 @@ class Load:
         return self.codes
 
 
+def canary_rollout(step_duration_s: float, warmup_s: float) -> dict[str, object]:
+    """Two steps (50%, 100%), 20 requests of evidence; the fakes answer as fast from the first
+    request, so the warm-up is only as long as a test needs."""
+    return {
+        "strategy": "canary",
+        "canarySteps": [50, 100],
+        "stepDurationS": step_duration_s,
+        "minRequests": 20,
+        "warmupS": warmup_s,
+    }
+
+
 def revisions(status: Status) -> set[str]:
     return {slot["revision"] for slot in status["fleet"]["slots"]}
 
@@ -214,13 +226,7 @@ def test_apply_rolls_a_change_out_under_load_with_no_failed_request(tmp_path: Pa
     [("--error-rate=0.5", "error rate"), ("--delay-s=0.25", "TTFT p99")],
 )
 def test_a_bad_canary_is_rolled_back_automatically(tmp_path: Path, fault: str, verdict: str) -> None:
-    rollout = {
-        "strategy": "canary",
-        "canarySteps": [50, 100],
-        "stepDurationS": 30,
-        "minRequests": 20,
-        "warmupS": 0,
-    }
+    rollout = canary_rollout(step_duration_s=30, warmup_s=0)
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     bad = tiny_service(
         routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2, "extraArgs": [fault]}, rollout=rollout
@@ -248,13 +254,7 @@ def test_a_canary_that_refuses_what_the_stable_serves_is_rolled_back(tmp_path: P
     """The canary's context is shorter than the stable's: its engine refuses (400) the long
     answers the stable serves. The gateway lets them through to whichever revision it picks (the
     stable takes them), so only the canary's own answers fail, and the analysis rolls it back."""
-    rollout = {
-        "strategy": "canary",
-        "canarySteps": [50, 100],
-        "stepDurationS": 30,
-        "minRequests": 20,
-        "warmupS": 0,
-    }
+    rollout = canary_rollout(step_duration_s=30, warmup_s=0)
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     short = tiny_service(
         routing=FAST_ROUTING,
@@ -290,13 +290,7 @@ def test_a_canary_that_refuses_what_the_stable_serves_is_rolled_back(tmp_path: P
 
 
 def test_a_good_canary_walks_its_steps_and_is_promoted(tmp_path: Path) -> None:
-    rollout = {
-        "strategy": "canary",
-        "canarySteps": [50, 100],
-        "stepDurationS": 1,
-        "minRequests": 20,
-        "warmupS": 0.5,
-    }
+    rollout = canary_rollout(step_duration_s=1, warmup_s=0.5)
     service = tiny_service(routing=FAST_ROUTING, engine={"shutdownTimeoutS": 2}, rollout=rollout)
     good = tiny_service(
         routing=FAST_ROUTING,
