@@ -79,10 +79,11 @@ def by_label(text: str, name: str, label: str, **where: str) -> dict[str, float]
 @functools.lru_cache(maxsize=16)
 def _lines_of(names: tuple[str, ...]) -> re.Pattern[str]:
     # Starts with a literal (the names' common prefix), so `re` skips ahead with a fast substring
-    # search; anchoring with `^` instead makes it try every position.
+    # search; anchoring with `^` instead makes it try every position. A name must be followed by
+    # its labels or the space before the value, so a longer name that starts alike never matches.
     prefix = _common_prefix(names)
     alternatives = "|".join(re.escape(n[len(prefix) :]) for n in names)
-    return re.compile(f"{re.escape(prefix)}(?:{alternatives})" + r"(?:\{([^}]*)\})? (\S+)", re.MULTILINE)
+    return re.compile(f"({re.escape(prefix)}(?:{alternatives}))" + r"(?:\{([^}]*)\})? (\S+)", re.MULTILINE)
 
 
 def _common_prefix(names: tuple[str, ...]) -> str:
@@ -93,8 +94,8 @@ def _common_prefix(names: tuple[str, ...]) -> str:
     return prefix
 
 
-def series_samples(text: str, names: Iterable[str]) -> Iterator[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of each sample line of the `names` series, by a line scan."""
+def _scan(text: str, names: Iterable[str]) -> Iterator[tuple[str, str, float]]:
+    """(name, raw label text, value) of each sample line of the `names` series."""
     wanted = tuple(sorted(set(names), key=len, reverse=True))  # longest first: no prefix shadows
     if not wanted:
         return
@@ -102,21 +103,24 @@ def series_samples(text: str, names: Iterable[str]) -> Iterator[tuple[str, dict[
         start = match.start()
         if start and text[start - 1] != "\n":
             continue  # inside another line (a # HELP comment names the series too)
-        line = match.group()
-        name = line[: min(i for i in (line.find("{"), line.find(" ")) if i >= 0)]
-        if name not in wanted:
-            continue  # a longer name that only starts like a wanted one
         try:
-            number = float(match.group(2))
+            number = float(match.group(3))
         except ValueError:
             continue
-        yield name, dict(_LABEL.findall(match.group(1) or "")), number
+        yield match.group(1), match.group(2) or "", number
+
+
+def series_samples(text: str, names: Iterable[str]) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample line of the `names` series, by a line scan."""
+    for name, labels, number in _scan(text, names):
+        yield name, dict(_LABEL.findall(labels)), number
 
 
 def series_sums(text: str, names: Iterable[str]) -> dict[str, float]:
-    """{name: value summed over its label sets} for `names` (0 for one that is absent)."""
+    """{name: value summed over its label sets} for `names` (0 for one that is absent); the
+    labels are not parsed, as sums need none."""
     wanted = tuple(names)
     sums = dict.fromkeys(wanted, 0.0)
-    for name, _, number in series_samples(text, wanted):
+    for name, _, number in _scan(text, wanted):
         sums[name] += number
     return sums
