@@ -446,7 +446,7 @@ def services(rate: float) -> dict[str, LLMService]:
 
 
 SCENARIOS = ("fixed", "autoscaled", "rolling", "canary", "bad-canary", "failover")
-KILL_AFTER_S = 30.0  # into the failover scenario's load: both replicas serve by then
+KILL_AFTER_S = 30.0  # after the failover load is started (Locust takes a few seconds of it to start)
 BAD_CANARY_CONTEXT = 128  # tokens
 
 
