@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -551,11 +551,20 @@ def _reap(process: EngineProcess) -> None:
     threading.Thread(target=process.stop, args=(5.0,), daemon=True).start()
 
 
-def engine_launcher(log_dir: Path) -> tuple[Launcher, Callable[[LLMService], None]]:
-    """vLLM processes for a service's revision, and the step that resolves (builds) its model."""
+def engine_launcher(
+    log_dir: Path, environ: Mapping[str, str] = os.environ
+) -> tuple[Launcher, Callable[[LLMService], None]]:
+    """vLLM processes for a service's revision, and the step that resolves (builds) its model.
+
+    With an OTLP endpoint in the environment (the one the gateway exports to), each engine
+    exports its spans there too, so a request's trace runs gateway → engine.
+    """
     from tokenfleet.models import resolve_model
+    from tokenfleet.observability.tracing import endpoint_from_env, otlp_traces_url
 
     paths: dict[str, str] = {}
+    endpoint = endpoint_from_env(environ)
+    traces = otlp_traces_url(endpoint) if endpoint else None
 
     def prepare(service: LLMService) -> None:
         key = service.spec.model.model_dump_json()
@@ -564,7 +573,8 @@ def engine_launcher(log_dir: Path) -> tuple[Launcher, Callable[[LLMService], Non
 
     def launch(service: LLMService, replica_id: str, port: int) -> EngineProcess:
         prepare(service)
-        command = engine_command(service.spec, paths[service.spec.model.model_dump_json()], port=port)
+        path = paths[service.spec.model.model_dump_json()]
+        command = engine_command(service.spec, path, port=port, otlp_traces_endpoint=traces)
         log_path = log_dir / f"{replica_id}.log"
         return EngineProcess(command, port=port, log_path=log_path, cwd=log_dir, die_with_parent=True)
 

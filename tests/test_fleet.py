@@ -19,7 +19,7 @@ import yaml
 from conftest import free_port, tiny_service
 from prometheus_client import generate_latest
 
-from tokenfleet.engine.fleet import LocalFleet, format_status, print_status, serve_fleet
+from tokenfleet.engine.fleet import LocalFleet, engine_launcher, format_status, print_status, serve_fleet
 from tokenfleet.engine.gateway.app import Gateway
 from tokenfleet.engine.launch import EngineCommand, EngineProcess
 from tokenfleet.models import ensure_builtin
@@ -254,6 +254,17 @@ def test_revision_changes_with_engine_sections_only() -> None:
     assert revision_of(base.spec) == revision_of(tiny_service().spec)
     assert revision_of(base.spec) != revision_of(tiny_service(engine={"maxNumSeqs": 4}).spec)
     assert revision_of(base.spec) == revision_of(tiny_service(replicas={"min": 1, "max": 3}).spec)
+
+
+def test_engines_export_traces_where_the_gateway_does(tmp_path: Path) -> None:
+    """An OTLP endpoint in `tokenfleet up`'s environment reaches every engine it launches, so a
+    request's trace runs gateway → engine; without one, vLLM traces nothing."""
+    collector = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    launch, _ = engine_launcher(tmp_path, environ=collector)
+    argv = launch(tiny_service(), "replica-0", free_port()).command.argv
+    assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
+    launch, _ = engine_launcher(tmp_path, environ={})
+    assert "--otlp-traces-endpoint" not in launch(tiny_service(), "replica-0", free_port()).command.argv
 
 
 # -- `tokenfleet up` end to end ------------------------------------------------------------------
