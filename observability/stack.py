@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PROMETHEUS_URL_ENV = "TOKENFLEET_PROMETHEUS_URL"
 WEBHOOK_ENV = "TOKENFLEET_ALERT_WEBHOOK_URL"
+# A factor on every alert rule's `for:` hold (e.g. 0.1: a 2m hold becomes 12s), so a short demo or
+# an end-to-end test sees the project's own rules fire; unset, the rules run as written.
+FOR_SCALE_ENV = "TOKENFLEET_ALERT_FOR_SCALE"
 ALERTMANAGER_CONFIG = prometheusrule.ROOT / "alertmanager" / "alertmanager.yaml"
 INSTALL_HINT = (
     "No Prometheus: install it for live charts and alerts (sudo apt-get install prometheus "
@@ -322,6 +325,22 @@ class LocalStack:
         self.stop()
 
 
+def local_rule_files(data_dir: Path, environ: Mapping[str, str]) -> list[Path]:
+    """The rule files `tokenfleet up`'s Prometheus loads: the project's, or with
+    $TOKENFLEET_ALERT_FOR_SCALE a copy with every `for:` hold scaled. Raises StackError on a
+    factor that is not a non-negative number."""
+    value = environ.get(FOR_SCALE_ENV)
+    if not value:
+        return prometheusrule.rule_files()
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = -1.0
+    if not scale >= 0:  # also refuses NaN
+        raise StackError(f"${FOR_SCALE_ENV} must be a non-negative number, got {value!r}")
+    return write_scaled_rules(data_dir / "rules", scale)
+
+
 def write_scaled_rules(directory: Path, for_scale: float) -> list[Path]:
     """A copy of the project's rules with `for:` scaled, for tests that wait for an alert."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -353,6 +372,7 @@ class FleetObservability:
         self._gateway_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         stack = self.stack = LocalStack(self.data_dir, webhook_url=self.environ.get(WEBHOOK_ENV) or None)
         try:
+            stack.rule_files = local_rule_files(self.data_dir, self.environ)
             stack.spawn()
             stack.set_targets(self._gateway_url, [])
             await stack.wait_ready()

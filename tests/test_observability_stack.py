@@ -27,10 +27,12 @@ from test_fleet import fake_launcher
 from tokenfleet.engine.fleet import serve_fleet
 from tokenfleet.observability import prometheusrule, stack
 from tokenfleet.observability.stack import (
+    FOR_SCALE_ENV,
     INSTALL_HINT,
     FleetObservability,
     LocalStack,
     local_alertmanager_config,
+    local_rule_files,
     prometheus_config,
     scaled_rule_groups,
     scrape_targets,
@@ -99,6 +101,17 @@ def test_scaled_rules_shorten_every_hold() -> None:
     assert ("2m", "60s") in holds
     assert all(s != r for r, s in holds)
     assert all("interval" not in g for g in scaled)
+
+
+def test_tokenfleet_up_scales_the_rules_holds_only_when_asked(tmp_path: Path) -> None:
+    assert local_rule_files(tmp_path, {}) == prometheusrule.rule_files()
+    (scaled,) = local_rule_files(tmp_path, {FOR_SCALE_ENV: "0.1"})
+    assert scaled.parent == tmp_path / "rules"
+    rules = {r["alert"]: r for g in prometheusrule.load_groups([scaled]) for r in g["rules"] if "alert" in r}
+    assert rules["TokenfleetReplicaDown"]["for"] == "12s"  # 2m as written
+    for bad in ("soon", "-1", "nan"):
+        with pytest.raises(stack.StackError, match=FOR_SCALE_ENV):
+            local_rule_files(tmp_path, {FOR_SCALE_ENV: bad})
 
 
 @pytest.mark.skipif(
