@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tokenfleet.observability.catalogue import BY_NAME
 
 ROLLOUT_STATES = ("idle", "progressing", "paused", "complete", "failed", "rolled_back")
+# The label values the control loop records decisions and replacements with (engine/fleet.py).
+SCALE_DIRECTIONS = ("up", "down")
+SCALE_REASONS = ("metric", "slo", "activation", "idle")
+REPLACEMENT_REASONS = ("crashed", "unhealthy", "unready")
 LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -61,6 +65,11 @@ class ControlLoopMetrics:
         """Create every child at its idle value so alerts and panels see series before events."""
         for outcome in ("ok", "error"):
             self.iterations.labels(service, outcome)
+        for direction in SCALE_DIRECTIONS:
+            for reason in SCALE_REASONS:
+                self.decisions.labels(service, direction, reason)
+        for reason in REPLACEMENT_REASONS:
+            self.replacements.labels(service, reason)
         self.set_rollout(service, "idle", 0)
         self.last_success.labels(service).set(self.clock())
 

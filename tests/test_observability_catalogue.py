@@ -93,6 +93,10 @@ def test_control_loop_metrics_match_catalogue_and_record() -> None:
     assert samples[("tokenfleet_control_loop_last_success_timestamp_seconds", (("service", "svc"),))] == 1010
     assert samples[("tokenfleet_control_rollout_state", (("service", "svc"), ("state", "progressing")))] == 1
     assert samples[("tokenfleet_control_rollout_state", (("service", "svc"), ("state", "idle")))] == 0
+    # Events that never happened are series at 0, so panels and rules see them before the first.
+    assert samples[("tokenfleet_control_scale_decisions_total", _svc(direction="down", reason="idle"))] == 0
+    assert samples[("tokenfleet_control_replacements_total", _svc(reason="unhealthy"))] == 0
+    assert samples[("tokenfleet_control_replacements_total", _svc(reason="crashed"))] == 1
     # The same step again while progressing is no progress: the timestamp must stay.
     now[0] = 2000.0
     metrics.set_rollout("svc", "progressing", 1)
@@ -148,3 +152,7 @@ def test_metrics_md_is_generated_from_the_catalogue() -> None:
 )
 def test_referenced_metrics(expr: str, names: set[str]) -> None:
     assert referenced_metrics(expr) == names
+
+
+def _svc(**labels: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({"service": "svc", **labels}.items()))
