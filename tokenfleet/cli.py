@@ -118,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Top-level commands defined in this module, and those a role's module registers (lazily).
 BASE_COMMANDS = frozenset({"validate", "spec", "model", "serve", "up", "apply", "status"})
-ROLE_COMMANDS = frozenset({"operator", "quantize", "bench", "kernels"})
+ROLE_COMMANDS = frozenset({"operator", "quantize", "bench", "kernels", "soak"})
 # Commands that need only the base dependencies (pydantic, PyYAML).
 SPEC_ONLY_COMMANDS = frozenset({"validate", "spec"})
 
@@ -233,6 +233,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         from tokenfleet.kernels.cli import register as register_kernels
 
         register_kernels(sub)
+    if wants("soak"):
+        from tokenfleet.load.soak import register as register_soak
+
+        register_soak(sub)
     return parser
 
 
