@@ -72,6 +72,9 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
     return path, body, headers
 
 
+EMPTY_STREAM = "refused: the engine ended the stream before any output"
+
+
 def rejection(data: str) -> str | None:
     """The SLA scheduler's admission rejection in one SSE event or JSON body, if it is one: vLLM
     cannot answer a scheduler's refusal with an HTTP error, so the scheduler finishes the request
@@ -192,6 +195,13 @@ def _read_stream(response: httpx.Response, start: float, record: RequestRecord) 
         record.error = "aborted by the server"
     elif not timer.done:
         record.error = "stream ended without [DONE]"
+    elif timer.first_chunk_s is None:
+        # A whole stream without a single choice: vLLM finished the request before any token, and
+        # its serving layer drops a first event with nothing in it, the SLA scheduler's refusal
+        # (finish_reason abort, stop_reason REJECT_PREFIX…) included. A client is still there to
+        # read, and max_tokens ≥ 1, so only the engine's refusal ends a request so.
+        record.rejected = True
+        record.error = EMPTY_STREAM
 
 
 def _read_whole(response: httpx.Response, start: float, record: RequestRecord) -> None:

@@ -2,7 +2,16 @@
 
 One real vLLM CPU engine per policy (same spec otherwise, `max_num_seqs` small enough to bind),
 λ_sat calibrated with FCFS (closed loop at 2 × max_num_seqs users), then open-loop Poisson
-traffic at 0.8× and 1.2× λ_sat and a burst profile (0.7 → 1.5 → 0.5 × λ_sat), several seeds each.
+traffic at multiples of λ_sat (`0.8x`, `1.2x`, …), a burst profile (0.7 → 1.5 → 0.5 × λ_sat) and
+two scenarios where a priority queue is known to fail (`SCENARIOS`): `starvation` (the top class
+alone at 1.1 × λ_sat beside a trickle of batch work) and `noisy` (one tenant sending 5× its share
+of a class beside a modest victim), several seeds each.
+
+The engine, not the front end, must be what saturates, or the policies are not what is compared:
+each engine's processes share the cores vLLM binds its worker to, and vLLM's API server and the
+load generator get the cores vLLM reserves for them (`cpu_partition`); answers stream in chunks
+(`STREAM_INTERVAL`) so the API server's per-token work stays small. The calibration records how
+full the engine's slots were (`mean_running`) and says whether λ_sat is the engine's.
 
 Every run goes through the load harness (`load/bench.py::run_workload`, Locust in a subprocess;
 this process only waits meanwhile) as a Workload (`bench_workload`): token-id prompts of exact
@@ -21,6 +30,7 @@ the tables, target checks and plots are `load/scheduler_report.py`.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -73,6 +83,13 @@ REQUEST_TIMEOUT_S = 300.0
 # bench needs only the samples before and after a run, so the timeline is kept coarse.
 SCRAPE_INTERVAL_S = 5.0
 METRICS_BEFORE, METRICS_AFTER = "engine-metrics-before.prom", "engine-metrics-after.prom"
+# vLLM sends the first token at once and then every this many: the API server's per-token work
+# (detokenise, one SSE event) would otherwise compete with the engine on a 2-core machine.
+STREAM_INTERVAL = 16
+RUNNING_TIME = "vllm:request_inference_time_seconds_sum"  # Σ seconds requests spent running
+QUEUE_TIME = "vllm:request_queue_time_seconds_sum"  # Σ seconds requests spent waiting in the engine
+# The calibration measured the engine's capacity only if its slots were this full on average.
+ENGINE_BOUND_FRACTION = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +105,38 @@ class ClassLoad:
     queue_limit: int | None
 
 
-# Scaled to the CPU build: interactive short, batch long outputs and no TTFT target.
+# Scaled to the CPU build: interactive short, batch long outputs and no TTFT target. Answers are
+# long enough that an engine's few slots, not the per-request work of its API server, bind.
 DEFAULT_CLASSES = (
     ClassLoad("interactive", 0, 0.3, (16, 48), (8, 24), 1.0, 0.25, 5.0, 64),
-    ClassLoad("standard", 1, 0.3, (64, 160), (24, 64), 4.0, 0.5, 30.0, 64),
-    ClassLoad("batch", 2, 0.4, (64, 128), (96, 192), None, None, 60.0, 32),
+    ClassLoad("standard", 1, 0.3, (64, 160), (150, 250), 4.0, 0.5, 30.0, 64),
+    ClassLoad("batch", 2, 0.4, (64, 128), (400, 600), None, None, 20.0, 32),
 )
+INTERACTIVE, STANDARD, BATCH = DEFAULT_CLASSES
+MAX_MODEL_LEN = 1024  # the longest prompt + answer above, with room
+SCENARIOS = ("starvation", "noisy")
+# starvation: the top class alone slightly over capacity, with answers as long as the mix's mean
+# (so 1.1 × λ_sat of the mix is ~1.1 × this traffic's capacity), and a trickle of batch work.
+STARVATION_LOAD = 1.1
+STARVATION_CLASSES = (
+    replace(INTERACTIVE, share=0.95, output=(200, 330)),
+    replace(BATCH, share=0.05, output=(100, 200)),
+)
+# noisy: two tenants of equal weight in one class; the noisy one sends 5× its share of λ_sat.
+NOISY_LOAD, VICTIM_LOAD = 2.5, 0.2
+VICTIM = "victim"
 
 
 # -- workloads ---------------------------------------------------------------------------------
+
+
+def cpu_partition(worker_cpus: set[int], all_cpus: set[int]) -> tuple[set[int], set[int]] | None:
+    """(the engine's cores, the front end's cores): the engine's other processes join the cores
+    vLLM bound its worker to, everything else gets the rest. None when vLLM reserved no core."""
+    front = all_cpus - worker_cpus
+    if not worker_cpus or not front:
+        return None
+    return set(worker_cpus), front
 
 
 def profile_shape(profile: str, lam: float, duration_s: float) -> ConstantShape | StepShape:
@@ -146,6 +186,7 @@ def bench_workload(
     *,
     closed: bool = False,
     classes: Sequence[ClassLoad] = DEFAULT_CLASSES,
+    tenants: list[TenantMix] | None = None,
 ) -> Workload:
     """One run's traffic: open loop at `shape`'s rate, or closed loop with `shape`'s users."""
     return Workload(
@@ -157,8 +198,23 @@ def bench_workload(
         prompts=TokenIds(kind="tokenIds", input_tokens=_uniform(classes[0].prompt)),
         arrival=Arrival(mode="closed" if closed else "open", max_concurrency=MAX_IN_FLIGHT, shape=shape),
         classes=[class_mix(c) for c in classes],
-        tenants=bench_tenants(classes),
+        tenants=bench_tenants(classes) if tenants is None else tenants,
     )
+
+
+def profile_workload(profile: str, lam: float, duration_s: float, seed: int) -> Workload:
+    """A profile's whole workload: a load level of the standard mix, or a scenario's own mix."""
+    constant = ConstantShape(kind="constant", value=0.0)
+    if profile == "starvation":
+        shape = constant.model_copy(update={"value": STARVATION_LOAD * lam})
+        return bench_workload(shape, seed, classes=STARVATION_CLASSES, tenants=[TenantMix(name="t2")])
+    if profile == "noisy":
+        # Shares of the one class's traffic: the noisy tenant's 5× its half of λ_sat, the victim's
+        # modest Poisson rate; equal weights, so a fair scheduler owes the victim half the engine.
+        shape = constant.model_copy(update={"value": (NOISY_LOAD + VICTIM_LOAD) * lam})
+        tenants = [TenantMix(name=NOISY, share=NOISY_LOAD), TenantMix(name=VICTIM, share=VICTIM_LOAD)]
+        return bench_workload(shape, seed, classes=(replace(STANDARD, share=1.0),), tenants=tenants)
+    return bench_workload(profile_shape(profile, lam, duration_s), seed)
 
 
 # -- metrics over the harness's records --------------------------------------------------------
@@ -200,6 +256,24 @@ def class_report(records: Sequence[RequestRecord], cls: ClassMix) -> dict[str, A
         "tpot_p99": tpot["p99"],
         "max_wait": max(waits) if waits else None,
     }
+
+
+def tenant_report(records: Sequence[RequestRecord], cls: ClassMix) -> dict[str, dict[str, Any]]:
+    """Per tenant, its requests of class `cls`: SLO attainment and TTFT percentiles (a noisy
+    neighbour's victim is judged by its own figures, not the class's)."""
+    mine = [r for r in records if r.cls == cls.name]
+    out: dict[str, dict[str, Any]] = {}
+    for tenant in sorted({r.tenant for r in mine}):
+        theirs = [r for r in mine if r.tenant == tenant]
+        ttft = describe([r.ttft_s for r in theirs if r.ok and r.ttft_s is not None])
+        out[tenant] = {
+            "requests": len(theirs),
+            "rejected": sum(r.rejected for r in theirs),
+            "slo_attainment": sum(meets_slo(r, cls) for r in theirs) / len(theirs),
+            "ttft_p50": ttft["p50"],
+            "ttft_p99": ttft["p99"],
+        }
+    return out
 
 
 def waiting_intervals(records: Sequence[RequestRecord], start: float) -> dict[str, list[tuple[float, float]]]:
@@ -358,8 +432,14 @@ def summarize_run(
     """Every figure of one run (the results JSON's per-run entry, less its identity)."""
     records, before, after = run.records, run.before, run.after
     t_max = longest_service_s(records)
+    end_s = max([duration_s, *(r.send - run.start + r.chunk_s[-1] for r in records if r.chunk_s)])
     return {
         "classes": {c.name: class_report(records, class_mix(c)) for c in classes},
+        "tenants": {c.name: tenant_report(records, class_mix(c)) for c in classes},
+        # Slots in use and requests queued in the engine, on average over the run: whether the
+        # engine (rather than the front end) was the bottleneck.
+        "mean_running": counter_delta(before, after, RUNNING_TIME) / end_s,
+        "mean_waiting": counter_delta(before, after, QUEUE_TIME) / end_s,
         "jain": fairness(records, run.start, duration_s),
         "jain_short": fairness(records, run.start, duration_s, FAIRNESS_SHORT_WINDOW_S),
         **throughput(records, run.start, duration_s),
@@ -382,9 +462,9 @@ def summarize_run(
 @dataclass(frozen=True)
 class BenchConfig:
     model_source: str = "builtin://tiny-code"
-    max_num_seqs: int = 8
+    max_num_seqs: int = 2
     duration_s: float = 40.0
-    drain_s: float = 30.0
+    drain_s: float = 20.0
     seeds: tuple[int, ...] = (1, 2, 3)
     profiles: tuple[str, ...] = ("0.8x", "1.2x", "burst")
     policies: tuple[str, ...] = ("fcfs", "priority", "sla")
@@ -408,24 +488,59 @@ def service_spec(policy: str, config: BenchConfig) -> dict[str, Any]:
         for c in DEFAULT_CLASSES
     ]
     return {
-        "model": {"name": "bench", "source": config.model_source, "maxModelLen": 512},
+        "model": {"name": "bench", "source": config.model_source, "maxModelLen": MAX_MODEL_LEN},
         "engine": {"maxNumSeqs": config.max_num_seqs, "kvCacheGib": 1, "shutdownTimeoutS": 5},
         "scheduler": {
             "policy": policy,
             "classes": classes,
-            "tenants": [{"name": t} for t in TENANTS],
+            "tenants": [{"name": t} for t in (*TENANTS, VICTIM)],
             "defaultClass": "standard",
         },
     }
 
 
-def timed_baseline(policy: str, command: EngineCommand) -> EngineCommand:
-    """The baselines run vLLM's own scheduler with schedule() timed (`TimedScheduler`), so every
-    policy reports its scheduling cost; `sla` already times itself. (A spec's extraArgs may not
-    set --scheduler-cls, so this is added to the command, for the benchmark only.)"""
-    if policy == "sla":
-        return command
-    return replace(command, argv=[*command.argv, "--scheduler-cls", TIMED_SCHEDULER_CLS])
+def bench_command(policy: str, command: EngineCommand) -> EngineCommand:
+    """Every policy streams in chunks (`STREAM_INTERVAL`); the baselines run vLLM's own scheduler
+    with schedule() timed (`TimedScheduler`), so every policy reports its scheduling cost (`sla`
+    already times itself). A spec's extraArgs may not set --scheduler-cls, so this is added to
+    the command, for the benchmark only."""
+    argv = [*command.argv, "--stream-interval", str(STREAM_INTERVAL)]
+    if policy != "sla":
+        argv += ["--scheduler-cls", TIMED_SCHEDULER_CLS]
+    return replace(command, argv=argv)
+
+
+def _descendants(pid: int) -> list[int]:  # pragma: no cover - engines
+    """Every process below `pid` (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _pin(pid: int, cpus: set[int]) -> None:  # pragma: no cover - engines
+    """Every thread of `pid` onto `cpus` (a process's affinity is per thread on Linux)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def partition_engine_cpus(api_server_pid: int) -> str:  # pragma: no cover - engines
+    """Apply `cpu_partition` to one engine and to this process (Locust, started later, inherits
+    it); returns what was done, for the log."""
+    children = _descendants(api_server_pid)
+    workers = [c for c in children if Path(f"/proc/{c}/comm").read_text().startswith("VLLM::Worker")]
+    if not workers:
+        return "no worker process found; cores left as they are"
+    split = cpu_partition(os.sched_getaffinity(workers[0]), set(range(os.cpu_count() or 1)))
+    if split is None:
+        return "vLLM reserved no core for the front end; cores left as they are"
+    engine_cpus, front_cpus = split
+    for child in children:
+        _pin(child, engine_cpus)
+    _pin(api_server_pid, front_cpus)
+    _pin(os.getpid(), front_cpus)
+    return f"engine on cores {sorted(engine_cpus)}, API server and load generator on {sorted(front_cpus)}"
 
 
 def run_one(
@@ -444,12 +559,20 @@ def run_one(
     return run
 
 
-def closed_loop_rate(url: str, users: int, seconds: float, out: Path) -> float:  # pragma: no cover
-    """Completed requests per second at `users` back-to-back users with the bench's class mix."""
+def closed_loop_rate(
+    url: str, users: int, seconds: float, out: Path
+) -> tuple[float, float]:  # pragma: no cover
+    """Completed requests per second at `users` back-to-back users with the bench's class mix,
+    and the engine's mean number of running requests meanwhile."""
     workload = bench_workload(ConstantShape(kind="constant", value=users), seed=0, closed=True)
     run = run_one(url, workload, seconds, 0.0, out)
     done = [r for r in run.records if r.ok and r.end is not None and r.end <= run.start + seconds]
-    return len(done) / seconds
+    return len(done) / seconds, counter_delta(run.before, run.after, RUNNING_TIME) / seconds
+
+
+def calibration_verdict(mean_running: float, slots: int) -> bool:
+    """Was λ_sat the engine's capacity? Only if the engine's slots were (nearly) always full."""
+    return mean_running >= ENGINE_BOUND_FRACTION * slots
 
 
 def run_bench(
@@ -478,7 +601,7 @@ def run_bench(
             model_path = resolve_model(service.spec.model)
             port = _free_port()
             engine = EngineProcess(
-                timed_baseline(policy, engine_command(service.spec, model_path, port=port)),
+                bench_command(policy, engine_command(service.spec, model_path, port=port)),
                 port=port,
                 log_path=out_dir / f"engine-{policy}.log",
             )
@@ -486,18 +609,30 @@ def run_bench(
             engines[policy] = engine
         for policy, engine in engines.items():
             log(f"[{policy}] engine ready after {engine.wait_ready(900):.0f}s more")
+            if engine.process is not None:
+                log(f"[{policy}] {partition_engine_cpus(engine.process.pid)}")
             closed_loop_rate(engine.url, 2, 5.0, out_dir / "warmup" / policy)
         lam = config.lam
         if lam is None:
             first = engines.get("fcfs") or next(iter(engines.values()))
             users = 2 * config.max_num_seqs
-            lam = closed_loop_rate(first.url, users, config.calibrate_s, out_dir / "calibration")
-            log(f"λ_sat = {lam:.2f} req/s (FCFS, closed loop, {users} users)")
+            lam, running = closed_loop_rate(first.url, users, config.calibrate_s, out_dir / "calibration")
+            engine_bound = calibration_verdict(running, config.max_num_seqs)
+            results["calibration"] = {"users": users, "mean_running": running, "engine_bound": engine_bound}
+            log(
+                f"λ_sat = {lam:.2f} req/s (FCFS, closed loop, {users} users; {running:.2f} of "
+                f"{config.max_num_seqs} slots busy on average: "
+                + (
+                    "the engine's capacity)"
+                    if engine_bound
+                    else "NOT the engine's capacity: the front end binds)"
+                )
+            )
         results["lambda_sat"] = lam
         order = list(engines)
         for profile in config.profiles:
             for seed in config.seeds:
-                workload = bench_workload(profile_shape(profile, lam, config.duration_s), seed)
+                workload = profile_workload(profile, lam, config.duration_s, seed)
                 order = order[1:] + order[:1]  # rotate: no policy always runs first or last
                 for policy in order:
                     name = f"{policy}-{profile}-{seed}"
@@ -597,11 +732,16 @@ def register(bench_sub: Any) -> None:
     """Add `tokenfleet bench scheduler` next to the load harness's `bench run`."""
     p = bench_sub.add_parser("scheduler", help="FCFS vs vLLM priority vs tokenfleet sla on a real CPU engine")
     p.add_argument("--model", default="builtin://tiny-code", help="model source (default: the builtin model)")
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=2)
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
-    p.add_argument("--drain", type=float, default=30.0, help="seconds to let in-flight requests finish")
+    p.add_argument("--drain", type=float, default=20.0, help="seconds to let in-flight requests finish")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--profiles", default="0.8x,1.2x,burst")
+    p.add_argument(
+        "--profiles",
+        default="0.8x,1.2x,burst,starvation,noisy",
+        help="load levels of the standard mix (`<f>x` × λ_sat), `burst`, and the scenarios "
+        + ", ".join(SCENARIOS),
+    )
     p.add_argument("--policies", default="fcfs,priority,sla")
     p.add_argument("--calibrate", type=float, default=30.0, help="seconds of closed-loop calibration")
     p.add_argument("--lam", type=float, help="λ_sat in req/s (skip calibration)")

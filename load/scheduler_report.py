@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenfleet.load.scheduler_bench import DEFAULT_CLASSES, FAIRNESS_SHORT_WINDOW_S, FAIRNESS_WINDOW_S
+from tokenfleet.load.scheduler_bench import (
+    DEFAULT_CLASSES,
+    FAIRNESS_SHORT_WINDOW_S,
+    FAIRNESS_WINDOW_S,
+    STARVATION_LOAD,
+    VICTIM,
+)
 from tokenfleet.load.stats import Interval, mean_ci
 
 
@@ -42,6 +48,10 @@ def _s(v: float | None) -> str:
 
 def _num(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
+
+
+def _num2(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 def _field(run: dict[str, Any], *path: str) -> Any:
@@ -76,7 +86,10 @@ def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict
         agg[f"{n}.wait_bound"] = min(values("wait_bounds", n), default=None)
         agg[f"{n}.rejected"] = sum(values("classes", n, "rejected"))
         agg[f"{n}.requests"] = sum(values("classes", n, "requests"))
-    for key in ("jain", "jain_short", "output_tok_per_s", "req_per_s", "preemptions", "schedule_mean_s"):
+    for key in ("slo_attainment", "ttft_p50", "ttft_p99"):
+        agg[f"victim.{key}"] = interval("tenants", "standard", VICTIM, key)
+    keys = ("jain", "jain_short", "output_tok_per_s", "req_per_s", "preemptions", "schedule_mean_s")
+    for key in (*keys, "mean_running", "mean_waiting"):
         agg[key] = interval(key)
     for key in ("schedule_p99_le_s", "policy_p99_le_s"):
         agg[key] = largest(key)
@@ -163,6 +176,38 @@ def check_targets(results: dict[str, Any], ours: str = "sla", baseline: str = "f
                 ratio >= 0.97,
             )
         )
+    starved = agg(ours, "starvation")
+    if (
+        starved is not None
+        and starved["batch.max_wait"] is not None
+        and starved["batch.wait_bound"] is not None
+    ):
+        worst, bound = starved["batch.max_wait"], starved["batch.wait_bound"]
+        checks.append(
+            TargetCheck(
+                f"starvation ({STARVATION_LOAD}× λ_sat of the top class): batch max wait within its bound",
+                f"{_s(worst)} ≤ {_s(bound)}",
+                worst <= bound,
+            )
+        )
+    if starved is not None and starved["interactive.slo_attainment"] is not None:
+        att = starved["interactive.slo_attainment"].mean
+        checks.append(TargetCheck("starvation: interactive SLO attainment ≥ 95 %", _pct(att), att >= 0.95))
+    noisy = agg(ours, "noisy")
+    if noisy is not None and noisy["victim.slo_attainment"] is not None:
+        att = noisy["victim.slo_attainment"].mean
+        checks.append(
+            TargetCheck("noisy neighbour: the victim's SLO attainment ≥ 99 %", _pct(att), att >= 0.99)
+        )
+    if noisy is not None:
+        jain_ci = noisy["jain"]
+        checks.append(
+            TargetCheck(
+                "noisy neighbour: Jain's index ≥ 0.95 among backlogged tenants",
+                _num(jain_ci.mean) if jain_ci else "no window with both tenants backlogged",
+                (jain_ci.mean >= 0.95) if jain_ci else None,
+            )
+        )
     p99s = [v for r in runs if r["policy"] == ours and (v := r.get("schedule_p99_le_s")) is not None]
     if p99s:
         checks.append(
@@ -186,6 +231,8 @@ def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
     """One policy's column of a profile table: (figure, formatted value) rows."""
     cells: list[tuple[str, str]] = []
     for n in (c.name for c in DEFAULT_CLASSES):
+        if not a[f"{n}.requests"]:
+            continue  # a scenario without this class
         engine_wait = a[f"{n}.engine_max_wait"]
         cells += [
             (f"{n} SLO attainment", _ci(a[f"{n}.slo_attainment"], _pct)),
@@ -196,9 +243,18 @@ def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
             (f"{n} stated wait bound (tightest run)", _s(a[f"{n}.wait_bound"])),
             (f"{n} rejected / requests", f"{a[f'{n}.rejected']:.0f} / {a[f'{n}.requests']:.0f}"),
         ]
+    if a["victim.slo_attainment"] is not None:
+        cells += [
+            ("victim tenant SLO attainment", _ci(a["victim.slo_attainment"], _pct)),
+            ("victim P50 / P99 TTFT", f"{_ci(a['victim.ttft_p50'], _ms)} / {_ci(a['victim.ttft_p99'], _ms)}"),
+        ]
     schedule_p99 = a["schedule_p99_le_s"]
     return [
         *cells,
+        (
+            "engine slots busy / requests queued in it (mean)",
+            f"{_ci(a['mean_running'], _num2)} / {_ci(a['mean_waiting'], _num2)}",
+        ),
         (f"Jain's index (backlogged tenants, {FAIRNESS_WINDOW_S:.0f} s windows)", _ci(a["jain"], _num)),
         (f"Jain's index ({FAIRNESS_SHORT_WINDOW_S:.0f} s windows)", _ci(a["jain_short"], _num)),
         ("throughput (output tok/s)", _ci(a["output_tok_per_s"], lambda v: f"{v:.1f}")),
@@ -209,13 +265,20 @@ def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+PROFILE_TITLES = {
+    "burst": "burst (0.7 → 1.5 → 0.5 × λ_sat)",
+    "starvation": f"starvation: the top class alone at {STARVATION_LOAD} × λ_sat, a trickle of batch",
+    "noisy": "noisy neighbour: one tenant at 5× its share of λ_sat beside a victim at 0.2 × λ_sat",
+}
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The results tables (one per profile), FCFS and priority next to sla."""
     runs = results["runs"]
     policies = _policies(runs)
     lines: list[str] = []
     for profile in dict.fromkeys(r["profile"] for r in runs):
-        lines += [f"### {profile} λ_sat" if profile != "burst" else "### burst (0.7 → 1.5 → 0.5 × λ_sat)", ""]
+        lines += [f"### {PROFILE_TITLES.get(profile, f'{profile} λ_sat')}", ""]
         lines.append("| figure | " + " | ".join(policies) + " |")
         lines.append("|---|" + "---|" * len(policies))
         columns = [_cells(aggregate(runs, p, profile)) for p in policies]

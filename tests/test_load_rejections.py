@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tokenfleet.engine.sla_contract import REJECT_PREFIX
-from tokenfleet.load.client import UNFINISHED, LLMRequest, build_http_request, rejection, send
+from tokenfleet.load.client import EMPTY_STREAM, UNFINISHED, LLMRequest, build_http_request, rejection, send
 from tokenfleet.load.record import RequestRecord
 
 REASON = f"{REJECT_PREFIX}: queue of class 'batch' is full (4/4 waiting); retry later"
@@ -48,6 +48,18 @@ def test_the_schedulers_in_band_rejection_is_a_rejection() -> None:
     assert not record.ok
     assert record.error == REASON
     assert record.ttft_s is None
+
+
+def test_a_stream_without_a_single_choice_is_the_engines_refusal() -> None:
+    # vLLM 0.32's serving layer drops an event with no token and no text before the first token,
+    # so the scheduler's refusal reaches a streaming client as [DONE] (and the usage chunk) alone.
+    usage_only = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0}}
+    for chunks in ([], [usage_only]):
+        record = run(lambda _, c=chunks: streamed(c))
+        assert record.status == 200
+        assert record.rejected
+        assert not record.ok
+        assert record.error == EMPTY_STREAM
 
 
 def test_a_non_streamed_rejection_is_a_rejection() -> None:

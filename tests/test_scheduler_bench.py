@@ -448,7 +448,7 @@ def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
             }
         )
         assert service.spec.scheduler.policy == policy
-        assert service.spec.engine.max_num_seqs == 8
+        assert service.spec.engine.max_num_seqs == 2
         batch = service.spec.scheduler.class_named("batch")
         assert batch is not None
         assert batch.queue_limit == 32
@@ -458,11 +458,72 @@ def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
             assert (mix.priority, mix.ttft_ms, mix.tpot_ms) == (cls.priority, cls.ttft_ms, cls.tpot_ms)
 
 
-def test_baselines_run_vllms_scheduler_timed() -> None:
+def test_every_policy_streams_in_chunks_and_the_baselines_run_vllms_scheduler_timed() -> None:
     from tokenfleet.engine.launch import TIMED_SCHEDULER_CLS, EngineCommand
 
     command = EngineCommand(argv=["vllm", "--scheduling-policy", "priority"], env={})
-    timed = sb.timed_baseline("priority", command)
-    assert timed.argv[-2:] == ["--scheduler-cls", TIMED_SCHEDULER_CLS]
+    timed = sb.bench_command("priority", command)
     assert timed.argv[:3] == command.argv
-    assert sb.timed_baseline("sla", command) is command
+    assert timed.argv[3:] == [
+        "--stream-interval",
+        str(sb.STREAM_INTERVAL),
+        "--scheduler-cls",
+        TIMED_SCHEDULER_CLS,
+    ]
+    assert sb.bench_command("sla", command).argv[3:] == ["--stream-interval", str(sb.STREAM_INTERVAL)]
+
+
+def test_the_engine_and_the_front_end_get_separate_cores() -> None:
+    # vLLM binds its worker to core 0 and reserves core 1: the engine's other processes join the
+    # worker, the API server and the load generator take what is left.
+    assert sb.cpu_partition({0}, {0, 1}) == ({0}, {1})
+    assert sb.cpu_partition({0, 1, 2}, set(range(8))) == ({0, 1, 2}, {3, 4, 5, 6, 7})
+    # Nothing reserved (or nothing known): leave the cores alone rather than starve one side.
+    assert sb.cpu_partition({0, 1}, {0, 1}) is None
+    assert sb.cpu_partition(set(), {0, 1}) is None
+
+
+def test_lambda_sat_counts_as_the_engines_capacity_only_when_its_slots_were_full() -> None:
+    assert sb.calibration_verdict(1.8, slots=2)
+    assert not sb.calibration_verdict(1.5, slots=2)  # the front end could not keep two busy
+    assert not sb.calibration_verdict(1.2, slots=8)
+
+
+def test_the_starvation_scenario_overloads_the_top_class_beside_a_batch_trickle() -> None:
+    workload = sb.profile_workload("starvation", lam=6.0, duration_s=40.0, seed=3)
+    assert isinstance(workload.arrival.shape, ConstantShape)
+    assert workload.arrival.shape.value == pytest.approx(6.6)
+    sent = [r for _, r in open_loop(workload, 400.0)]
+    classes = Counter(r.cls for r in sent)
+    assert set(classes) == {"interactive", "batch"}
+    assert classes["batch"] / len(sent) == pytest.approx(0.05, abs=0.015)
+    # The top class's answers are as long as the standard mix's mean, so its load is ~1.1×.
+    mix_mean = sum(c.share * sum(c.output) / 2 for c in sb.DEFAULT_CLASSES)
+    top = [r.max_tokens for r in sent if r.cls == "interactive"]
+    assert sum(top) / len(top) == pytest.approx(mix_mean, rel=0.05)
+
+
+def test_the_noisy_scenario_sends_five_times_a_fair_share_beside_a_modest_victim() -> None:
+    workload = sb.profile_workload("noisy", lam=6.0, duration_s=40.0, seed=3)
+    sent = [r for _, r in open_loop(workload, 200.0)]
+    assert {r.cls for r in sent} == {"standard"}
+    tenants = Counter(r.tenant for r in sent)
+    # Equal weights: each tenant's fair share is half of λ_sat; the noisy one sends 5× that.
+    assert tenants[sb.NOISY] / 200.0 == pytest.approx(5 * 6.0 / 2, rel=0.05)
+    assert tenants[sb.VICTIM] / 200.0 == pytest.approx(0.2 * 6.0, rel=0.1)
+    spec = sb.service_spec("sla", sb.BenchConfig())
+    assert {t["name"] for t in spec["scheduler"]["tenants"]} >= {sb.NOISY, sb.VICTIM}
+
+
+def test_a_victim_is_judged_by_its_own_requests() -> None:
+    cls = sb.class_mix(sb.STANDARD)
+    records = [
+        record("standard", sb.VICTIM, 0.0, 0.5, 1.0, 8),
+        record("standard", sb.VICTIM, 1.0, 10.0, 11.0, 8),  # missed the 4 s target
+        record("standard", sb.NOISY, 0.0, 0.1, 1.0, 8),
+        record("interactive", sb.NOISY, 0.0, 0.1, 0.2, 8),  # another class: not counted
+    ]
+    report = sb.tenant_report(records, cls)
+    assert report[sb.VICTIM]["requests"] == 2
+    assert report[sb.VICTIM]["slo_attainment"] == pytest.approx(0.5)
+    assert report[sb.NOISY]["requests"] == 1
