@@ -35,6 +35,8 @@ class LLMRequest:
     tenant: str = "default"
     api_key: str | None = None  # the tenant's key: a gateway attributes requests by key alone
     priority: int | None = None
+    server_class: str | None = None  # the class asked of the server, when it is not `cls`
+    ttft_ms: float | None = None  # this request's own deadline for the SLA scheduler
     api: Api = "completions"
     stream: bool = True
     ignore_eos: bool = True
@@ -51,8 +53,10 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
         "temperature": request.temperature,
         "stream": request.stream,
         "ignore_eos": request.ignore_eos,
-        "vllm_xargs": {"slo_class": request.cls, "tenant": request.tenant},
+        "vllm_xargs": {"slo_class": request.server_class or request.cls, "tenant": request.tenant},
     }
+    if request.ttft_ms is not None:
+        body["vllm_xargs"]["ttft_ms"] = request.ttft_ms
     if request.priority is not None:
         body["priority"] = request.priority
     if request.stream:
@@ -66,7 +70,7 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
     else:
         path = "/v1/completions"
         body["prompt"] = request.prompt
-    headers = {CLASS_HEADER: request.cls, "x-request-id": request.id}
+    headers = {CLASS_HEADER: request.server_class or request.cls, "x-request-id": request.id}
     if request.api_key is not None:
         headers["authorization"] = f"Bearer {request.api_key}"
     return path, body, headers

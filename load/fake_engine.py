@@ -79,14 +79,15 @@ def fake_engine(name: str, model: str = "tiny", faults: Faults | None = None) ->
             await asyncio.sleep(min(0.02, state.delay_s))
         n = int(body.get("max_tokens") or 4)
         if state.reject is not None:
-            # vLLM's shape for a request the scheduler finished at once: 200, finish_reason abort.
+            # vLLM's shape for a request the scheduler finished at once: 200, finish_reason abort;
+            # a stream drops that event (it has no token) and ends with the usage chunk, if asked.
             choice = {"index": 0, "text": "", "finish_reason": "abort", "stop_reason": state.reject}
             if not body.get("stream"):
                 return JSONResponse({"id": f"cmpl-{name}", "choices": [choice], "served_by": name})
-            return StreamingResponse(
-                iter([f"data: {json.dumps({'choices': [choice]})}\n\n".encode(), b"data: [DONE]\n\n"]),
-                media_type="text/event-stream",
-            )
+            usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            tail = [f"data: {json.dumps(usage)}\n\n".encode()] if wants_usage else []
+            return StreamingResponse(iter([*tail, b"data: [DONE]\n\n"]), media_type="text/event-stream")
         if not body.get("stream"):
             return JSONResponse(
                 {

@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from tokenfleet.engine.launch import TIMED_SCHEDULER_CLS, EngineCommand
 from tokenfleet.engine.sla_policy import wait_bound_s
 from tokenfleet.load.record import RequestRecord, read_records
 from tokenfleet.load.report import meets_slo
+from tokenfleet.load.scrape import QUEUE, RUNNING, first_of, read_samples
 from tokenfleet.load.stats import describe
 from tokenfleet.load.workload import (
     Arrival,
@@ -87,7 +88,6 @@ METRICS_BEFORE, METRICS_AFTER = "engine-metrics-before.prom", "engine-metrics-af
 # (detokenise, one SSE event) would otherwise compete with the engine on a 2-core machine.
 STREAM_INTERVAL = 16
 RUNNING_TIME = "vllm:request_inference_time_seconds_sum"  # Σ seconds requests spent running
-QUEUE_TIME = "vllm:request_queue_time_seconds_sum"  # Σ seconds requests spent waiting in the engine
 # The calibration measured the engine's capacity only if its slots were this full on average.
 ENGINE_BOUND_FRACTION = 0.85
 
@@ -103,6 +103,9 @@ class ClassLoad:
     tpot_s: float | None
     max_wait_s: float
     queue_limit: int | None
+    # The engine class asked for, when the load's class is not one: its own TTFT target then
+    # travels with each request as the request's deadline.
+    server_class: str | None = None
 
 
 # Scaled to the CPU build: interactive short, batch long outputs and no TTFT target. Answers are
@@ -114,10 +117,12 @@ DEFAULT_CLASSES = (
 )
 INTERACTIVE, STANDARD, BATCH = DEFAULT_CLASSES
 MAX_MODEL_LEN = 1024  # the longest prompt + answer above, with room
-SCENARIOS = ("starvation", "noisy")
+SCENARIOS = ("starvation", "noisy", "deadlines")
 # starvation: the top class alone slightly over capacity, with answers as long as the mix's mean
 # (so 1.1 × λ_sat of the mix is ~1.1 × this traffic's capacity), and a trickle of batch work.
 STARVATION_LOAD = 1.1
+# A queue that grows by a tenth of the rate needs a while to stay non-empty: twice the others' window.
+STARVATION_DURATION_FACTOR = 2.0
 STARVATION_CLASSES = (
     replace(INTERACTIVE, share=0.95, output=(200, 330)),
     replace(BATCH, share=0.05, output=(100, 200)),
@@ -125,6 +130,20 @@ STARVATION_CLASSES = (
 # noisy: two tenants of equal weight in one class; the noisy one sends 5× its share of λ_sat.
 NOISY_LOAD, VICTIM_LOAD = 2.5, 0.2
 VICTIM = "victim"
+# deadlines: two kinds of request in the top class, one tenant, one priority level: chat answers
+# due in 0.5 s, agent steps in 2 s. A priority queue serves them in arrival order; the SLA
+# scheduler by deadline slack. Answers average the mix's mean, at 0.9 × λ_sat: queues form.
+DEADLINES_LOAD = 0.9
+DEADLINE_CLASSES = (
+    replace(
+        INTERACTIVE, name="chat", share=0.5, output=(150, 250), ttft_s=0.5, server_class=INTERACTIVE.name
+    ),
+    replace(
+        INTERACTIVE, name="agent", share=0.5, output=(250, 410), ttft_s=2.0, server_class=INTERACTIVE.name
+    ),
+)
+# Every class a report may show, in the order it shows them.
+REPORT_CLASSES = (INTERACTIVE, *DEADLINE_CLASSES, STANDARD, BATCH)
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -164,6 +183,7 @@ def class_mix(cls: ClassLoad) -> ClassMix:
         tpot_ms=None if cls.tpot_s is None else 1000 * cls.tpot_s,
         input_tokens=_uniform(cls.prompt),
         output_tokens=_uniform(cls.output),
+        server_class=cls.server_class,
     )
 
 
@@ -202,18 +222,38 @@ def bench_workload(
     )
 
 
+def profile_classes(profile: str) -> tuple[ClassLoad, ...]:
+    """The classes a profile's traffic comes in (what its runs are summarised by)."""
+    if profile == "starvation":
+        return STARVATION_CLASSES
+    if profile == "noisy":
+        return (replace(STANDARD, share=1.0),)
+    if profile == "deadlines":
+        return DEADLINE_CLASSES
+    return DEFAULT_CLASSES
+
+
+def profile_duration(profile: str, duration_s: float) -> float:
+    """Seconds of arrivals in one run of `profile`, given the bench's run length."""
+    return duration_s * STARVATION_DURATION_FACTOR if profile == "starvation" else duration_s
+
+
 def profile_workload(profile: str, lam: float, duration_s: float, seed: int) -> Workload:
     """A profile's whole workload: a load level of the standard mix, or a scenario's own mix."""
     constant = ConstantShape(kind="constant", value=0.0)
+    classes = profile_classes(profile)
+    if profile == "deadlines":
+        shape = constant.model_copy(update={"value": DEADLINES_LOAD * lam})
+        return bench_workload(shape, seed, classes=classes, tenants=[TenantMix(name="t2")])
     if profile == "starvation":
         shape = constant.model_copy(update={"value": STARVATION_LOAD * lam})
-        return bench_workload(shape, seed, classes=STARVATION_CLASSES, tenants=[TenantMix(name="t2")])
+        return bench_workload(shape, seed, classes=classes, tenants=[TenantMix(name="t2")])
     if profile == "noisy":
         # Shares of the one class's traffic: the noisy tenant's 5× its half of λ_sat, the victim's
         # modest Poisson rate; equal weights, so a fair scheduler owes the victim half the engine.
         shape = constant.model_copy(update={"value": (NOISY_LOAD + VICTIM_LOAD) * lam})
         tenants = [TenantMix(name=NOISY, share=NOISY_LOAD), TenantMix(name=VICTIM, share=VICTIM_LOAD)]
-        return bench_workload(shape, seed, classes=(replace(STANDARD, share=1.0),), tenants=tenants)
+        return bench_workload(shape, seed, classes=classes, tenants=tenants)
     return bench_workload(profile_shape(profile, lam, duration_s), seed)
 
 
@@ -255,6 +295,7 @@ def class_report(records: Sequence[RequestRecord], cls: ClassMix) -> dict[str, A
         "tpot_p50": tpot["p50"],
         "tpot_p99": tpot["p99"],
         "max_wait": max(waits) if waits else None,
+        "wait_p99": describe(waits)["p99"],
     }
 
 
@@ -413,6 +454,8 @@ class RunData:
     start: float  # Unix time the load started
     before: str  # the engine's /metrics text before and after the run
     after: str
+    # The harness's scrapes of the engine during the run: (Unix time, running, waiting).
+    queue_samples: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 def read_run(run_dir: Path) -> RunData | None:
@@ -423,7 +466,25 @@ def read_run(run_dir: Path) -> RunData | None:
     except (OSError, ValueError):
         return None
     records = list(read_records([run_dir / "requests.jsonl"]))
-    return RunData(records, float(summary["run"]["window_start"]), before, after)
+    queue_samples = [
+        (t, running, waiting)
+        for t, sample in read_samples(run_dir / "server_metrics.jsonl")
+        if (running := first_of(sample, RUNNING)) is not None
+        and (waiting := first_of(sample, QUEUE)) is not None
+    ]
+    return RunData(records, float(summary["run"]["window_start"]), before, after, queue_samples)
+
+
+def engine_occupancy(
+    samples: Sequence[tuple[float, float, float]], start: float, duration_s: float
+) -> tuple[float, float] | None:
+    """Mean (running, waiting) over the engine's gauges sampled while arrivals came: whether the
+    engine, rather than the front end, was the bottleneck. (vLLM's running-time histogram would be
+    exact, but a request the scheduler refused before running adds its age since boot to it.)"""
+    inside = [(r, w) for t, r, w in samples if start <= t <= start + duration_s]
+    if not inside:
+        return None
+    return sum(r for r, _ in inside) / len(inside), sum(w for _, w in inside) / len(inside)
 
 
 def summarize_run(
@@ -433,13 +494,15 @@ def summarize_run(
     records, before, after = run.records, run.before, run.after
     t_max = longest_service_s(records)
     end_s = max([duration_s, *(r.send - run.start + r.chunk_s[-1] for r in records if r.chunk_s)])
+    mixes = {c.name: class_mix(c) for c in classes}
+    occupancy = engine_occupancy(run.queue_samples, run.start, duration_s)
     return {
-        "classes": {c.name: class_report(records, class_mix(c)) for c in classes},
+        "classes": {name: class_report(records, mix) for name, mix in mixes.items()},
+        # DistServe's goodput: requests that met every target of their class, per second.
+        "goodput_req_per_s": sum(meets_slo(r, mixes.get(r.cls)) for r in records if r.cls in mixes) / end_s,
         "tenants": {c.name: tenant_report(records, class_mix(c)) for c in classes},
-        # Slots in use and requests queued in the engine, on average over the run: whether the
-        # engine (rather than the front end) was the bottleneck.
-        "mean_running": counter_delta(before, after, RUNNING_TIME) / end_s,
-        "mean_waiting": counter_delta(before, after, QUEUE_TIME) / end_s,
+        "mean_running": occupancy[0] if occupancy else None,
+        "mean_waiting": occupancy[1] if occupancy else None,
         "jain": fairness(records, run.start, duration_s),
         "jain_short": fairness(records, run.start, duration_s, FAIRNESS_SHORT_WINDOW_S),
         **throughput(records, run.start, duration_s),
@@ -543,6 +606,15 @@ def partition_engine_cpus(api_server_pid: int) -> str:  # pragma: no cover - eng
     return f"engine on cores {sorted(engine_cpus)}, API server and load generator on {sorted(front_cpus)}"
 
 
+def save_workload(workload: Workload, path: Path) -> None:
+    """The workload file of a run, for `tokenfleet bench run --workload` against any server."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = workload.model_dump(mode="json", by_alias=True, exclude_none=True)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 def run_one(
     url: str, workload: Workload, duration_s: float, drain_s: float, out: Path
 ) -> RunData:  # pragma: no cover - engines
@@ -632,7 +704,10 @@ def run_bench(
         order = list(engines)
         for profile in config.profiles:
             for seed in config.seeds:
-                workload = profile_workload(profile, lam, config.duration_s, seed)
+                duration_s = profile_duration(profile, config.duration_s)
+                workload = profile_workload(profile, lam, duration_s, seed)
+                if seed == config.seeds[0]:
+                    save_workload(workload, out_dir / "workloads" / f"{profile}.yaml")
                 order = order[1:] + order[:1]  # rotate: no policy always runs first or last
                 for policy in order:
                     name = f"{policy}-{profile}-{seed}"
@@ -641,7 +716,7 @@ def run_bench(
                         run = run_one(
                             engines[policy].url,
                             workload,
-                            config.duration_s,
+                            duration_s,
                             config.drain_s,
                             out_dir / "runs" / name,
                         )
@@ -660,7 +735,7 @@ def run_bench(
                         "seed": seed,
                         "started": run.start,
                         "run_dir": f"runs/{name}",
-                        **summarize_run(run, config.duration_s, config.max_num_seqs),
+                        **summarize_run(run, duration_s, config.max_num_seqs, profile_classes(profile)),
                     }
                     results["runs"].append(entry)
                     log(run_line(entry))
@@ -691,7 +766,9 @@ def rescore(results: dict[str, Any], out: Path) -> int:
     for run in results["runs"]:
         data = read_run(out / run["run_dir"]) if "run_dir" in run else None
         if data is not None:
-            run.update(summarize_run(data, config["duration_s"], config["max_num_seqs"]))
+            classes = profile_classes(run["profile"])
+            duration_s = profile_duration(run["profile"], config["duration_s"])
+            run.update(summarize_run(data, duration_s, config["max_num_seqs"], classes))
             redone += 1
     return redone
 

@@ -4,6 +4,7 @@ seeds, `load/stats.py`). Pure, except the plots."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,22 +12,29 @@ from pathlib import Path
 from typing import Any
 
 from tokenfleet.load.scheduler_bench import (
-    DEFAULT_CLASSES,
+    DEADLINES_LOAD,
     FAIRNESS_SHORT_WINDOW_S,
     FAIRNESS_WINDOW_S,
+    REPORT_CLASSES,
     STARVATION_LOAD,
     VICTIM,
 )
 from tokenfleet.load.stats import Interval, mean_ci
 
+# DistServe's SLO capacity: the highest rate at which every class keeps this attainment.
+CAPACITY_ATTAINMENT = 0.9
+
 
 def run_line(run: dict[str, Any]) -> str:
     """One run's headline figures, for the bench's progress log."""
-    inter, batch = run["classes"]["interactive"], run["classes"]["batch"]
+    per_class = ", ".join(
+        f"{name} SLO {_pct(c['slo_attainment'])} p99 TTFT {_ms(c['ttft_p99'])} max wait {_s(c['max_wait'])}"
+        for name, c in run["classes"].items()
+        if c["requests"]
+    )
     return (
-        f"[{run['policy']}] {run['profile']} seed {run['seed']}: {run['requests']} req, interactive SLO "
-        f"{_pct(inter['slo_attainment'])} p99 TTFT {_ms(inter['ttft_p99'])}, batch max wait "
-        f"{_s(batch['max_wait'])}, J {_num(run['jain'])}, {run['output_tok_per_s']:.1f} tok/s"
+        f"[{run['policy']}] {run['profile']} seed {run['seed']}: {run['requests']} req, {per_class}, "
+        f"J {_num(run['jain'])}, {run['output_tok_per_s']:.1f} tok/s"
     )
 
 
@@ -78,10 +86,11 @@ def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict
         return max(values(*path), default=None)
 
     agg: dict[str, Any] = {"seeds": len(mine)}
-    for n in (c.name for c in DEFAULT_CLASSES):
+    for n in (c.name for c in REPORT_CLASSES):
         for key in ("slo_attainment", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
             agg[f"{n}.{key}"] = interval("classes", n, key)
         agg[f"{n}.max_wait"] = largest("classes", n, "max_wait")
+        agg[f"{n}.wait_p99"] = interval("classes", n, "wait_p99")
         agg[f"{n}.engine_max_wait"] = largest("server_max_wait_le_s", n)
         agg[f"{n}.wait_bound"] = min(values("wait_bounds", n), default=None)
         agg[f"{n}.rejected"] = sum(values("classes", n, "rejected"))
@@ -89,11 +98,109 @@ def aggregate(runs: Sequence[dict[str, Any]], policy: str, profile: str) -> dict
     for key in ("slo_attainment", "ttft_p50", "ttft_p99"):
         agg[f"victim.{key}"] = interval("tenants", "standard", VICTIM, key)
     keys = ("jain", "jain_short", "output_tok_per_s", "req_per_s", "preemptions", "schedule_mean_s")
-    for key in (*keys, "mean_running", "mean_waiting"):
+    for key in (*keys, "mean_running", "mean_waiting", "goodput_req_per_s"):
         agg[key] = interval(key)
     for key in ("schedule_p99_le_s", "policy_p99_le_s"):
         agg[key] = largest(key)
     return agg
+
+
+# -- SLO capacity: a sweep over load levels of the standard mix -----------------------------
+
+
+def load_level(profile: str) -> float | None:
+    """The load of a `<f>x` profile (× λ_sat); None for the burst profile and the scenarios."""
+    if not profile.endswith("x"):
+        return None
+    try:
+        return float(profile[:-1])
+    except ValueError:
+        return None
+
+
+def min_attainment(run: dict[str, Any]) -> float | None:
+    """The worst class's SLO attainment in a run (classes that sent nothing left out)."""
+    values = [c["slo_attainment"] for c in run["classes"].values() if c["requests"]]
+    return min(values) if values else None
+
+
+def slo_capacity(
+    points: Sequence[tuple[float, float]], threshold: float = CAPACITY_ATTAINMENT
+) -> float | None:
+    """The highest load at which attainment is still ≥ threshold, from (load, attainment) points:
+    the crossing between the last level that meets it and the first that does not, linearly
+    interpolated. None when the lowest level already misses; the highest level when none does
+    (then it is a lower bound)."""
+    ordered = sorted(points)
+    if not ordered or ordered[0][1] < threshold:
+        return None
+    for (low, met), (high, missed) in itertools.pairwise(ordered):
+        if missed < threshold:
+            return low + (met - threshold) / (met - missed) * (high - low)
+    return ordered[-1][0]
+
+
+def capacities(runs: Sequence[dict[str, Any]], policy: str) -> dict[int, float | None]:
+    """Per seed, `slo_capacity` over that seed's sweep of load levels."""
+    points: dict[int, list[tuple[float, float]]] = {}
+    for r in runs:
+        level, worst = load_level(r["profile"]), min_attainment(r)
+        if r["policy"] == policy and level is not None and worst is not None:
+            points.setdefault(r["seed"], []).append((level, worst))
+    return {seed: slo_capacity(p) for seed, p in points.items() if len(p) >= 2}
+
+
+def capacity_summary(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Capacity per policy (mean and interval over seeds, × λ_sat) and `sla`'s paired ratios to
+    each baseline (same seed, same traffic); None without a sweep of two or more levels."""
+    runs = results["runs"]
+    policies = _policies(runs)
+    per_policy = {p: capacities(runs, p) for p in policies}
+    if not any(per_policy.values()):
+        return None
+    top = max((lv for r in runs if (lv := load_level(r["profile"])) is not None), default=0.0)
+    out: dict[str, Any] = {"lambda_sat": results.get("lambda_sat"), "levels_max": top, "policies": {}}
+    for policy, by_seed in per_policy.items():
+        known = [v for v in by_seed.values() if v is not None]
+        out["policies"][policy] = {
+            "capacity": mean_ci(known) if known else None,
+            "seeds": len(by_seed),
+            "below_lowest": sum(v is None for v in by_seed.values()),
+            "at_top": sum(v is not None and v >= top for v in by_seed.values()),
+        }
+    ours = per_policy.get("sla", {})
+    for baseline in ("fcfs", "priority"):
+        theirs = per_policy.get(baseline, {})
+        ratios = [
+            mine / base
+            for seed, mine in ours.items()
+            if mine is not None and (base := theirs.get(seed)) is not None and base > 0
+        ]
+        out[f"sla_over_{baseline}"] = mean_ci(ratios) if ratios else None
+    return out
+
+
+def render_capacity(summary: dict[str, Any]) -> str:
+    lam = summary["lambda_sat"]
+    lines = [
+        f"SLO capacity: the highest load at which every class keeps ≥ {100 * CAPACITY_ATTAINMENT:.0f} % "
+        "SLO attainment (interpolated between swept levels), per seed; mean ± 95 % t-interval.",
+        "",
+        "| policy | capacity (× λ_sat) | capacity (req/s) | seeds below the lowest level / at the top |",
+        "|---|---|---|---|",
+    ]
+    for policy, row in summary["policies"].items():
+        cap: Interval | None = row["capacity"]
+        rate = (
+            _ci(Interval(cap.mean * lam, cap.half_width * lam, cap.n, cap.std * lam), _num2)
+            if cap and lam
+            else "–"
+        )
+        lines.append(f"| {policy} | {_ci(cap, _num2)} | {rate} | {row['below_lowest']} / {row['at_top']} |")
+    for baseline in ("fcfs", "priority"):
+        ratio = summary.get(f"sla_over_{baseline}")
+        lines.append(f"| sla ÷ {baseline} (paired by seed) | {_ci(ratio, _num2)} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def _ci(v: Interval | None, fmt: Callable[[float], str]) -> str:
@@ -143,8 +250,14 @@ def check_targets(results: dict[str, Any], ours: str = "sla", baseline: str = "f
                 cut >= 0.6,
             )
         )
-    waits = [w for r in runs if r["policy"] == ours and (w := r["classes"]["batch"]["max_wait"]) is not None]
-    bounds = [b["batch"] for r in runs if r["policy"] == ours and (b := r.get("wait_bounds"))]
+    waits = [
+        w
+        for r in runs
+        if r["policy"] == ours and (w := _field(r, "classes", "batch", "max_wait")) is not None
+    ]
+    bounds = [
+        b["batch"] for r in runs if r["policy"] == ours and "batch" in (b := r.get("wait_bounds") or {})
+    ]
     if waits and bounds:
         worst, bound = max(waits), min(bounds)
         checks.append(
@@ -208,6 +321,30 @@ def check_targets(results: dict[str, Any], ours: str = "sla", baseline: str = "f
                 (jain_ci.mean >= 0.95) if jain_ci else None,
             )
         )
+    summary = capacity_summary(results)
+    for baseline, factor in (("fcfs", 1.3), ("priority", 1.1)):
+        ratio = summary.get(f"sla_over_{baseline}") if summary else None
+        if ratio is not None:
+            checks.append(
+                TargetCheck(
+                    f"SLO capacity: sla ≥ {factor}× {baseline}", f"{ratio.mean:.2f}×", ratio.mean >= factor
+                )
+            )
+    deadlines, deadlines_base = agg(ours, "deadlines"), agg("priority", "deadlines")
+    if (
+        deadlines
+        and deadlines_base
+        and deadlines["goodput_req_per_s"]
+        and deadlines_base["goodput_req_per_s"]
+    ):
+        mine, theirs = deadlines["goodput_req_per_s"].mean, deadlines_base["goodput_req_per_s"].mean
+        checks.append(
+            TargetCheck(
+                "mixed deadlines: goodput above vLLM priority's",
+                f"{mine:.2f} vs {theirs:.2f} req/s",
+                mine > theirs,
+            )
+        )
     p99s = [v for r in runs if r["policy"] == ours and (v := r.get("schedule_p99_le_s")) is not None]
     if p99s:
         checks.append(
@@ -230,7 +367,7 @@ def render_targets(checks: Sequence[TargetCheck]) -> str:
 def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
     """One policy's column of a profile table: (figure, formatted value) rows."""
     cells: list[tuple[str, str]] = []
-    for n in (c.name for c in DEFAULT_CLASSES):
+    for n in (c.name for c in REPORT_CLASSES):
         if not a[f"{n}.requests"]:
             continue  # a scenario without this class
         engine_wait = a[f"{n}.engine_max_wait"]
@@ -259,16 +396,55 @@ def _cells(a: dict[str, Any]) -> list[tuple[str, str]]:
         (f"Jain's index ({FAIRNESS_SHORT_WINDOW_S:.0f} s windows)", _ci(a["jain_short"], _num)),
         ("throughput (output tok/s)", _ci(a["output_tok_per_s"], lambda v: f"{v:.1f}")),
         ("completed req/s", _ci(a["req_per_s"], lambda v: f"{v:.2f}")),
+        (
+            "goodput (req/s meeting every target of their class)",
+            _ci(a["goodput_req_per_s"], lambda v: f"{v:.2f}"),
+        ),
         ("preemptions per run", _ci(a["preemptions"], lambda v: f"{v:.1f}")),
         ("schedule() p99 (bucket bound, max over seeds)", _ms2(schedule_p99) if schedule_p99 else "n/a"),
         ("schedule() mean", _ci(a["schedule_mean_s"], _ms2)),
     ]
 
 
+def scenario_table(results: dict[str, Any]) -> str:
+    """The lead table: each scenario's deciding figures, FCFS / priority / sla side by side."""
+    runs = results["runs"]
+    policies = _policies(runs)
+    profiles = set(r["profile"] for r in runs)
+    rows: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+        ("starvation", "batch max wait (all seeds)", lambda a: _s(a["batch.max_wait"])),
+        ("starvation", "batch P99 wait", lambda a: _ci(a["batch.wait_p99"], _s)),
+        ("starvation", "batch stated bound (tightest run)", lambda a: _s(a["batch.wait_bound"])),
+        ("starvation", "interactive SLO attainment", lambda a: _ci(a["interactive.slo_attainment"], _pct)),
+        ("noisy", "victim SLO attainment", lambda a: _ci(a["victim.slo_attainment"], _pct)),
+        ("noisy", "victim P50 TTFT", lambda a: _ci(a["victim.ttft_p50"], _ms)),
+        ("noisy", "victim P99 TTFT", lambda a: _ci(a["victim.ttft_p99"], _ms)),
+        (
+            "noisy",
+            "noisy tenant rejected / requests",
+            lambda a: f"{a['standard.rejected']:.0f} / {a['standard.requests']:.0f}",
+        ),
+        ("deadlines", "goodput (req/s meeting every target)", lambda a: _ci(a["goodput_req_per_s"], _num2)),
+        ("deadlines", "chat (TTFT 0.5 s) SLO attainment", lambda a: _ci(a["chat.slo_attainment"], _pct)),
+        ("deadlines", "agent (TTFT 2 s) SLO attainment", lambda a: _ci(a["agent.slo_attainment"], _pct)),
+    ]
+    lines = ["| scenario | figure | " + " | ".join(policies) + " |", "|---|---|" + "---|" * len(policies)]
+    for profile, label, cell in rows:
+        if profile in profiles:
+            cells = [cell(aggregate(runs, p, profile)) for p in policies]
+            lines.append(f"| {profile} | {label} | " + " | ".join(cells) + " |")
+    summary = capacity_summary(results)
+    if summary is not None:
+        cells = [_ci(summary["policies"].get(p, {}).get("capacity"), _num2) for p in policies]
+        lines.append("| SLO capacity | × λ_sat (every class ≥ 90 %) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 PROFILE_TITLES = {
     "burst": "burst (0.7 → 1.5 → 0.5 × λ_sat)",
     "starvation": f"starvation: the top class alone at {STARVATION_LOAD} × λ_sat, a trickle of batch",
     "noisy": "noisy neighbour: one tenant at 5× its share of λ_sat beside a victim at 0.2 × λ_sat",
+    "deadlines": f"mixed deadlines in one class: chat (TTFT 0.5 s), agent (2 s) at {DEADLINES_LOAD} × λ_sat",
 }
 
 
@@ -304,6 +480,33 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no co
         ("output_tok_per_s", "throughput (output tok/s)", "throughput.png"),
         ("jain", "Jain's index (backlogged tenants)", "jain.png"),
     ]
+    levels = sorted({lv for r in runs if (lv := load_level(r["profile"])) is not None})
+    if len(levels) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for policy in policies:
+            means, errs = [], []
+            for level in levels:
+                worst = [
+                    w
+                    for r in runs
+                    if r["policy"] == policy
+                    and load_level(r["profile"]) == level
+                    and (w := min_attainment(r)) is not None
+                ]
+                ci = mean_ci(worst) if worst else None
+                means.append(100 * ci.mean if ci else float("nan"))
+                errs.append(100 * ci.half_width if ci and math.isfinite(ci.half_width) else 0.0)
+            ax.errorbar(levels, means, yerr=errs, marker="o", capsize=3, label=policy)
+        ax.axhline(100 * CAPACITY_ATTAINMENT, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("load (× λ_sat)")
+        ax.set_ylabel("worst class's SLO attainment (%)")
+        ax.set_title("SLO capacity sweep")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / "slo-capacity.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     for key, title, name in figures:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         width = 0.8 / len(policies)
@@ -328,7 +531,11 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:  # pragma: no co
 
 def write_report(results: dict[str, Any], out: Path) -> str:  # pragma: no cover - matplotlib
     """tables.md (per-profile tables and the targets) and the PNG plots, from scheduler.json."""
-    tables = render_markdown(results) + "\n### Targets\n\n" + render_targets(check_targets(results))
+    parts = ["### Scenarios\n\n" + scenario_table(results)]
+    if (summary := capacity_summary(results)) is not None:
+        parts.append("### SLO capacity\n\n" + render_capacity(summary))
+    parts += [render_markdown(results), "### Targets\n\n" + render_targets(check_targets(results))]
+    tables = "\n".join(parts)
     (out / "tables.md").write_text(tables)
     plot(results, out)
     return tables

@@ -228,6 +228,8 @@ class RequestFactory:
             tenant=tenant.name,
             api_key=self.keys.get(tenant.name),
             priority=slo_class.priority,
+            server_class=slo_class.server_class,
+            ttft_ms=slo_class.ttft_ms if slo_class.server_class is not None else None,
             api=self.workload.api,
             stream=self.workload.stream,
             ignore_eos=self.workload.ignore_eos,

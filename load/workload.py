@@ -136,6 +136,14 @@ class ClassMix(_Model):
     output_tokens: Length | None = Field(
         None, description="This class's output lengths, ahead of a dataset's; else the workload's."
     )
+    server_class: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        description="The SLO class these requests ask the server for, when it is not `name`: several "
+        "mixes may share one server class, each judged by its own targets, and then each request "
+        "carries its mix's `ttftMs` as its own deadline (`vllm_xargs.ttft_ms`, read by the SLA scheduler).",
+    )
 
 
 class TenantBurst(_Model):

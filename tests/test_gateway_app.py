@@ -626,7 +626,9 @@ def test_engine_scheduler_rejection_becomes_503_with_retry_after(
     response = httpx.post(f"{url}/v1/completions", json={**COMPLETION, "stream": stream}, timeout=10)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
-    assert "queue of class 'batch' is full" in response.json()["error"]["message"]
+    # A stream carries no reason: vLLM drops the refusal's event (see ended_without_output).
+    expected = "before any output" if stream else "queue of class 'batch' is full"
+    assert expected in response.json()["error"]["message"]
     # The replica answered: it stays routable, and normal traffic still flows.
     for fake in fakes:
         fake.faults.reject = None
@@ -643,6 +645,20 @@ def test_scheduler_rejection_parser() -> None:
     assert scheduler_rejection(json.dumps({"choices": [other]}).encode()) is None
     assert scheduler_rejection(b'{"choices": [{"text": "tokenfleet:rejected"}]}') is None
     assert scheduler_rejection(b"data: tokenfleet:rejected not json") is None
+
+
+def test_a_stream_that_ends_before_any_output_is_the_engines_refusal() -> None:
+    from tokenfleet.engine.gateway.forward import ended_without_output
+
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0}}\n\n'
+    token = b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n'
+    assert ended_without_output(b"data: [DONE]\n\n") is True
+    assert ended_without_output(usage + b"data: [DONE]\n\n") is True
+    assert ended_without_output(usage) is None  # [DONE] not here yet: read on
+    assert ended_without_output(b'data: {"choices": [') is None  # an event cut mid-way
+    assert ended_without_output(token + b"data: [DONE]\n\n") is False
+    assert ended_without_output(b'data: {"error": {"message": "boom"}}\n\n') is False
+    assert ended_without_output(b"data: not json\n\n") is False
 
 
 def test_a_streams_first_byte_is_its_first_event_not_its_headers(fakes: tuple[Fake, Fake]) -> None:

@@ -430,10 +430,11 @@ def test_earlier_results_still_render() -> None:
 
 def test_run_line_names_the_headline_figures() -> None:
     line = sr.run_line(fake_run("sla", "1.2x", 2, 0.5, 123.4))
-    assert line == (
-        "[sla] 1.2x seed 2: 30 req, interactive SLO 90.0% p99 TTFT 500 ms, batch max wait 1.0 s, "
-        "J 0.970, 123.4 tok/s"
+    assert line.startswith(
+        "[sla] 1.2x seed 2: 30 req, interactive SLO 90.0% p99 TTFT 500 ms max wait 1.0 s, "
     )
+    assert "batch SLO 90.0% p99 TTFT 500 ms max wait 1.0 s" in line
+    assert line.endswith("J 0.970, 123.4 tok/s")
 
 
 def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
@@ -527,3 +528,95 @@ def test_a_victim_is_judged_by_its_own_requests() -> None:
     assert report[sb.VICTIM]["requests"] == 2
     assert report[sb.VICTIM]["slo_attainment"] == pytest.approx(0.5)
     assert report[sb.NOISY]["requests"] == 1
+
+
+def test_mixed_deadlines_share_one_server_class_and_send_their_own_deadline() -> None:
+    from tokenfleet.load.client import build_http_request
+
+    workload = sb.profile_workload("deadlines", lam=6.0, duration_s=40.0, seed=3)
+    assert isinstance(workload.arrival.shape, ConstantShape)
+    assert workload.arrival.shape.value == pytest.approx(sb.DEADLINES_LOAD * 6.0)
+    sent = [r for _, r in open_loop(workload, 200.0)]
+    assert {r.cls for r in sent} == {"chat", "agent"}
+    for request in sent[:20]:
+        _, body, headers = build_http_request(request, "m")
+        # One class and one priority level for the engine; the deadline is each request's own.
+        assert body["vllm_xargs"]["slo_class"] == "interactive"
+        assert body["priority"] == 0
+        assert body["vllm_xargs"]["ttft_ms"] == (500.0 if request.cls == "chat" else 2000.0)
+        assert headers["x-tokenfleet-class"] == "interactive"
+    # A plain class sends no deadline of its own: the engine's class target holds.
+    plain = sb.profile_workload("0.8x", lam=6.0, duration_s=40.0, seed=3)
+    _, body, _ = build_http_request(open_loop(plain, 5.0)[0][1], "m")
+    assert "ttft_ms" not in body["vllm_xargs"]
+    # Each run is summarised by the classes its traffic came in.
+    assert [c.name for c in sb.profile_classes("deadlines")] == ["chat", "agent"]
+    assert sb.profile_classes("1.2x") == sb.DEFAULT_CLASSES
+
+
+def test_starvation_runs_twice_as_long_as_the_others() -> None:
+    assert sb.profile_duration("starvation", 30.0) == 60.0
+    assert sb.profile_duration("noisy", 30.0) == 30.0
+
+
+def test_a_scenarios_workload_file_loads_back_as_the_same_workload(tmp_path: Path) -> None:
+    from tokenfleet.load.workload import load_workload
+
+    workload = sb.profile_workload("deadlines", lam=6.0, duration_s=40.0, seed=3)
+    sb.save_workload(workload, tmp_path / "w" / "deadlines.yaml")
+    assert load_workload(tmp_path / "w" / "deadlines.yaml") == workload
+
+
+def test_slo_capacity_is_the_interpolated_crossing_of_the_threshold() -> None:
+    # Meets 90 % at 0.8 (95 %) and misses at 1.0 (85 %): the crossing is half-way.
+    assert sr.slo_capacity([(0.6, 1.0), (0.8, 0.95), (1.0, 0.85), (1.2, 0.5)]) == pytest.approx(0.9)
+    # The first miss decides, even if a higher level happens to meet it again.
+    assert sr.slo_capacity([(0.6, 0.95), (0.8, 0.8), (1.0, 0.95)]) == pytest.approx(0.6 + 0.05 / 0.15 * 0.2)
+    assert sr.slo_capacity([(0.8, 0.5), (1.0, 0.4)]) is None  # already missed at the lowest level
+    assert sr.slo_capacity([(1.0, 0.99), (0.8, 1.0)]) == 1.0  # never missed: the top (a lower bound)
+
+
+def capacity_run(policy: str, profile: str, seed: int, attainments: dict[str, float]) -> dict[str, Any]:
+    classes = {n: {"requests": 10, "slo_attainment": a} for n, a in attainments.items()}
+    classes["idle"] = {"requests": 0, "slo_attainment": None}  # a class that sent nothing
+    return {"policy": policy, "profile": profile, "seed": seed, "classes": classes}
+
+
+def test_capacity_follows_the_worst_class_and_sla_is_compared_seed_by_seed() -> None:
+    runs = []
+    for seed in (1, 2):
+        for policy, (low, high) in {"fcfs": (0.95, 0.5), "priority": (1.0, 0.85), "sla": (1.0, 0.95)}.items():
+            runs.append(capacity_run(policy, "0.8x", seed, {"interactive": low, "batch": 1.0}))
+            runs.append(capacity_run(policy, "1.2x", seed, {"interactive": high, "batch": 1.0}))
+        runs.append(capacity_run("sla", "starvation", seed, {"interactive": 0.1}))  # not a load level
+    assert sr.load_level("1.2x") == pytest.approx(1.2)
+    assert sr.load_level("burst") is None
+    assert sr.min_attainment(runs[0]) == 0.95
+    summary = sr.capacity_summary({"lambda_sat": 5.0, "runs": runs})
+    assert summary is not None
+    fcfs = summary["policies"]["fcfs"]["capacity"]
+    assert fcfs.mean == pytest.approx(0.8 + 0.05 / 0.45 * 0.4)
+    assert summary["policies"]["sla"]["capacity"].mean == pytest.approx(1.2)
+    assert summary["policies"]["sla"]["at_top"] == 2
+    assert summary["sla_over_fcfs"].mean == pytest.approx(1.2 / fcfs.mean)
+    assert summary["sla_over_priority"].mean == pytest.approx(1.2 / (0.8 + 0.1 / 0.15 * 0.4))
+    text = sr.render_capacity(summary)
+    assert "| sla ÷ fcfs (paired by seed) |" in text
+    checks = {c.target: c.met for c in sr.check_targets({"lambda_sat": 5.0, "runs": []} | {"runs": runs})}
+    assert checks["SLO capacity: sla ≥ 1.3× fcfs"] is True
+    assert checks["SLO capacity: sla ≥ 1.1× priority"] is True
+    assert sr.capacity_summary({"lambda_sat": 5.0, "runs": runs[:1]}) is None  # one level is no sweep
+
+
+def test_engine_occupancy_averages_the_gauges_sampled_while_arrivals_came() -> None:
+    samples = [
+        (T0 - 1, 0.0, 0.0),
+        (T0 + 1, 2.0, 4.0),
+        (T0 + 6, 2.0, 8.0),
+        (T0 + 11, 1.0, 0.0),
+        (T0 + 40, 0.0, 0.0),
+    ]
+    running, waiting = sb.engine_occupancy(samples, T0, 30.0) or (None, None)
+    assert running == pytest.approx(5 / 3)
+    assert waiting == pytest.approx(4.0)
+    assert sb.engine_occupancy(samples, T0 + 100, 30.0) is None  # no sample inside the window

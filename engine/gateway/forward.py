@@ -190,7 +190,12 @@ class Forwarder:
                 # first token, so that is the stream's time to first token.
                 first_byte_s = time.perf_counter() - call.started
                 self._observe_first_byte(call, replica, first_byte_s)
-                rejection = scheduler_rejection(first)
+                while (empty := ended_without_output(first)) is None:
+                    more = await anext(chunks, None)
+                    if more is None:
+                        break
+                    first += more  # only choice-less events so far (a usage chunk): read on
+                rejection = scheduler_rejection(first) or (EMPTY_STREAM_REASON if empty else None)
                 if rejection is not None:
                     self.outcomes.record(replica.revision, "refused", first_byte_s)
                     return self._engine_rejected(call, replica, rejection, release)
@@ -458,6 +463,34 @@ def scheduler_rejection(content: bytes) -> str | None:
             reason = choice.get("stop_reason") if isinstance(choice, dict) else None
             if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECT_PREFIX):
                 return str(reason).removeprefix(REJECT_PREFIX).lstrip(": ") or "class queue full"
+    return None
+
+
+EMPTY_STREAM_REASON = "the engine ended the stream before any output"
+
+
+def ended_without_output(head: bytes) -> bool | None:
+    """Did a stream whose first bytes are `head` end before any choice? True at a [DONE] with only
+    choice-less events (a usage chunk) before it, False at the first event that is anything else,
+    None while only choice-less events have come.
+
+    vLLM 0.32's serving layer drops an event with no token and no text before the first token,
+    so the SLA scheduler's refusal (finish_reason abort, stop_reason `tokenfleet:rejected…`)
+    reaches a stream as its [DONE] alone; a request finished before its first token by anything
+    else is an abort the client did not ask for either.
+    """
+    for event in head.split(b"\n\n")[:-1]:  # complete events only: the last piece may be cut
+        data = event.strip().removeprefix(b"data:").strip()
+        if not data:
+            continue
+        if data == b"[DONE]":
+            return True
+        try:
+            document = json.loads(data)
+        except ValueError:
+            return False
+        if not isinstance(document, dict) or document.get("choices") or "choices" not in document:
+            return False
     return None
 
 
