@@ -118,6 +118,8 @@ DEFAULT_CLASSES = (
 INTERACTIVE, STANDARD, BATCH = DEFAULT_CLASSES
 MAX_MODEL_LEN = 1024  # the longest prompt + answer above, with room
 SCENARIOS = ("starvation", "noisy", "deadlines")
+# The scenarios, then the SLO-capacity sweep over load levels of the standard mix, then a burst.
+DEFAULT_PROFILES = (*SCENARIOS, "0.4x", "0.8x", "1.0x", "1.2x", "burst")
 # starvation: the top class alone slightly over capacity, with answers as long as the mix's mean
 # (so 1.1 × λ_sat of the mix is ~1.1 × this traffic's capacity), and a trickle of batch work.
 STARVATION_LOAD = 1.1
@@ -526,10 +528,10 @@ def summarize_run(
 class BenchConfig:
     model_source: str = "builtin://tiny-code"
     max_num_seqs: int = 2
-    duration_s: float = 40.0
+    duration_s: float = 30.0
     drain_s: float = 20.0
-    seeds: tuple[int, ...] = (1, 2, 3)
-    profiles: tuple[str, ...] = ("0.8x", "1.2x", "burst")
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    profiles: tuple[str, ...] = DEFAULT_PROFILES
     policies: tuple[str, ...] = ("fcfs", "priority", "sla")
     calibrate_s: float = 30.0
     lam: float | None = None  # skip calibration when given
@@ -810,12 +812,14 @@ def register(bench_sub: Any) -> None:
     p = bench_sub.add_parser("scheduler", help="FCFS vs vLLM priority vs tokenfleet sla on a real CPU engine")
     p.add_argument("--model", default="builtin://tiny-code", help="model source (default: the builtin model)")
     p.add_argument("--max-num-seqs", type=int, default=2)
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    p.add_argument(
+        "--duration", type=float, default=30.0, help="seconds of arrivals per run (starvation: twice)"
+    )
     p.add_argument("--drain", type=float, default=20.0, help="seconds to let in-flight requests finish")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument(
         "--profiles",
-        default="0.8x,1.2x,burst,starvation,noisy",
+        default=",".join(DEFAULT_PROFILES),
         help="load levels of the standard mix (`<f>x` × λ_sat), `burst`, and the scenarios "
         + ", ".join(SCENARIOS),
     )
