@@ -80,11 +80,11 @@ Status = dict[str, Any]
 # -- the service and the workload ----------------------------------------------------------------
 
 
-def day_service(model: str, keys_file: Path, **changes: Any) -> LLMService:
+def day_service(source: str, keys_file: Path, **changes: Any) -> LLMService:
     """Two replicas on the quantized default model behind an authenticating gateway; rollouts by
     canary with short steps (seconds of evidence instead of minutes)."""
     spec: dict[str, Any] = {
-        "model": {"name": "tiny-code", "source": model, "quantization": QUANTIZATION, "maxModelLen": 512},
+        "model": {"name": "tiny-code", "source": source, "quantization": QUANTIZATION, "maxModelLen": 512},
         "engine": {"maxNumSeqs": 8, "kvCacheGib": 1, "shutdownTimeoutS": 5},
         "scheduler": {
             "policy": "sla",
@@ -545,7 +545,11 @@ def live_day(ctx: Context, model: str, keys_file: Path) -> None:
 def check_traces(ctx: Context, records: Sequence[RequestRecord], killed_at: float) -> dict[str, int]:
     """Every answered request: one trace gateway → engine (spans leave in 0.5 s batches)."""
     deadline = time.monotonic() + 60
-    while untraced(records, ctx.receiver.spans(), GATEWAY_SERVICE) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if not lost_with_the_victim(
+            untraced(records, ctx.receiver.spans(), GATEWAY_SERVICE), records, killed_at
+        ):
+            break
         time.sleep(0.5)
     spans = ctx.receiver.spans()
     missing = untraced(records, spans, GATEWAY_SERVICE)
