@@ -405,7 +405,7 @@ class Context:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get(OPT_IN_ENV) != "1", reason=f"opt-in: {OPT_IN_ENV}=1 (~7 min)")
+@pytest.mark.skipif(os.environ.get(OPT_IN_ENV) != "1", reason=f"opt-in: {OPT_IN_ENV}=1 (~10 min)")
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/install.sh)")
 @pytest.mark.skipif(
     binaries()["prometheus"] is None, reason="prometheus is not installed (scripts/install.sh)"
