@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -315,15 +316,20 @@ def test_kernel_receive_stamp_excludes_reader_delay(fake: FakeOpenAI) -> None:
             while fake.config.ttft_count < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert fake.config.ttft_count == 1
-            written_by = time.time() - send_wall
+            # The server counts before it writes: wait until the event is in this host's socket
+            # buffer (readable), which is after the kernel stamped it.
+            sock = response.extensions["network_stream"].get_extra_info("socket")
+            readable, _, _ = select.select([sock], [], [], 30)
+            assert readable, "the first event never reached the socket"
+            arrived_by = time.time() - send_wall
             first = next(response.iter_raw())
             read_at = time.time() - send_wall
             stamp = rxclock.last_receive()
         assert b"data:" in first
         assert stamp is not None
-        # Received after the server's 50 ms delay, and before we knew it was written (so before
-        # the read): the stamp is the kernel's arrival time, not the reader's.
-        assert 0.04 <= stamp - send_wall <= written_by < read_at
+        # Received after the server's 50 ms delay, and by the time the socket was readable (so
+        # before the read): the stamp is the kernel's arrival time, not the reader's.
+        assert 0.04 <= stamp - send_wall <= arrived_by < read_at
         # And through the harness's own timing path: never before the server's delay, never
         # after the whole answer.
         record = send(client, fake.url, LLMRequest(id="r", prompt="x", max_tokens=3), MODEL)
