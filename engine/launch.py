@@ -222,13 +222,7 @@ class EngineProcess:
         """SIGTERM (vLLM drains for --shutdown-timeout), then SIGKILL the group if it overstays."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s if timeout_s is not None else 60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, signal.SIGTERM, timeout_s if timeout_s is not None else 60)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -239,3 +233,15 @@ class EngineProcess:
 
     def _log_hint(self) -> str:
         return f"; see {self.log_path}" if self.log_path else ""
+
+
+def stop_process_group(process: subprocess.Popen[bytes], sig: int, timeout_s: float) -> None:
+    """Send `sig` to a child that leads its own session, if it still runs, and wait up to
+    `timeout_s` for it; SIGKILL its whole process group if it overstays."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

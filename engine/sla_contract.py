@@ -3,7 +3,9 @@
 - `SPEC_ENV`: the environment variable that carries the `SchedulerSpec` (as JSON) from the
   launcher (`launch.py`) into vLLM's EngineCore process (`sla_scheduler.load_spec`).
 - `REJECT_PREFIX`: how the scheduler's admission rejections start (`stop_reason`), so the gateway
-  can tell them from other aborts (`gateway/forward.scheduler_rejection`).
+  can tell them from other aborts (`gateway/forward.scheduler_rejection`). A stream carries no
+  event for a refusal at all (vLLM 0.32 drops an event without a token before the first one), so
+  gateway and load client both read a stream with no choice in it as one (`EMPTY_STREAM_REFUSAL`).
 - `CLASS_HEADER`: the header a client (the load harness) names its class in for the gateway.
 - `decide_class`: the one rule for which SLO class a request runs in. The gateway calls it with
   what a client sent (strict: an unknown class is the client's error, 400); the scheduler with
@@ -17,6 +19,7 @@ from typing import Protocol, TypeVar
 
 SPEC_ENV = "TOKENFLEET_SCHEDULER_SPEC"
 REJECT_PREFIX = "tokenfleet:rejected"
+EMPTY_STREAM_REFUSAL = "the engine ended the stream before any output"
 CLASS_HEADER = "x-tokenfleet-class"  # the SLO class a client asks the gateway for
 
 

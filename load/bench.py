@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from tokenfleet.engine.launch import stop_process_group
 from tokenfleet.load import plots
 from tokenfleet.load.compare import aggregate, render_aggregate
 from tokenfleet.load.keys import TenantKeyError, resolve_tenant_keys
@@ -308,13 +309,7 @@ def run_workload(
 
 def _stop_locust(process: subprocess.Popen[bytes]) -> None:
     """SIGINT first (Locust then writes its CSV and HTML), a hard kill only if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_process_group(process, signal.SIGINT, 20)
 
 
 def write_results(

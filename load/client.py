@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import httpx
 
-from tokenfleet.engine.sla_contract import CLASS_HEADER, REJECT_PREFIX
+from tokenfleet.engine.sla_contract import CLASS_HEADER, EMPTY_STREAM_REFUSAL, REJECT_PREFIX
 from tokenfleet.load import rxclock
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.sse import SSEDecoder, StreamTimer
@@ -76,7 +76,7 @@ def build_http_request(request: LLMRequest, model: str) -> tuple[str, dict[str, 
     return path, body, headers
 
 
-EMPTY_STREAM = "refused: the engine ended the stream before any output"
+EMPTY_STREAM = f"refused: {EMPTY_STREAM_REFUSAL}"
 
 
 def rejection(data: str) -> str | None:

@@ -391,13 +391,18 @@ def fairness(
     return sum(indices) / len(indices) if indices else None
 
 
+def served_until_s(records: Sequence[RequestRecord], start: float, duration_s: float) -> float:
+    """Seconds from the start until the last token streamed, at least the arrival window: what
+    rates are taken over (a policy that defers batch work still serves it, later, and a window
+    cut would count that as lost)."""
+    return max([duration_s, *(r.send - start + r.chunk_s[-1] for r in records if r.chunk_s)])
+
+
 def throughput(records: Sequence[RequestRecord], start: float, duration_s: float) -> dict[str, float]:
-    """Output tokens and completed requests per second, from the start until the last token
-    streamed (not just the arrival window: a policy that defers batch work still serves it,
-    later, and a window cut would count that as lost throughput)."""
+    """Output tokens and completed requests per second over `served_until_s`."""
     tokens = sum(r.output_tokens if r.ok and r.output_tokens is not None else len(r.chunk_s) for r in records)
     done = sum(r.ok for r in records)
-    end = max([duration_s, *(r.send - start + r.chunk_s[-1] for r in records if r.chunk_s)])
+    end = served_until_s(records, start, duration_s)
     return {"output_tok_per_s": tokens / end, "req_per_s": done / end}
 
 
@@ -495,14 +500,14 @@ def summarize_run(
     """Every figure of one run (the results JSON's per-run entry, less its identity)."""
     records, before, after = run.records, run.before, run.after
     t_max = longest_service_s(records)
-    end_s = max([duration_s, *(r.send - run.start + r.chunk_s[-1] for r in records if r.chunk_s)])
+    end_s = served_until_s(records, run.start, duration_s)
     mixes = {c.name: class_mix(c) for c in classes}
     occupancy = engine_occupancy(run.queue_samples, run.start, duration_s)
     return {
         "classes": {name: class_report(records, mix) for name, mix in mixes.items()},
         # DistServe's goodput: requests that met every target of their class, per second.
         "goodput_req_per_s": sum(meets_slo(r, mixes.get(r.cls)) for r in records if r.cls in mixes) / end_s,
-        "tenants": {c.name: tenant_report(records, class_mix(c)) for c in classes},
+        "tenants": {name: tenant_report(records, mix) for name, mix in mixes.items()},
         "mean_running": occupancy[0] if occupancy else None,
         "mean_waiting": occupancy[1] if occupancy else None,
         "jain": fairness(records, run.start, duration_s),

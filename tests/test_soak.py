@@ -21,6 +21,7 @@ import yaml
 from conftest import tiny_service
 
 from tokenfleet.cli import main
+from tokenfleet.engine.launch import stop_process_group
 from tokenfleet.load import soak
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.soak import (
@@ -263,12 +264,7 @@ def fake_fleet(service: LLMService, workdir: Path, port: int) -> Iterator[tuple[
             time.sleep(0.2)
         yield url, fleet.pid
     finally:
-        fleet.send_signal(signal.SIGTERM)
-        try:
-            fleet.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(fleet.pid, signal.SIGKILL)
-            fleet.wait()
+        stop_process_group(fleet, signal.SIGTERM, 60)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from tokenfleet.engine.gateway.upstream import Upstream, UpstreamError, Upstream
 from tokenfleet.engine.gateway.usage import UsageRelay
 from tokenfleet.engine.gateway.validation import RequestError
 from tokenfleet.engine.gateway.wire import Answer
-from tokenfleet.engine.sla_contract import CLASS_HEADER, REJECT_PREFIX
+from tokenfleet.engine.sla_contract import CLASS_HEADER, EMPTY_STREAM_REFUSAL, REJECT_PREFIX
 from tokenfleet.spec import RoutingSpec
 
 REPLICA_HEADER = "x-tokenfleet-replica"
@@ -195,7 +195,7 @@ class Forwarder:
                     if more is None:
                         break
                     first += more  # only choice-less events so far (a usage chunk): read on
-                rejection = scheduler_rejection(first) or (EMPTY_STREAM_REASON if empty else None)
+                rejection = scheduler_rejection(first) or (EMPTY_STREAM_REFUSAL if empty else None)
                 if rejection is not None:
                     self.outcomes.record(replica.revision, "refused", first_byte_s)
                     return self._engine_rejected(call, replica, rejection, release)
@@ -464,9 +464,6 @@ def scheduler_rejection(content: bytes) -> str | None:
             if choice.get("finish_reason") == "abort" and str(reason).startswith(REJECT_PREFIX):
                 return str(reason).removeprefix(REJECT_PREFIX).lstrip(": ") or "class queue full"
     return None
-
-
-EMPTY_STREAM_REASON = "the engine ended the stream before any output"
 
 
 def ended_without_output(head: bytes) -> bool | None:
