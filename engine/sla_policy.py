@@ -11,7 +11,11 @@ Ordering of waiting requests (smallest key first, see `SLAPolicy.key`):
    overtake it.
 2. Everything else by class priority (lower = more important, as in vLLM), then by the tenant's
    weighted virtual token counter inside that class (VTC: the least-served backlogged tenant
-   first), then by deadline slack (earliest `deadline - estimated prefill time` first).
+   first), then, within the tenant, requests that can still meet their TTFT target before those
+   that cannot (their latest start has passed), then by deadline slack (earliest
+   `deadline - estimated prefill time` first). Plain earliest-deadline-first collapses under
+   overload: the requests that already missed have the earliest deadlines, go first, and make
+   the next ones miss too. Late ones still age, so the wait bound is unchanged.
 
 Keys depend on the clock and on the VTC counters, so they are read against a frozen `now`
 (`SLAPolicy.advance`, once per engine step): vLLM peeks a queue and then pops it, and the two
@@ -38,7 +42,7 @@ OTHER_TENANT = "other"
 # Past this share of a class queue's limit, a tenant already holding its share of it is turned away.
 SHARED_QUEUE_FRACTION = 0.75
 
-Key = tuple[int, float, float, float, int]
+Key = tuple[int, float, float, str, int, float, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,9 @@ class Ticket:
     promote_at: float  # arrival + max wait: from then on it outranks every un-aged request
     seq: int  # admission order; the last tie-break, so keys are unique
     latest_start: float = 0.0  # deadline - estimated prefill time (the estimate at arrival)
+    # After this moment the request cannot meet its TTFT target: its latest start, or never for a
+    # request without a TTFT target (nothing to miss; it ages instead).
+    hopeless_after: float = math.inf
     first_scheduled: float | None = None
     last_admitted: float | None = None
     admitted_aged: bool = False  # admitted after aging: never chosen as a preemption victim
@@ -171,6 +178,9 @@ class Ticket:
 
     def aged(self, now: float) -> bool:
         return now >= self.promote_at
+
+    def hopeless(self, now: float) -> bool:
+        return now > self.hopeless_after
 
 
 class FairShare:
@@ -305,6 +315,7 @@ class SLAPolicy:
             ttft_s = float(override) / 1000
         self._seq += 1
         deadline = arrival + (ttft_s if ttft_s is not None else slo_class.max_wait_s)
+        latest_start = deadline - prompt_tokens * self.s_per_prefill_token
         return Ticket(
             request_id=request_id,
             slo_class=slo_class,
@@ -316,7 +327,8 @@ class SLAPolicy:
             promote_at=arrival + slo_class.max_wait_s,
             seq=self._seq,
             # Frozen at arrival so that the key's within-tenant part never needs re-sorting.
-            latest_start=deadline - prompt_tokens * self.s_per_prefill_token,
+            latest_start=latest_start,
+            hopeless_after=latest_start if ttft_s is not None else math.inf,
         )
 
     def advance(self, now: float) -> None:
@@ -325,11 +337,13 @@ class SLAPolicy:
 
     def key(self, ticket: Ticket) -> Key:
         if ticket.aged(self.now):
-            return (0, ticket.promote_at, 0.0, 0.0, ticket.seq)
+            return (0, ticket.promote_at, 0.0, "", 0, 0.0, ticket.seq)
         return (
             1,
             float(ticket.slo_class.priority),
             self.fair.counter(ticket.slo_class.name, ticket.tenant),
+            ticket.tenant,  # ties between tenants' counters: by name, as `SLAQueue` breaks them
+            int(ticket.hopeless(self.now)),
             ticket.latest_start,
             ticket.seq,
         )
@@ -423,11 +437,15 @@ class SLAQueue(Generic[T]):
     VTC counters, but only through two static parts, so no step ever re-sorts the queue:
 
     - one heap of every request by `promote_at` — its top is the oldest aged request, if any;
-    - one heap per (class, tenant) by `(latest_start, seq)` — static per ticket.
+    - two heaps per (class, tenant) by `(latest_start, seq)` — static per ticket: the requests
+      that can still meet their TTFT target, and those whose latest start has passed. A request
+      moves from the first to the second when it reaches the top after its latest start (once:
+      the clock only moves forward).
 
     The head is the aging heap's top if it has aged, else, in the most important non-empty class,
-    the top of the sub-heap of the tenant with the smallest counter. O(log n) per operation,
-    O(classes × tenants) per peek. Removal is lazy (entries of removed items are skipped).
+    for the tenant with the smallest counter, the top of its first heap, or of its second when
+    the first is empty. O(log n) per operation (amortised), O(classes × tenants) per peek.
+    Removal is lazy (entries of removed items are skipped).
     `peek_request` and the following `pop_request` agree because both read the policy's
     frozen clock and counters, which only change between steps.
     """
@@ -439,6 +457,7 @@ class SLAQueue(Generic[T]):
         self._token = 0
         self._aging: list[tuple[float, int, int, int]] = []  # (promote_at, seq, token, id)
         self._heaps: dict[tuple[int, str, str], list[tuple[float, int, int, int]]] = {}
+        self._hopeless: dict[tuple[int, str, str], list[tuple[float, int, int, int]]] = {}
         self._counts: dict[tuple[int, str, str], int] = {}
 
     def _alive(self, token: int, ident: int) -> bool:
@@ -464,10 +483,24 @@ class SLAQueue(Generic[T]):
             if best is None or rank < best:
                 best, best_key = rank, key
         assert best_key is not None  # the aging heap holds a live item, so some count is > 0
-        heap = self._heaps[best_key]
-        while not self._alive(heap[0][2], heap[0][3]):
-            heapq.heappop(heap)
-        return heap[0][3]
+        return self._tenant_head(best_key)
+
+    def _tenant_head(self, key: tuple[int, str, str]) -> int:
+        """id() of the first request of one (class, tenant): the most urgent that can still meet
+        its TTFT target, else the most overdue of the hopeless ones. The key holds a live item."""
+        heap, now = self._heaps[key], self._policy.now
+        while heap:
+            _, _, token, ident = heap[0]
+            if not self._alive(token, ident):
+                heapq.heappop(heap)
+            elif self._ticket_of(self._live[ident][1]).hopeless(now):
+                heapq.heappush(self._hopeless.setdefault(key, []), heapq.heappop(heap))
+            else:
+                return ident
+        hopeless = self._hopeless[key]
+        while not self._alive(hopeless[0][2], hopeless[0][3]):
+            heapq.heappop(hopeless)
+        return hopeless[0][3]
 
     def _forget(self, ident: int) -> T:
         _, item = self._live.pop(ident)

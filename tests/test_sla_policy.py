@@ -234,8 +234,102 @@ def test_slack_orders_by_latest_start_within_a_tenant() -> None:
     long2 = new_ticket(policy, "standard", 0.5, prompt_tokens=4000)
     q2.add_request(short2)
     q2.add_request(long2)
+    policy.advance(0.4)  # before the long one's latest start (at 1.0 it could no longer make it)
     assert q2.peek_request() is long2
     assert long2.latest_start == pytest.approx(4.5 - 4.0)
+
+
+def test_within_a_tenant_requests_that_can_still_meet_their_target_go_before_hopeless_ones() -> None:
+    """Earliest-deadline-first under overload: the overdue request would go first and make the
+    next one miss too. Feasible first, the overdue ones after them, most overdue first."""
+    policy = SLAPolicy(make_config())
+    q = ticket_queue(policy)
+    overdue = new_ticket(policy, "interactive", 0.0)  # TTFT 1 s: latest start 1.0
+    more_overdue = new_ticket(policy, "interactive", -0.5)  # latest start 0.5
+    fresh = new_ticket(policy, "interactive", 1.5)  # latest start 2.5
+    batch = new_ticket(policy, "batch", -50.0)  # no TTFT target: never hopeless (ages at 10)
+    for t in (overdue, more_overdue, fresh, batch):
+        q.add_request(t)
+    policy.advance(0.2)
+    assert list(q) == [more_overdue, overdue, fresh, batch]  # nobody is late yet: EDF
+    assert q.peek_request() is more_overdue
+    policy.advance(1.2)
+    assert not batch.hopeless(1.2)
+    assert list(q) == [fresh, more_overdue, overdue, batch]
+    assert q.peek_request() is fresh
+    q.remove_request(fresh)
+    assert q.pop_request() is more_overdue
+    # A hopeless request still ages (at 5 s), ahead of everything un-aged: its wait bound holds.
+    policy.advance(6.0)
+    assert list(q) == [overdue, batch]
+    assert q.pop_request() is overdue
+    assert q.pop_request() is batch
+    assert not q
+
+
+def test_a_ttft_override_makes_a_request_of_a_class_without_one_hopeless_in_time() -> None:
+    policy = SLAPolicy(make_config())
+    timed = policy.ticket("r1", 0, {"slo_class": "batch", "ttft_ms": 500}, 0.0, 10, 16)
+    untimed = new_ticket(policy, "batch", 0.0)
+    assert timed.hopeless_after == pytest.approx(0.5)
+    assert untimed.hopeless_after == math.inf
+    assert timed.hopeless(0.6)
+    assert not untimed.hopeless(59.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from(["interactive", "standard", "batch"]),
+            st.floats(0, 100),
+            st.sampled_from("ab"),
+            st.one_of(st.none(), st.integers(100, 5000)),
+            st.integers(1, 400),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    steps=st.lists(st.floats(0, 20), min_size=1, max_size=40),
+    charges=st.lists(
+        st.tuples(
+            st.sampled_from(["interactive", "standard", "batch"]), st.sampled_from("ab"), st.integers(0, 500)
+        ),
+        max_size=6,
+    ),
+    prefill_s=st.sampled_from([0.0, 0.001, 0.01]),
+)
+def test_the_queue_head_is_always_the_smallest_key_as_the_clock_moves(
+    items: list[tuple[str, float, str, int | None, int]],
+    steps: list[float],
+    charges: list[tuple[str, str, int]],
+    prefill_s: float,
+) -> None:
+    policy = SLAPolicy(make_config())
+    policy.s_per_prefill_token = prefill_s
+    q = ticket_queue(policy)
+    tickets: list[Ticket] = []
+    for slo_class, arrival, tenant, ttft_ms, prompt in items:
+        xargs: dict[str, object] = {"slo_class": slo_class, "tenant": tenant}
+        if ttft_ms is not None:
+            xargs["ttft_ms"] = ttft_ms
+        tickets.append(policy.ticket(f"r{len(tickets)}", 0, xargs, arrival, prompt, 16))
+    for t in tickets:
+        q.add_request(t)
+    for slo_class, tenant, tokens in charges:
+        policy.fair.charge(slo_class, tenant, tokens, 0)
+    now, remaining = 0.0, list(tickets)
+    for step in steps:
+        if not remaining:
+            break
+        now += step
+        policy.advance(now)
+        head = q.peek_request()
+        assert head is min(remaining, key=policy.key)
+        # remove (no prepay) keeps the counters fixed, so the next peek checks the moved heaps.
+        q.remove_request(head)
+        remaining.remove(head)
+    assert len(q) == len(remaining)
 
 
 def test_aged_requests_outrank_everything_in_promotion_order() -> None:
