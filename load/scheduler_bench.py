@@ -110,16 +110,19 @@ class ClassLoad:
 
 # Scaled to the CPU build: interactive short, batch long outputs and no TTFT target. Answers are
 # long enough that an engine's few slots, not the per-request work of its API server, bind.
+# Queue limits hold what a class receives within its maxWaitS at the sweep's top level (batch:
+# 0.4 × 1.4 × λ_sat × 20 s ≈ 53 at λ_sat 4.7): a smaller queue refuses work before aging can act.
 DEFAULT_CLASSES = (
     ClassLoad("interactive", 0, 0.3, (16, 48), (8, 24), 1.0, 0.25, 5.0, 64),
     ClassLoad("standard", 1, 0.3, (64, 160), (150, 250), 4.0, 0.5, 30.0, 64),
-    ClassLoad("batch", 2, 0.4, (64, 128), (400, 600), None, None, 20.0, 32),
+    ClassLoad("batch", 2, 0.4, (64, 128), (400, 600), None, None, 20.0, 64),
 )
 INTERACTIVE, STANDARD, BATCH = DEFAULT_CLASSES
 MAX_MODEL_LEN = 1024  # the longest prompt + answer above, with room
 SCENARIOS = ("starvation", "noisy", "deadlines")
-# The scenarios, then the SLO-capacity sweep over load levels of the standard mix, then a burst.
-DEFAULT_PROFILES = (*SCENARIOS, "0.4x", "0.8x", "1.0x", "1.2x", "burst")
+# The scenarios, then the SLO-capacity sweep over load levels of the standard mix: from where
+# FCFS still holds to past where priority starves batch (`burst` and other levels on request).
+DEFAULT_PROFILES = (*SCENARIOS, "0.4x", "0.8x", "1.2x", "1.4x")
 # starvation: the top class alone slightly over capacity, with answers as long as the mix's mean
 # (so 1.1 × λ_sat of the mix is ~1.1 × this traffic's capacity), and a trickle of batch work.
 STARVATION_LOAD = 1.1

@@ -452,7 +452,7 @@ def test_service_spec_is_a_valid_llmservice_per_policy() -> None:
         assert service.spec.engine.max_num_seqs == 2
         batch = service.spec.scheduler.class_named("batch")
         assert batch is not None
-        assert batch.queue_limit == 32
+        assert batch.queue_limit == sb.BATCH.queue_limit  # the bench's limit reaches the spec
         # The workload judges each class by the targets the scheduler is given.
         for cls in service.spec.scheduler.classes:
             mix = sb.class_mix(next(c for c in sb.DEFAULT_CLASSES if c.name == cls.name))
