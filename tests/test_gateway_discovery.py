@@ -140,6 +140,39 @@ def test_gateway_counts_outcomes_per_revision_in_metrics() -> None:
     assert (buckets[0.25], buckets[0.5]) == (0, 1), "a refusal's first byte is no TTFT"
 
 
+def test_a_joining_replica_has_its_ejection_and_readmission_series_at_zero() -> None:
+    """Initialised when the replica joins, so Prometheus sees the series before any event (a
+    restarted local replica rejoins under a new id: its readmissions are never counted otherwise);
+    removed with the replica's other series when it leaves."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[tuple[str, str], float]:
+        text = generate_latest(gateway.metrics.registry).decode()
+        return {
+            (sample.name, sample.labels["replica"]): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name in ("tokenfleet_gateway_ejections", "tokenfleet_gateway_readmissions")
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        }
+
+    gateway = Gateway(tiny_service())
+    assert counts() == {}
+    gateway.apply_endpoints([EngineEndpoint("pod-a", "http://10.0.0.1:8000", "r1", "stable")])
+    assert counts() == {
+        ("tokenfleet_gateway_ejections_total", "pod-a"): 0.0,
+        ("tokenfleet_gateway_readmissions_total", "pod-a"): 0.0,
+    }
+    gateway.metrics.readmissions.labels("pod-a").inc()
+    assert counts()[("tokenfleet_gateway_readmissions_total", "pod-a")] == 1.0
+    gateway.apply_endpoints([EngineEndpoint("pod-b", "http://10.0.0.2:8000", "r1", "stable")])
+    assert counts() == {
+        ("tokenfleet_gateway_ejections_total", "pod-b"): 0.0,
+        ("tokenfleet_gateway_readmissions_total", "pod-b"): 0.0,
+    }
+
+
 # -- a gateway following a fake API --------------------------------------------------------------
 
 

@@ -176,6 +176,7 @@ class Gateway:
     def _refresh_slots(self) -> None:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
         for replica in self.replicas.replicas.values():
+            self.metrics.init_replica(replica.id)
             self.metrics.replica_up.labels(replica.id).set(1 if replica.breaker.admits else 0)
             # Read at scrape time: nothing to update per request.
             self.metrics.in_flight.labels(replica.id).set_function(partial(self._in_flight_of, replica.id))

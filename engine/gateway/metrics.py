@@ -41,6 +41,15 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return cast(Metric, found)
 
+    def init_replica(self, replica_id: str) -> None:
+        """Create a member's replica-only counters at 0 (Prometheus practice for a label value once
+        it is known): a labelled child otherwise appears with its first event, so a fleet whose
+        replicas are never readmitted (the local fleet's restarted replica joins under a new id)
+        has no `readmissions` series at all, and `rate()` misses the first increment of one that
+        appears mid-run. Cached by `child`, so repeating it per membership change costs nothing."""
+        for counter in (self.ejections, self.readmissions):
+            self.child(counter, replica_id)
+
     def forget_replica(self, replica_id: str) -> None:
         """Drop a replica's series once it has left for good (with endpoint discovery replica ids
         are pod names, so series of gone pods would otherwise pile up for the process's life)."""
