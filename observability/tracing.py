@@ -9,10 +9,9 @@ returned, not installed globally, so several gateways in one test process stay a
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,21 +26,9 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import StatusCode, Tracer
 
-ENDPOINT_ENV = "TOKENFLEET_OTLP_ENDPOINT"
-STANDARD_ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-def otlp_traces_url(endpoint: str) -> str:
-    """OTLP/HTTP wants the full `/v1/traces` path; accept a collector base URL too."""
-    endpoint = endpoint.rstrip("/")
-    return endpoint if endpoint.endswith("/v1/traces") else f"{endpoint}/v1/traces"
-
-
-def endpoint_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
-    for name in (ENDPOINT_ENV, *STANDARD_ENDPOINT_ENVS):
-        if environ.get(name):
-            return environ[name]
-    return None
+# The endpoint rules live in a module without OpenTelemetry (the operator renders pods with them).
+from tokenfleet.observability.otlp_endpoint import endpoint_from_env as endpoint_from_env
+from tokenfleet.observability.otlp_endpoint import otlp_traces_url as otlp_traces_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tokenfleet.observability.otlp_endpoint import endpoint_from_env
+
 # One revision id in both places: the local fleet and the operator hash the same sections.
 from tokenfleet.operator.control import revision_of as revision_of
 from tokenfleet.spec import LLMService, LLMServiceSpec
@@ -135,6 +137,9 @@ class Conventions:
     hf_token_secret: str | None = None  # "<secret>/<key>" in each service's namespace
     # Where gateways may reach the API server (endpoint discovery); narrow it to the control plane's.
     api_server_cidr: str = "0.0.0.0/0"
+    # The OpenTelemetry collector's OTLP/HTTP endpoint (base URL or .../v1/traces): gateways and
+    # engines export their spans there. None: no export (spans stay in the gateway's memory).
+    otlp_endpoint: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Conventions:
@@ -145,6 +150,8 @@ class Conventions:
             prometheus_namespace=environ.get("TOKENFLEET_PROMETHEUS_NAMESPACE") or base.prometheus_namespace,
             hf_token_secret=environ.get("TOKENFLEET_HF_TOKEN_SECRET") or None,
             api_server_cidr=environ.get("TOKENFLEET_API_SERVER_CIDR") or base.api_server_cidr,
+            # Read as every tokenfleet process reads it (infra sets OTEL_EXPORTER_OTLP_ENDPOINT).
+            otlp_endpoint=endpoint_from_env(environ),
         )
 
 

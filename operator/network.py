@@ -2,12 +2,14 @@
 
 Network policy: deny everything for the service's pods, then allow only clients → gateway,
 gateway → engines, gateway → the API server (endpoint discovery), Prometheus → the metrics
-ports, and DNS (plus HTTPS out of engines whose model comes from a hub).
+ports, and DNS (plus HTTPS out of engines whose model comes from a hub, and OTLP to the trace
+collector when the operator has one).
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from tokenfleet.observability.stack import VLLM_NAMES
 from tokenfleet.operator.model import (
@@ -138,6 +140,27 @@ def _prometheus_peer(conventions: Conventions) -> dict[str, Any]:
     }
 
 
+def otlp_egress(endpoint: str) -> dict[str, Any]:
+    """Spans out to the collector at `endpoint`: its port, in its namespace when the host is a
+    Service name (`<service>.<namespace>.svc[.<cluster domain>]`), else to any address.
+
+    NetworkPolicy sees the pod's port after the Service's DNAT: this assumes the collector serves
+    on the port its Service exposes (4318 for the one infra/ installs).
+    """
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ports = [{"protocol": "TCP", "port": port}]
+    host = (url.hostname or "").split(".")
+    if len(host) >= 3 and host[2] == "svc":
+        namespace = {"matchLabels": {"kubernetes.io/metadata.name": host[1]}}
+        return {"to": [{"namespaceSelector": namespace}], "ports": ports}
+    return {"ports": ports}
+
+
+def _tracing_egress(conventions: Conventions) -> list[dict[str, Any]]:
+    return [otlp_egress(conventions.otlp_endpoint)] if conventions.otlp_endpoint else []
+
+
 def network_policies(service: LLMService, conventions: Conventions) -> list[dict[str, Any]]:
     name = service.metadata.name
     gateway_port = service.spec.gateway.port
@@ -163,6 +186,7 @@ def network_policies(service: LLMService, conventions: Conventions) -> list[dict
                 "ports": [{"protocol": "TCP", "port": 443}],
             }
         )
+    engine_egress += _tracing_egress(conventions)
     engines = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -205,6 +229,7 @@ def network_policies(service: LLMService, conventions: Conventions) -> list[dict
                     "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
                 },
                 _dns_egress(),
+                *_tracing_egress(conventions),
             ],
         },
     }

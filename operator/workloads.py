@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tokenfleet.engine.launch import engine_command
+from tokenfleet.observability.otlp_endpoint import otlp_traces_url
 from tokenfleet.operator.model import (
     COMPONENT_LABEL,
     ENGINE_PORT,
@@ -151,12 +152,41 @@ def _pool_resources(spec: LLMServiceSpec, pool_index: int) -> dict[str, Any]:
     return resources
 
 
-def engine_container(spec: LLMServiceSpec, conventions: Conventions, pool_index: int) -> dict[str, Any]:
+def engine_trace_service(service: LLMService) -> str:
+    """The engines' `service.name` in traces (vLLM names none; the gateway's is
+    `tokenfleet-gateway-<name>`, engine/gateway/app.py)."""
+    return f"tokenfleet-engine-{service.metadata.name}"
+
+
+def gateway_tracing_env(conventions: Conventions) -> dict[str, str]:
+    """What turns on a gateway pod's OTLP export (engine/gateway/tracing.py): nothing without a
+    collector, so the gateway keeps its spans in memory as it does locally."""
+    if not conventions.otlp_endpoint:
+        return {}
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": conventions.otlp_endpoint,
+        # The exporter appends /v1/traces to the variable above but takes this one as it is, so an
+        # endpoint configured with the path works too.
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_traces_url(conventions.otlp_endpoint),
+    }
+
+
+def engine_container(
+    service: LLMService, spec: LLMServiceSpec, conventions: Conventions, pool_index: int
+) -> dict[str, Any]:
+    endpoint = conventions.otlp_endpoint
     command = engine_command(
-        spec, cluster_model_path(spec.model, conventions), port=ENGINE_PORT, host="0.0.0.0", python="python3"
+        spec,
+        cluster_model_path(spec.model, conventions),
+        port=ENGINE_PORT,
+        host="0.0.0.0",
+        python="python3",
+        # With a collector, vLLM exports a span per request under the gateway's traceparent.
+        otlp_traces_endpoint=otlp_traces_url(endpoint) if endpoint else None,
     )
     env = {
         **command.env,
+        **({"OTEL_SERVICE_NAME": engine_trace_service(service)} if endpoint else {}),
         # Read-only root filesystem: every cache goes to the writable emptyDir.
         "HOME": "/tmp",
         "HF_HOME": "/cache/huggingface",
@@ -240,7 +270,7 @@ def engine_deployment(
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_s(spec, conventions),
         "securityContext": restricted_pod_security(),
-        "containers": [engine_container(spec, conventions, pool_index)],
+        "containers": [engine_container(service, spec, conventions, pool_index)],
         "volumes": [
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
@@ -354,7 +384,10 @@ def gateway_deployment(
             "--namespace",
             service.metadata.namespace,
         ],
-        "env": [{"name": "PYTHONSAFEPATH", "value": "1"}],
+        "env": [
+            {"name": name, "value": value}
+            for name, value in sorted({"PYTHONSAFEPATH": "1", **gateway_tracing_env(conventions)}.items())
+        ],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {

@@ -28,6 +28,9 @@ from tokenfleet.infra import charts
 from tokenfleet.infra.program import Stack, program
 from tokenfleet.infra.stackconfig import StackConfigError, StackSecrets, load_stack_config, parse_stack_config
 from tokenfleet.operator.crd import crd_manifest
+from tokenfleet.operator.model import ControlDecision, Conventions, Observed
+from tokenfleet.operator.reconcile import desired_objects
+from tokenfleet.spec import parse_service
 
 # Pulumi needs an event loop in the main thread (see conftest.event_loop_for_pulumi).
 pytestmark = [
@@ -369,6 +372,59 @@ def test_operator_crd_is_the_generated_one_and_the_deployment_is_single_recreate
     (svc,) = [s for s in recorder.kind("Service") if s["metadata"]["name"] == "tokenfleet-operator-metrics"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert svc["spec"]["selector"].items() <= operator["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_services_send_their_traces_to_the_stacks_collector(runs: dict[str, Run], name: str) -> None:
+    """infra tells the operator the collector's OTLP/HTTP Service; the gateway and engine pods the
+    operator renders from that environment export there, and every NetworkPolicy on the way
+    (the namespace's allow-otlp and the operator's own) lets the spans out."""
+    run = runs[name]
+    collector = "http://otel-collector-opentelemetry-collector.monitoring.svc:4318"
+    assert run.stack.monitoring.otlp_endpoint == collector
+    (operator,) = [
+        d for d in run.recorder.kind("Deployment") if d["metadata"]["name"] == "tokenfleet-operator"
+    ]
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == collector
+    # The collector listens for OTLP/HTTP on that port (the chart's Service maps it 1:1).
+    releases = {r.inputs["chart"]: r.inputs for r in run.recorder.of_type("kubernetes:helm.sh/v3:Release")}
+    otel = releases["opentelemetry-collector"]
+    assert otel["name"] == "otel-collector"
+    assert otel["namespace"] == "monitoring"
+    assert otel["values"]["config"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"] == "0.0.0.0:4318"
+    conventions = Conventions.from_env(env)
+    policies = run.recorder.kind("NetworkPolicy")
+    to_collector = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"protocol": "TCP", "port": 4318}],
+    }
+    services = run.recorder.kind("LLMService")
+    assert services
+    for document in services:
+        service = parse_service(document)
+        ns = service.metadata.namespace
+        (allow,) = [
+            p for p in policies if p["metadata"]["name"] == "allow-otlp" and p["metadata"]["namespace"] == ns
+        ]
+        assert allow["spec"]["podSelector"] == {}  # every pod of the namespace, the operator's too
+        assert {"protocol": "TCP", "port": 4318} in allow["spec"]["egress"][0]["ports"]
+        assert allow["spec"]["egress"][0]["to"] == to_collector["to"]
+        objects = desired_objects(service, Observed(uid="u"), ControlDecision(stable_replicas=1), conventions)
+        for obj in objects:
+            if obj["kind"] != "ServiceMonitor":
+                assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
+        rendered = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+        engine = rendered["Deployment", f"{service.metadata.name}-engine"]["spec"]["template"]["spec"]
+        argv = engine["containers"][0]["command"]
+        assert argv[argv.index("--otlp-traces-endpoint") + 1] == f"{collector}/v1/traces"
+        gateway = rendered["Deployment", f"{service.metadata.name}-gateway"]["spec"]["template"]["spec"]
+        gateway_env = {e["name"]: e["value"] for e in gateway["containers"][0]["env"]}
+        assert gateway_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == collector
+        for component in ("engine", "gateway"):
+            policy = rendered["NetworkPolicy", f"{service.metadata.name}-{component}"]
+            assert to_collector in policy["spec"]["egress"]
 
 
 def test_operator_may_reach_the_api_server_prometheus_and_its_services_only(runs: dict[str, Run]) -> None:

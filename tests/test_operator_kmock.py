@@ -535,8 +535,16 @@ async def test_cli_operator_run_logs_in_with_the_kubeconfig(api: Any, tmp_path: 
         )
     )
     health = free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "TOKENFLEET_GATEWAY_IMAGE": "example.org/gw:1.2.3"}
-    env.pop("KUBERNETES_SERVICE_HOST", None)
+    collector = "http://otel-collector-opentelemetry-collector.monitoring.svc:4318"
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        # The installation settings infra/ passes to the operator's container.
+        "TOKENFLEET_GATEWAY_IMAGE": "example.org/gw:1.2.3",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+    }
+    for name in ("KUBERNETES_SERVICE_HOST", "TOKENFLEET_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        env.pop(name, None)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -556,7 +564,14 @@ async def test_cli_operator_run_logs_in_with_the_kubeconfig(api: Any, tmp_path: 
         await wait_for(lambda: status_of(k).get("observedGeneration") == 1, timeout=60)
         gateway = obj(k, "apps/v1/deployments", "chat-gateway")
         assert gateway is not None
-        assert gateway["spec"]["template"]["spec"]["containers"][0]["image"] == "example.org/gw:1.2.3"
+        (container,) = gateway["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "example.org/gw:1.2.3"
+        # Traces: the gateway exports to the collector, and so does vLLM in the engine pods.
+        assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": collector} in container["env"]
+        engine = obj(k, "apps/v1/deployments", "chat-engine")
+        assert engine is not None
+        argv = engine["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert argv[argv.index("--otlp-traces-endpoint") + 1] == f"{collector}/v1/traces"
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{health}/healthz") as resp,

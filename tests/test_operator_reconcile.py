@@ -254,6 +254,129 @@ def test_network_policies_default_deny_then_only_the_needed_paths() -> None:
     assert len(gateway["egress"]) == 3  # engines, API server, DNS: nothing else
 
 
+COLLECTOR = "http://otel-collector-opentelemetry-collector.monitoring.svc:4318"  # what infra/ sets
+CANARY = ControlDecision(stable_replicas=2, canary_replicas=1, canary_weight_percent=10)
+
+
+def traced_objects(service: LLMService, environ: dict[str, str]) -> list[dict[str, Any]]:
+    """Objects as an operator started with `environ` renders them (Conventions.from_env)."""
+    return desired_objects(service, Observed(uid="uid-1"), CANARY, Conventions.from_env(environ))
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_without_a_collector_pods_export_no_traces_and_nothing_changes() -> None:
+    service = gpu()
+    objects = traced_objects(service, {})
+    assert objects == objects_of(service, CANARY)  # the operator's defaults: no endpoint
+    for name in ("llama-8b-engine", "llama-8b-engine-canary", "llama-8b-gateway"):
+        (container,) = by_name(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert "--otlp-traces-endpoint" not in container["command"]
+        assert not [key for key in env_of(container) if key.startswith("OTEL_")], name
+    for name in ("llama-8b-engine", "llama-8b-gateway"):
+        egress = by_name(objects, "NetworkPolicy", name)["spec"]["egress"]
+        assert all(p["port"] != 4318 for rule in egress for p in rule["ports"])
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "TOKENFLEET_OTLP_ENDPOINT"])
+def test_with_a_collector_gateway_and_engines_export_their_spans_there(variable: str) -> None:
+    service = gpu()
+    objects = traced_objects(service, {variable: COLLECTOR})
+    for obj in objects:
+        if obj["kind"] != "ServiceMonitor":
+            assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
+    # Engines (both tracks): vLLM's --otlp-traces-endpoint, as the local fleet passes it.
+    expected = engine_command(
+        service.spec,
+        cluster_model_path(service.spec.model, Conventions()),
+        port=8000,
+        host="0.0.0.0",
+        python="python3",
+        otlp_traces_endpoint=f"{COLLECTOR}/v1/traces",
+    )
+    for name in ("llama-8b-engine", "llama-8b-engine-canary"):
+        (container,) = by_name(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == expected.argv
+        env = env_of(container)
+        assert env.items() >= expected.env.items()
+        assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+        assert env["OTEL_SERVICE_NAME"] == "tokenfleet-engine-llama-8b"
+    # The gateway: the variable engine/gateway/tracing.py switches OTLP export on with.
+    (gateway,) = by_name(objects, "Deployment", "llama-8b-gateway")["spec"]["template"]["spec"]["containers"]
+    assert env_of(gateway) == {
+        "PYTHONSAFEPATH": "1",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": COLLECTOR,
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{COLLECTOR}/v1/traces",
+    }
+    # Their NetworkPolicies let the spans out: to the collector's namespace, on its port.
+    to_collector = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"protocol": "TCP", "port": 4318}],
+    }
+    for name in ("llama-8b-engine", "llama-8b-gateway"):
+        assert to_collector in by_name(objects, "NetworkPolicy", name)["spec"]["egress"], name
+    # Nothing else differs from the objects rendered without a collector.
+    untraced = {(o["kind"], o["metadata"]["name"]): o for o in traced_objects(service, {})}
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objects) == sorted(untraced)
+    changed = {
+        (o["kind"], o["metadata"]["name"]) for o in objects if untraced[o["kind"], o["metadata"]["name"]] != o
+    }
+    assert changed == {
+        ("Deployment", "llama-8b-engine"),
+        ("Deployment", "llama-8b-engine-canary"),
+        ("Deployment", "llama-8b-gateway"),
+        ("NetworkPolicy", "llama-8b-engine"),
+        ("NetworkPolicy", "llama-8b-gateway"),
+    }
+
+
+def test_collector_endpoint_forms() -> None:
+    from tokenfleet.operator.network import otlp_egress
+
+    # Given with the /v1/traces path: never appended twice.
+    objects = traced_objects(gpu(), {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{COLLECTOR}/v1/traces"})
+    (engine,) = by_name(objects, "Deployment", "llama-8b-engine")["spec"]["template"]["spec"]["containers"]
+    argv = engine["command"]
+    assert argv[argv.index("--otlp-traces-endpoint") + 1] == f"{COLLECTOR}/v1/traces"
+    (gateway,) = by_name(objects, "Deployment", "llama-8b-gateway")["spec"]["template"]["spec"]["containers"]
+    assert env_of(gateway)["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == f"{COLLECTOR}/v1/traces"
+    # A Service name with the cluster domain: still its namespace; anything else: its port only.
+    assert otlp_egress("http://otel.observability.svc.cluster.local:4318")["to"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
+    ]
+    assert otlp_egress("https://traces.example.com/v1/traces") == {
+        "ports": [{"protocol": "TCP", "port": 443}]
+    }
+    assert otlp_egress("http://10.1.2.3:4318") == {"ports": [{"protocol": "TCP", "port": 4318}]}
+
+
+def test_the_operator_renders_traced_pods_without_opentelemetry_installed() -> None:
+    """The operator's image has no OpenTelemetry SDK (the `operator` extra): the endpoint rules it
+    shares with the gateway and the local fleet must not import it."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"""
+import json, sys
+sys.modules["opentelemetry"] = None  # any import of it fails
+from tokenfleet.operator.model import Conventions, ControlDecision, Observed
+from tokenfleet.operator.reconcile import desired_objects
+from tokenfleet.spec import load_service
+service = load_service({str(ROOT / "examples" / "gpu.yaml")!r})
+conventions = Conventions.from_env({{"OTEL_EXPORTER_OTLP_ENDPOINT": {COLLECTOR!r}}})
+objects = desired_objects(service, Observed(uid="u"), ControlDecision(stable_replicas=1), conventions)
+engine = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-engine"))
+print(json.dumps(engine["spec"]["template"]["spec"]["containers"][0]["command"]))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    argv = json.loads(done.stdout.strip().splitlines()[-1])
+    assert argv[argv.index("--otlp-traces-endpoint") + 1] == f"{COLLECTOR}/v1/traces"
+
+
 def test_gateway_discovers_engines_with_a_least_privilege_role() -> None:
     from tokenfleet.operator.model import revision_of
     from tokenfleet.operator.rbac import gateway_rules
