@@ -18,6 +18,7 @@ import pytest
 import yaml
 from conftest import free_port, tiny_service
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfleet.engine.fleet import LocalFleet, engine_launcher, format_status, print_status, serve_fleet
 from tokenfleet.engine.gateway.app import Gateway
@@ -186,15 +187,14 @@ def test_fleet_reports_a_port_in_use(tmp_path: Path) -> None:
     assert any("could not listen" in line for line in logs)
 
 
+def sleeper(service: LLMService, replica_id: str, port: int) -> EngineProcess:
+    """A replica process whose start hangs (never ready)."""
+    return EngineProcess(EngineCommand([sys.executable, "-c", "import time; time.sleep(60)"], {}), port=port)
+
+
 def test_local_fleet_replaces_a_hung_start_and_stops_surplus_without_blocking() -> None:
     gateway = Gateway(tiny_service(failover={"startupTimeoutS": 0.5}))
     logs: list[str] = []
-
-    def sleeper(service: LLMService, replica_id: str, port: int) -> EngineProcess:  # a start that hangs
-        return EngineProcess(
-            EngineCommand([sys.executable, "-c", "import time; time.sleep(60)"], {}), port=port
-        )
-
     fleet = LocalFleet(gateway, sleeper, desired=2, log=logs.append)
     try:
         assert fleet.tick(now=0.0) == []
@@ -224,6 +224,43 @@ def test_local_fleet_replaces_a_hung_start_and_stops_surplus_without_blocking() 
     finally:
         fleet.stop_all()
     assert not fleet.replicas
+
+
+def test_a_replica_the_local_fleet_stops_leaves_no_gateway_series() -> None:
+    """The local fleet sets the gateway's membership itself (no discovery): a replica it scales
+    away takes its per-replica series with it when it leaves the gateway, so a `replica_routable`
+    at 0 (here: never ready) cannot hold TokenfleetReplicaDown firing for an id that is gone; the
+    series its last request recreates as it ends go once it has no request left."""
+    gateway = Gateway(tiny_service())
+    metrics = gateway.metrics
+
+    def series(rid: str) -> dict[str, float]:
+        families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        return {s.name: s.value for f in families for s in f.samples if s.labels.get("replica") == rid}
+
+    fleet = LocalFleet(gateway, sleeper, desired=2, log=lambda line: None)
+    try:
+        fleet.tick(now=0.0)
+        member = gateway.replicas.replicas["replica-1"]
+        metrics.child(metrics.upstream_requests, "replica-1", "/v1/completions", "ok").inc()
+        metrics.child(metrics.first_byte, "/v1/completions", "standard", "replica-1").observe(0.1)
+        assert series("replica-1")["tokenfleet_gateway_replica_routable"] == 0.0  # starting
+        member.in_flight = 1  # a request still running on it
+        fleet.service = tiny_service(replicas={"min": 1, "max": 1})
+        fleet.desired = 1
+        fleet.tick(now=1.0)  # replica-1 (the newest unready one) is drained: out of the gateway
+        assert set(gateway.replicas.replicas) == {"replica-0"}
+        assert series("replica-1") == {}
+        # The request ends (the forwarder counts it on the replica that served it), then the
+        # drain ends on the next tick.
+        member.in_flight = 0
+        metrics.child(metrics.upstream_requests, "replica-1", "/v1/completions", "ok").inc()
+        fleet.tick(now=2.0)
+        assert set(fleet.replicas) == {"replica-0"}
+        assert series("replica-1") == {}
+        assert series("replica-0")["tokenfleet_gateway_replica_routable"] == 0.0
+    finally:
+        fleet.stop_all()
 
 
 def test_a_failing_tick_is_logged_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:

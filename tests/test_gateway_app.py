@@ -20,6 +20,7 @@ import pytest
 from conftest import free_port, tiny_service
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenfleet.engine.gateway.app import Gateway, create_app
@@ -196,6 +197,23 @@ def test_health_ready_metrics_openapi(gateway: tuple[str, Gateway]) -> None:
     assert "CompletionRequest" in spec["components"]["schemas"]
 
 
+def test_retry_counters_exist_at_zero_for_every_route_before_any_retry() -> None:
+    """Created with the gateway's routes (Prometheus practice for a known label value): a day
+    without a retry still has the series the dashboards plot, and `rate()` counts the first one."""
+    gateway = Gateway(tiny_service(gateway={"exposeEndpoints": ["/tokenize", "/version"]}))
+    registry = gateway.metrics.registry
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    retries = {
+        sample.labels["route"]: sample.value
+        for family in families
+        if family.name == "tokenfleet_gateway_retries"
+        for sample in family.samples
+        if sample.name == "tokenfleet_gateway_retries_total"
+    }
+    openai = ["/v1/completions", "/v1/chat/completions", "/v1/responses"]
+    assert retries == dict.fromkeys([*openai, "/v1/models", "/tokenize", "/version"], 0.0)
+
+
 def in_flight_gauges(url: str) -> dict[str, float]:
     families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
     family = next(f for f in families if f.name == "tokenfleet_gateway_in_flight")
@@ -331,11 +349,19 @@ def test_5xx_before_body_is_retried_on_another_replica(
     gateway: tuple[str, Gateway], fakes: tuple[Fake, Fake]
 ) -> None:
     url, gw = gateway
+
+    def retries() -> float | None:
+        return gw.metrics.registry.get_sample_value(
+            "tokenfleet_gateway_retries_total", {"route": "/v1/completions"}
+        )
+
+    before = retries()
+    assert before is not None  # the series is there, at its count so far, before this retry
     fakes[0].faults.status_5xx = 1
     replies = [httpx.post(f"{url}/v1/completions", json=COMPLETION) for _ in range(2)]
     assert [r.status_code for r in replies] == [200, 200]
     assert fakes[0].faults.status_5xx == 0  # r0 was tried and failed; r1 answered instead
-    assert 'tokenfleet_gateway_retries_total{route="/v1/completions"}' in httpx.get(f"{url}/metrics").text
+    assert retries() == before + 1
 
     def retried() -> list[Any]:  # the failed attempt is an event on the request's one span
         finished = gw.tracing.memory.get_finished_spans()

@@ -142,6 +142,8 @@ class Gateway:
         self._discoverer: asyncio.Task[None] | None = None
         # Whoever runs the replicas (the local fleet) adds its view to /admin/status.
         self.extra_status: Callable[[], dict[str, object]] | None = None
+        # Replicas that left the membership with requests in flight (see `set_replicas`).
+        self._leaving: dict[str, Replica] = {}
         self.app = self._build_app()
 
     # -- membership and state ---------------------------------------------------------------
@@ -149,7 +151,17 @@ class Gateway:
     def set_replicas(
         self, members: Iterable[tuple[str, str]], revisions: Mapping[str, str] | None = None
     ) -> None:
+        """The membership, whoever decides it (the local fleet calls this, discovery through
+        `apply_endpoints`). A replica that left takes its series with it; one still finishing
+        requests (a drain) recreates a few as they end, so it is forgotten again once it has none
+        left (`_refresh_slots`)."""
+        before = dict(self.replicas.replicas)
         self.replicas.set(members, revisions)
+        for rid, replica in before.items():
+            if rid not in self.replicas.replicas:
+                self.metrics.forget_replica(rid)
+                if replica.in_flight:
+                    self._leaving[rid] = replica
         self._refresh_slots()
 
     def set_weights(self, weights: Mapping[str, int] | None) -> None:
@@ -168,10 +180,6 @@ class Gateway:
         if change.changed:
             log.info("replicas: +%s -%s", list(change.added), list(change.removed))
             self.set_replicas(change.members, change.revisions)
-            staying = {rid for rid, _ in change.members}
-            for rid in change.removed:
-                if rid not in staying:
-                    self.metrics.forget_replica(rid)
 
     def _refresh_slots(self) -> None:
         self.admission.set_slots(len(self.replicas.routable()) * self.per_replica_slots)
@@ -182,6 +190,11 @@ class Gateway:
             self.metrics.in_flight.labels(replica.id).set_function(partial(self._in_flight_of, replica.id))
         for cls, n in self.admission.queued().items():
             self.metrics.queued.labels(cls).set(n)
+        for rid, replica in list(self._leaving.items()):
+            if rid in self.replicas.replicas or not replica.in_flight:
+                del self._leaving[rid]
+                if rid not in self.replicas.replicas:  # (back under its id: its series are live)
+                    self.metrics.forget_replica(rid)
 
     def _in_flight_of(self, replica_id: str) -> float:
         replica = self.replicas.replicas.get(replica_id)
@@ -249,6 +262,7 @@ class Gateway:
             method = "GET" if path == "/version" else "POST"
             proxy_route(path, method, self._passthrough(path, method))
         app.fast_routes = proxied
+        self.metrics.init_routes(proxied)
         if self.keyring is not None:
             app.guard = self._may_see
         app.add_api_route("/health", self._health, methods=["GET"])

@@ -10,6 +10,7 @@ is a spec revision the gateway has routed to in its lifetime (two at a time, dur
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -41,18 +42,28 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return cast(Metric, found)
 
+    def init_routes(self, routes: Iterable[str]) -> None:
+        """Create the per-route counter that only an event would create at 0 (as `init_replica`
+        does per replica): `retries` for each route the gateway proxies, so a day without a retry
+        has the series too and `rate()` sees the first one."""
+        for route in routes:
+            self.child(self.retries, route)
+
     def init_replica(self, replica_id: str) -> None:
         """Create a member's replica-only counters at 0 (Prometheus practice for a label value once
         it is known): a labelled child otherwise appears with its first event, so a fleet whose
-        replicas are never readmitted (the local fleet's restarted replica joins under a new id)
-        has no `readmissions` series at all, and `rate()` misses the first increment of one that
-        appears mid-run. Cached by `child`, so repeating it per membership change costs nothing."""
+        replicas are never readmitted (the local fleet's restarted replica rejoins as a new member,
+        under its id but with a fresh breaker) has no `readmissions` series at all, and `rate()`
+        misses the first increment of one that appears mid-run. Cached by `child`, so repeating it
+        per membership change costs nothing."""
         for counter in (self.ejections, self.readmissions):
             self.child(counter, replica_id)
 
     def forget_replica(self, replica_id: str) -> None:
-        """Drop a replica's series once it has left for good (with endpoint discovery replica ids
-        are pod names, so series of gone pods would otherwise pile up for the process's life)."""
+        """Drop a replica's series once it has left (the gateway's membership update calls it,
+        whoever changed the membership): a gone replica's `replica_routable` would otherwise keep
+        its last value, an alert on it keep firing, and with endpoint discovery (replica ids are
+        pod names) series of gone pods pile up for the process's life."""
         per_replica = (
             self.upstream_requests,
             self.errors,
