@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tokenfleet.engine.launch import engine_command
+from tokenfleet.engine.launch import EngineCommand, engine_command
 from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.loop import ControlState, Metrics, control_tick, stable_spec_of
 from tokenfleet.operator.model import (
@@ -142,18 +142,24 @@ def test_service_monitor_shape() -> None:
         assert service["spec"]["ports"][0]["name"] == "http"
 
 
-def test_engine_pod_runs_the_local_fleet_argv_and_is_hardened() -> None:
-    service = gpu()
-    stable = by_name(objects_of(service), "Deployment", "llama-8b-engine")
-    pod = stable["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    expected = engine_command(
+def cluster_engine_command(service: LLMService, otlp_traces_endpoint: str | None = None) -> EngineCommand:
+    """The engine argv the operator should render: the local fleet's, with the pod's paths and port."""
+    return engine_command(
         service.spec,
         cluster_model_path(service.spec.model, Conventions()),
         port=8000,
         host="0.0.0.0",
         python="python3",
+        otlp_traces_endpoint=otlp_traces_endpoint,
     )
+
+
+def test_engine_pod_runs_the_local_fleet_argv_and_is_hardened() -> None:
+    service = gpu()
+    stable = by_name(objects_of(service), "Deployment", "llama-8b-engine")
+    pod = stable["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    expected = cluster_engine_command(service)
     assert container["command"] == expected.argv
     assert {e["name"]: e["value"] for e in container["env"]}.items() >= expected.env.items()
     # Startup sized for model load (failover.startupTimeoutS), readiness and liveness on /health.
@@ -288,14 +294,7 @@ def test_with_a_collector_gateway_and_engines_export_their_spans_there(variable:
         if obj["kind"] != "ServiceMonitor":
             assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
     # Engines (both tracks): vLLM's --otlp-traces-endpoint, as the local fleet passes it.
-    expected = engine_command(
-        service.spec,
-        cluster_model_path(service.spec.model, Conventions()),
-        port=8000,
-        host="0.0.0.0",
-        python="python3",
-        otlp_traces_endpoint=f"{COLLECTOR}/v1/traces",
-    )
+    expected = cluster_engine_command(service, otlp_traces_endpoint=f"{COLLECTOR}/v1/traces")
     for name in ("llama-8b-engine", "llama-8b-engine-canary"):
         (container,) = by_name(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
         assert container["command"] == expected.argv
