@@ -325,6 +325,55 @@ class Day:
         return body["data"]
 
 
+class HeldStream(threading.Thread):
+    """A long stream the test holds open on the victim, so that the kill certainly hits a request
+    in flight (the day's own answers are short: one seen in flight may end before the signal).
+    It sends streams until the gateway's replica header names the victim, sets `on_victim`, and
+    reads that stream to its end: `completed` when it ended with a finish reason and no error."""
+
+    def __init__(self, url: str, victim: str, timeout_s: float = 180) -> None:
+        super().__init__(daemon=True)
+        self.url, self.victim, self.timeout_s = url, victim, timeout_s
+        self.on_victim = threading.Event()
+        self.completed = False
+        self.error = ""
+
+    def run(self) -> None:
+        from tokenfleet.engine.gateway.forward import REPLICA_HEADER
+
+        body = {
+            "model": "tiny-code",
+            "prompt": "def main():",
+            "max_tokens": 440,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        headers = {"authorization": f"Bearer {KEYS['acme']}"}
+        deadline = time.monotonic() + self.timeout_s
+        with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
+            while time.monotonic() < deadline and not self.on_victim.is_set():
+                try:
+                    with client.stream(
+                        "POST", f"{self.url}/v1/completions", json=body, headers=headers
+                    ) as answer:
+                        if answer.headers.get(REPLICA_HEADER) != self.victim:
+                            continue
+                        self.on_victim.set()
+                        finished = False
+                        for line in answer.iter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            event = json.loads(line[len("data: ") :])
+                            if "error" in event:
+                                self.error = str(event["error"])
+                            finished |= any(c.get("finish_reason") for c in event.get("choices", []))
+                        self.completed = finished and not self.error
+                except httpx.HTTPError as exc:
+                    self.error = repr(exc)
+                    if self.on_victim.is_set():
+                        return
+
+
 def slot(status: Status, rid: str) -> Status:
     return next((s for s in status["fleet"]["slots"] if s["id"] == rid), {})
 
@@ -466,6 +515,9 @@ def live_day(ctx: Context, model: str, keys_file: Path) -> None:
             180,
         )
         phases.done("load reaches the victim")
+        held = HeldStream(day.url, victim)
+        held.start()
+        assert held.on_victim.wait(180), f"no long stream reached the victim: {held.error}"
         killed_at = time.time()
         os.killpg(slot(before, victim)["pid"], signal.SIGKILL)
         restarted = day.wait(
@@ -474,6 +526,8 @@ def live_day(ctx: Context, model: str, keys_file: Path) -> None:
             300,
         )
         assert slot(restarted, victim)["pid"] != slot(before, victim)["pid"]
+        held.join(timeout=180)
+        assert held.completed, f"the stream held on the victim did not complete: {held.error}"
         phases.done("SIGKILL -> restarted")
 
         assert apply_spec(good, day.url) == 0
