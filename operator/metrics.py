@@ -20,6 +20,7 @@ import aiohttp
 
 from tokenfleet.observability import promtext
 from tokenfleet.operator.control import Signals, WindowStats
+from tokenfleet.operator.control.rollout import TTFT_QUANTILE
 from tokenfleet.operator.loop import Metrics
 from tokenfleet.operator.model import Conventions
 from tokenfleet.spec import LLMService
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 ATTEMPTS = "tokenfleet_gateway_revision_attempts_total"
 FIRST_BYTE_BUCKET = "tokenfleet_gateway_revision_first_byte_seconds_bucket"
-TTFT_QUANTILE = 0.99
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,18 @@ def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float |
     return lower_bound
 
 
+def bucket_floors(buckets: Sequence[tuple[float, float]]) -> tuple[tuple[float, int], ...]:
+    """Cumulative (bound, count) pairs -> (lower bound, observations) per non-empty bucket: the
+    least each observation certainly took."""
+    floors: list[tuple[float, int]] = []
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if (observations := round(count - lower_count)) > 0:
+            floors.append((lower_bound, observations))
+        lower_bound, lower_count = bound, count
+    return tuple(floors)
+
+
 def _delta(after: float, before: float) -> float:
     # A counter that went down was reset (the gateway restarted): all of `after` is new.
     return after - before if after >= before else after
@@ -127,7 +139,7 @@ def window_stats(
             errors=round(_delta(now.errors, base.errors)),
             ttft_p99_s=bucket_quantile(TTFT_QUANTILE, buckets),
             refused=round(_delta(now.refused, base.refused)),
-            ttft_samples=round(buckets[-1][1]) if buckets else 0,
+            ttft_floors=bucket_floors(buckets),
         )
     return out
 

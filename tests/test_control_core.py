@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from tokenfleet.operator.control import (
     rollout,
     window_stats,
 )
-from tokenfleet.operator.control.rollout import judge, rolling_counts, warmup_ends
+from tokenfleet.operator.control.rollout import chance_of_at_least, judge, rolling_counts, warmup_ends
 from tokenfleet.spec import AutoscalingSpec, FailoverSpec, ReplicasSpec, RolloutSpec
 
 AUTO = AutoscalingSpec(
@@ -347,7 +348,13 @@ def test_recreate_stops_everything_before_starting_the_new_revision() -> None:
     assert events == ["recreate: 2 b replica(s) ready"]
 
 
-GOOD = {"a": WindowStats(100, 0, 0.200, ttft_samples=100), "b": WindowStats(30, 0, 0.210, ttft_samples=30)}
+def answered_in(seconds: float, answers: int, requests: int | None = None) -> WindowStats:
+    """A window whose answers all took `seconds` (`requests` - `answers` were in the warm-up)."""
+    attempts = answers if requests is None else requests
+    return WindowStats(attempts, 0, seconds, ttft_floors=((seconds, answers),))
+
+
+GOOD = {"a": answered_in(0.200, 100), "b": answered_in(0.210, 30)}
 
 
 def test_canary_walks_its_steps_and_promotes_when_healthy() -> None:
@@ -377,7 +384,7 @@ def test_canary_weights_follow_the_steps() -> None:
     [
         (WindowStats(30, 6, 0.2), "error rate 20.0% > 2.0%"),
         (WindowStats(3, 3, None), "error rate 100.0% > 2.0%"),  # fails fast, before minRequests
-        (WindowStats(30, 0, 0.9, ttft_samples=30), "TTFT p99 900 ms > 1.5x stable 200 ms + 25 ms"),
+        (answered_in(0.9, 30), "TTFT p99 > 1.5x stable 200 ms + 25 ms: 30 of 30 answers slower than 325"),
         # A canary whose engine refuses a third of what the stable serves; its refusals answer
         # fast, so its TTFT alone would look better than the stable's.
         (WindowStats(30, 0, 0.05, refused=10), "refused 33.3% of requests vs stable 0.0%"),
@@ -416,11 +423,11 @@ def test_a_cold_canary_is_judged_on_its_warm_answers() -> None:
     replicas = [*ready(2), ReplicaObservation("b-1", "b", "ready", 0.0)]
     state = rollout(spec, state, 2, replicas, {}, 10.0).state
     assert warmup_ends(spec, state) == 30.0
-    warm = {"a": GOOD["a"], "b": WindowStats(40, 0, 0.21, ttft_samples=25)}
+    warm = {"a": GOOD["a"], "b": answered_in(0.21, 25, requests=40)}
     plan = rollout(spec, state, 2, replicas, warm, 45.0)
     assert plan.state.step == 1, plan.state.reason
     # Too few answers after the warm-up: it waits, and says why.
-    few = {"a": GOOD["a"], "b": WindowStats(40, 0, 0.21, ttft_samples=5)}
+    few = {"a": GOOD["a"], "b": answered_in(0.21, 5, requests=40)}
     waiting = rollout(spec, state, 2, replicas, few, 45.0).state
     assert waiting.step == 0
     assert "40/20 requests (5 answered after the 20s warm-up)" in waiting.reason
@@ -452,11 +459,46 @@ def test_refusals_count_only_beyond_the_stables() -> None:
 
 def test_latency_judgement_ignores_noise_within_the_slack() -> None:
     spec = RolloutSpec(max_ttft_p99_ratio=1.5, ttft_p99_slack_ms=25, min_requests=10)
-    stable = WindowStats(10, 0, 0.010, ttft_samples=10)
-    assert judge(spec, WindowStats(10, 0, 0.040, ttft_samples=10), stable) is None  # 40 < 15 + 25 ms
-    assert judge(spec, WindowStats(10, 0, 0.041, ttft_samples=10), stable) is not None
+    stable = answered_in(0.010, 10)
+    assert judge(spec, answered_in(0.040, 10), stable) is None  # 40 < 15 + 25 ms
+    assert judge(spec, answered_in(0.041, 10), stable) is not None
     # A P99 over fewer answers than minRequests (the rest in the warm-up) is no verdict yet.
-    assert judge(spec, WindowStats(10, 0, 0.900, ttft_samples=9), stable) is None
+    assert judge(spec, answered_in(0.900, 9, requests=10), stable) is None
+
+
+def test_one_slow_answer_of_a_few_dozen_does_not_roll_a_canary_back() -> None:
+    # The e2e day's false rollback: 13 answers after the warm-up, one of them slowed by the host;
+    # the sample's p99 is that answer, 1459 ms, above 3x the stable's 115 ms + 1 s.
+    spec = RolloutSpec(max_ttft_p99_ratio=3, ttft_p99_slack_ms=1000, min_requests=10)
+    stable = WindowStats(40, 0, 0.115, ttft_floors=((0.1, 40),))
+    one_slow = WindowStats(13, 0, 1.459, ttft_floors=((0.1, 12), (1.459, 1)))
+    assert judge(spec, one_slow, stable) is None  # P(>= 1 of 13 | 1%) = 12%
+    two_slow = WindowStats(13, 0, 1.5, ttft_floors=((0.1, 11), (1.459, 1), (1.5, 1)))
+    verdict = judge(spec, two_slow, stable)  # P(>= 2 of 13 | 1%) = 0.7%
+    assert verdict is not None
+    assert verdict.startswith("TTFT p99 > 3x stable 115 ms + 1000 ms: 2 of 13 answers slower than 1345 ms")
+    assert "p = 0.007" in verdict
+
+
+@pytest.mark.parametrize("answered", [10, 30, 300])
+def test_a_canary_slow_throughout_is_rolled_back_as_soon_as_it_has_min_requests(answered: int) -> None:
+    spec = RolloutSpec(max_ttft_p99_ratio=1.5, ttft_p99_slack_ms=25, min_requests=10)
+    stable = answered_in(0.2, 100)
+    slow = WindowStats(answered, 0, 0.5, ttft_floors=((0.5, answered),))
+    assert judge(spec, slow, stable) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(trials=st.integers(0, 60), count=st.integers(0, 61), share=st.floats(0.001, 0.5))
+def test_chance_of_at_least_is_the_binomial_tail(trials: int, count: int, share: float) -> None:
+    ways = math.comb
+    exact = sum(ways(trials, k) * share**k * (1 - share) ** (trials - k) for k in range(count, trials + 1))
+    assert chance_of_at_least(count, trials, share) == pytest.approx(exact, abs=1e-9)
+
+
+def test_chance_of_at_least_stays_finite_over_long_windows() -> None:
+    assert chance_of_at_least(1000, 100_000, 0.01) == pytest.approx(0.5, abs=0.01)  # the mean
+    assert chance_of_at_least(1200, 100_000, 0.01) < 1e-6
 
 
 def test_a_crash_looping_target_fails_the_rollout_and_keeps_the_stable_revision() -> None:

@@ -331,8 +331,8 @@ async def test_create_scale_canary_promote_delete(api: Any, run_operator: Any) -
     harness.metrics = Metrics(
         Signals(recent_requests=100),
         {
-            old_revision: WindowStats(requests=80, errors=0, ttft_samples=80),
-            new_revision: WindowStats(requests=40, errors=0, ttft_samples=40),
+            old_revision: WindowStats(requests=80, errors=0, ttft_floors=((0.0, 80),)),
+            new_revision: WindowStats(requests=40, errors=0, ttft_floors=((0.0, 40),)),
         },
     )
     await wait_for(lambda: status_of(k)["rollout"]["canaryWeightPercent"] == 50, timeout=30)

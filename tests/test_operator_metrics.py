@@ -15,6 +15,7 @@ from tokenfleet.operator.metrics import (
     RevisionTotals,
     Scrape,
     baseline,
+    bucket_floors,
     bucket_quantile,
     keep,
     revision_totals_from_text,
@@ -71,7 +72,17 @@ def test_two_scrapes_become_window_stats_per_revision() -> None:
     assert stats["aaa"].errors == 0
     assert stats["aaa"].ttft_p99_s == pytest.approx(0.099)
     # bbb appeared after the window started: all of it counts; its TTFTs are past the last bound
-    assert stats["bbb"] == WindowStats(requests=60, errors=5, ttft_p99_s=0.5, refused=10, ttft_samples=45)
+    bbb = WindowStats(requests=60, errors=5, ttft_p99_s=0.5, refused=10, ttft_floors=((0.5, 45),))
+    assert stats["bbb"] == bbb
+
+
+def test_a_histogram_counts_an_answer_slower_only_past_its_buckets_lower_bound() -> None:
+    floors = bucket_floors(revision_totals_from_text(BEFORE)["aaa"].first_byte)
+    assert floors == ((0.0, 90), (0.1, 10)), "90 answers took at least 0 s, 10 at least 0.1 s"
+    stats = WindowStats(100, 0, 0.1, ttft_floors=floors)
+    assert stats.ttft_samples == 100
+    assert stats.slower_than(0.05) == 10, "the 0.1-0.5 s bucket is certainly slower than 50 ms"
+    assert stats.slower_than(0.1) == 0, "nor is any certainly slower than its own lower bound"
 
 
 def test_a_counter_reset_counts_from_zero() -> None:

@@ -398,7 +398,16 @@ class RolloutSpec(_Spec):
             " its engine refuses (4xx) requests the gateway accepted at a rate this much above the stable's."
         ),
     )
-    max_ttft_p99_ratio: float = Field(1.5, gt=1, description="Canary TTFT p99 vs stable before rollback.")
+    max_ttft_p99_ratio: float = Field(
+        1.5,
+        gt=1,
+        description=(
+            "Roll the canary back when its TTFT p99 is above this multiple of the stable's (plus"
+            " ttftP99SlackMs): when more of its answers are slower than that than a revision within"
+            " it would give by chance (binomial test, p < 0.01), so one slow answer of a few dozen"
+            " does not."
+        ),
+    )
     ttft_p99_slack_ms: float = Field(
         25, ge=0, le=60_000, description="Absolute TTFT p99 difference ignored as noise."
     )

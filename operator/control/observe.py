@@ -7,6 +7,7 @@ gateway it embeds, the operator from Deployments, Pods and scraped metrics.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,7 +61,18 @@ class WindowStats:
     errors: int = 0
     ttft_p99_s: float | None = None  # over answered (`ok`) attempts after the warm-up only
     refused: int = 0
-    ttft_samples: int = 0  # the answered attempts `ttft_p99_s` was taken over
+    # The TTFTs `ttft_p99_s` was taken over, as (seconds, attempts at least that slow): exact
+    # values, or from a histogram the lower bound of each bucket (so none is counted slower than
+    # it certainly was).
+    ttft_floors: tuple[tuple[float, int], ...] = ()
+
+    @property
+    def ttft_samples(self) -> int:
+        return sum(count for _, count in self.ttft_floors)
+
+    def slower_than(self, seconds: float) -> int:
+        """Answered attempts whose TTFT was certainly above `seconds`."""
+        return sum(count for floor, count in self.ttft_floors if floor > seconds)
 
     @property
     def error_rate(self) -> float:
@@ -96,4 +108,5 @@ def window_stats(
     answered = attempts if after_warmup is None else after_warmup
     ttfts = [ttft for outcome, ttft in answered if outcome == "ok" and ttft is not None]
     p99 = percentile(ttfts, 99) if ttfts else None
-    return WindowStats(requests, errors, p99, refused, ttft_samples=len(ttfts))
+    floors = tuple(sorted(Counter(ttfts).items()))
+    return WindowStats(requests, errors, p99, refused, ttft_floors=floors)

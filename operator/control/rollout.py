@@ -24,6 +24,10 @@ Phase = Literal["idle", "progressing", "complete", "rolled_back", "failed"]
 Strategy = Literal["rolling", "canary", "recreate"]
 # A new revision whose replicas crashed this often is not going to come up: give up on it.
 MAX_TARGET_RESTARTS = 3
+# The canary's TTFT is compared at this quantile, and judged slower only when the evidence would
+# be this unlikely from a revision that is not.
+TTFT_QUANTILE = 0.99
+TTFT_SIGNIFICANCE = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +219,29 @@ def judge(spec: RolloutSpec, canary: WindowStats, stable: WindowStats) -> str | 
             f"more than {spec.max_error_rate:.1%} above it ({summary(canary, stable)})"
         )
     # A P99 needs as much evidence as a promotion does.
-    if canary.ttft_samples < spec.min_requests or canary.ttft_p99_s is None or stable.ttft_p99_s is None:
+    if canary.ttft_samples < spec.min_requests or stable.ttft_p99_s is None:
         return None
     limit = stable.ttft_p99_s * spec.max_ttft_p99_ratio + spec.ttft_p99_slack_ms / 1000
-    if canary.ttft_p99_s > limit:
+    slow, answered = canary.slower_than(limit), canary.ttft_samples
+    # Over a few dozen answers the sample's p99 is its slowest answer, and one hiccup of the host
+    # would roll back a canary as fast as the stable: its p99 is above the limit only when more
+    # of its answers are slower than a revision whose p99 is the limit would give by chance.
+    chance = chance_of_at_least(slow, answered, 1 - TTFT_QUANTILE)
+    if chance < TTFT_SIGNIFICANCE:
         return (
-            f"TTFT p99 {canary.ttft_p99_s * 1000:.0f} ms > {spec.max_ttft_p99_ratio:g}x stable "
-            f"{stable.ttft_p99_s * 1000:.0f} ms + {spec.ttft_p99_slack_ms:g} ms ({summary(canary, stable)})"
+            f"TTFT p99 > {spec.max_ttft_p99_ratio:g}x stable {stable.ttft_p99_s * 1000:.0f} ms"
+            f" + {spec.ttft_p99_slack_ms:g} ms: {slow} of {answered} answers slower than"
+            f" {limit * 1000:.0f} ms, p = {chance:.1g} ({summary(canary, stable)})"
         )
     return None
+
+
+def chance_of_at_least(count: int, trials: int, share: float) -> float:
+    """P(X >= count) for X ~ Binomial(trials, share)."""
+    # In logs: the binomial coefficients of a long window overflow a float.
+    def log_term(k: int) -> float:
+        ways = math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+        return ways + k * math.log(share) + (trials - k) * math.log1p(-share)
+
+    below = sum(math.exp(log_term(k)) for k in range(min(count, trials + 1)))
+    return max(0.0, 1.0 - below)
