@@ -560,11 +560,10 @@ def engine_launcher(
     exports its spans there too, so a request's trace runs gateway → engine.
     """
     from tokenfleet.models import resolve_model
-    from tokenfleet.observability.tracing import endpoint_from_env, otlp_traces_url
+    from tokenfleet.observability.otlp_endpoint import TraceExport, endpoint_from_env
 
     paths: dict[str, str] = {}
     endpoint = endpoint_from_env(environ)
-    traces = otlp_traces_url(endpoint) if endpoint else None
 
     def prepare(service: LLMService) -> None:
         key = service.spec.model.model_dump_json()
@@ -574,7 +573,8 @@ def engine_launcher(
     def launch(service: LLMService, replica_id: str, port: int) -> EngineProcess:
         prepare(service)
         path = paths[service.spec.model.model_dump_json()]
-        command = engine_command(service.spec, path, port=port, otlp_traces_endpoint=traces)
+        traces = TraceExport.of_engines(endpoint, service.metadata.name) if endpoint else None
+        command = engine_command(service.spec, path, port=port, traces=traces)
         log_path = log_dir / f"{replica_id}.log"
         return EngineProcess(command, port=port, log_path=log_path, cwd=log_dir, die_with_parent=True)
 

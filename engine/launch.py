@@ -23,6 +23,7 @@ import httpx
 
 from tokenfleet.engine.sla_contract import SPEC_ENV
 from tokenfleet.kernels.names import KERNELS_ENV, custom_ops_for
+from tokenfleet.observability.otlp_endpoint import TraceExport
 from tokenfleet.spec import LLMServiceSpec
 
 SLA_SCHEDULER_CLS = "tokenfleet.engine.sla_scheduler.SLAScheduler"
@@ -43,12 +44,12 @@ def engine_command(
     port: int,
     host: str = "127.0.0.1",
     python: str = sys.executable,
-    otlp_traces_endpoint: str | None = None,
+    traces: TraceExport | None = None,
 ) -> EngineCommand:
     """The vLLM server command line for one replica of `spec` serving `model_path`.
 
-    With `otlp_traces_endpoint` (an OTLP/HTTP URL ending in /v1/traces) vLLM exports one
-    `llm_request` span per request, parented by the gateway's `traceparent` header.
+    With `traces` vLLM exports one `llm_request` span per request there, parented by the
+    gateway's `traceparent` header.
     """
     model, engine = spec.model, spec.engine
     argv = [
@@ -91,8 +92,8 @@ def engine_command(
     elif policy == "sla":
         # The SLA scheduler orders by its own keys but relies on vLLM's priority-mode victim choice.
         argv += ["--scheduling-policy", "priority", "--scheduler-cls", SLA_SCHEDULER_CLS]
-    if otlp_traces_endpoint:
-        argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+    if traces:
+        argv += ["--otlp-traces-endpoint", traces.url]
     if custom_ops := custom_ops_for(engine.kernels):
         # The kernels plugin swaps these layers for ours; custom_ops switches them on.
         argv += ["--compilation-config", json.dumps({"custom_ops": custom_ops})]
@@ -108,9 +109,11 @@ def engine_command(
     }
     if engine.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = _gib_str(engine.kv_cache_gib)
-    if otlp_traces_endpoint:
+    if traces:
         # vLLM defaults to OTLP/gRPC; the collector and the gateway speak OTLP/HTTP protobuf.
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+        # vLLM names no service: without this its spans say `unknown_service`.
+        env["OTEL_SERVICE_NAME"] = traces.service_name
     if engine.kernels:
         env[KERNELS_ENV] = ",".join(engine.kernels)
     if policy == "sla":

@@ -137,7 +137,7 @@ def send(
                 record.error = f"HTTP {response.status_code}: {detail}"
                 record.rejected = response.status_code in REFUSED_STATUS
             elif request.stream:
-                _read_stream(response, start, record)
+                read_stream(response, start, record)
             else:
                 _read_whole(response, start, record)
     except httpx.TimeoutException as exc:
@@ -166,7 +166,9 @@ def arrival_offset(read_at_s: float, kernel_rx: float | None, send_wall: float) 
     return kernel_s if 0.0 <= kernel_s <= read_at_s else read_at_s
 
 
-def _read_stream(response: httpx.Response, start: float, record: RequestRecord) -> None:
+def read_stream(response: httpx.Response, start: float, record: RequestRecord) -> None:
+    """Read an SSE answer to its end into `record` (timings since `start`, a perf_counter
+    reading; tokens; why it failed, if it did)."""
     decoder, timer = SSEDecoder(), StreamTimer()
     refused: str | None = None
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from tokenfleet.engine.launch import engine_command
-from tokenfleet.observability.otlp_endpoint import otlp_traces_url
+from tokenfleet.observability.otlp_endpoint import TraceExport, otlp_traces_url
 from tokenfleet.operator.model import (
     COMPONENT_LABEL,
     ENGINE_PORT,
@@ -152,12 +152,6 @@ def _pool_resources(spec: LLMServiceSpec, pool_index: int) -> dict[str, Any]:
     return resources
 
 
-def engine_trace_service(service: LLMService) -> str:
-    """The engines' `service.name` in traces (vLLM names none; the gateway's is
-    `tokenfleet-gateway-<name>`, engine/gateway/app.py)."""
-    return f"tokenfleet-engine-{service.metadata.name}"
-
-
 def gateway_tracing_env(conventions: Conventions) -> dict[str, str]:
     """What turns on a gateway pod's OTLP export (engine/gateway/tracing.py): nothing without a
     collector, so the gateway keeps its spans in memory as it does locally."""
@@ -182,11 +176,10 @@ def engine_container(
         host="0.0.0.0",
         python="python3",
         # With a collector, vLLM exports a span per request under the gateway's traceparent.
-        otlp_traces_endpoint=otlp_traces_url(endpoint) if endpoint else None,
+        traces=TraceExport.of_engines(endpoint, service.metadata.name) if endpoint else None,
     )
     env = {
         **command.env,
-        **({"OTEL_SERVICE_NAME": engine_trace_service(service)} if endpoint else {}),
         # Read-only root filesystem: every cache goes to the writable emptyDir.
         "HOME": "/tmp",
         "HF_HOME": "/cache/huggingface",

@@ -24,6 +24,7 @@ from tokenfleet.models import ensure_builtin
 from tokenfleet.observability import grafana, prometheusrule
 from tokenfleet.observability.catalogue import referenced_metrics, series_index
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
+from tokenfleet.observability.otlp_endpoint import TraceExport
 from tokenfleet.observability.otlp_receiver import OTLPReceiver, ReceivedSpan
 from tokenfleet.observability.stack import LocalStack, write_scaled_rules
 
@@ -49,7 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     model = ensure_builtin("tiny-random")
     port = free_port()
     logs = tmp_path_factory.mktemp("traced-engine")
-    command = engine_command(service.spec, str(model), port=port, otlp_traces_endpoint=receiver.endpoint)
+    traces = TraceExport.of_engines(receiver.endpoint, service.metadata.name)
+    command = engine_command(service.spec, str(model), port=port, traces=traces)
     engine = EngineProcess(command, port=port, log_path=logs / "engine.log", cwd=logs)
     # Short batch delay: spans leave the engine within ~0.2 s instead of 5 s.
     engine.start(extra_env={"OTEL_BSP_SCHEDULE_DELAY": "200"})
@@ -114,6 +116,7 @@ def test_one_request_is_one_trace_with_gateway_and_engine_spans(stack: Stack) ->
         f"got {[(s.service, s.name) for s in stack.receiver.spans()]}"
     )
     (engine_span,) = engine_span_of(stack.receiver)
+    assert engine_span.service == "tokenfleet-engine-tiny", "vLLM's spans under the engines' service name"
     trace = stack.receiver.traces()[server_span.trace_id]
     # One trace: the engine span hangs off a span of the gateway's, and both share the trace id.
     gateway_ids = {s.span_id for s in trace if s.service == GATEWAY_SERVICE}

@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 from tokenfleet.observability.logs import JsonFormatter, setup_logging, trace_fields
+from tokenfleet.observability.otlp_endpoint import TraceExport
 from tokenfleet.observability.otlp_receiver import OTLPReceiver, decode
 from tokenfleet.observability.tracing import (
     TraceStore,
@@ -175,8 +176,10 @@ def test_engine_command_passes_the_otlp_endpoint() -> None:
     from tokenfleet.engine.launch import engine_command
 
     spec = tiny_service().spec
-    command = engine_command(spec, "m", port=1, otlp_traces_endpoint="http://127.0.0.1:4318/v1/traces")
+    traces = TraceExport.of_engines("http://127.0.0.1:4318", "chat")
+    command = engine_command(spec, "m", port=1, traces=traces)
     argv = command.argv
     assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://127.0.0.1:4318/v1/traces"
     assert command.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    assert command.env["OTEL_SERVICE_NAME"] == "tokenfleet-engine-chat", "vLLM names no service of its own"
     assert "--otlp-traces-endpoint" not in engine_command(spec, "m", port=1).argv

@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 
 from tokenfleet.engine.launch import EngineCommand, engine_command
+from tokenfleet.observability.otlp_endpoint import TraceExport
 from tokenfleet.operator.control import Signals, WindowStats
 from tokenfleet.operator.loop import ControlState, Metrics, control_tick, stable_spec_of
 from tokenfleet.operator.model import (
@@ -142,7 +143,7 @@ def test_service_monitor_shape() -> None:
         assert service["spec"]["ports"][0]["name"] == "http"
 
 
-def cluster_engine_command(service: LLMService, otlp_traces_endpoint: str | None = None) -> EngineCommand:
+def cluster_engine_command(service: LLMService, traces: TraceExport | None = None) -> EngineCommand:
     """The engine argv the operator should render: the local fleet's, with the pod's paths and port."""
     return engine_command(
         service.spec,
@@ -150,7 +151,7 @@ def cluster_engine_command(service: LLMService, otlp_traces_endpoint: str | None
         port=8000,
         host="0.0.0.0",
         python="python3",
-        otlp_traces_endpoint=otlp_traces_endpoint,
+        traces=traces,
     )
 
 
@@ -294,7 +295,7 @@ def test_with_a_collector_gateway_and_engines_export_their_spans_there(variable:
         if obj["kind"] != "ServiceMonitor":
             assert kubernetes_validate.validate(obj, K8S_VERSION, strict=True) == K8S_VERSION
     # Engines (both tracks): vLLM's --otlp-traces-endpoint, as the local fleet passes it.
-    expected = cluster_engine_command(service, otlp_traces_endpoint=f"{COLLECTOR}/v1/traces")
+    expected = cluster_engine_command(service, TraceExport.of_engines(COLLECTOR, "llama-8b"))
     for name in ("llama-8b-engine", "llama-8b-engine-canary"):
         (container,) = by_name(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"]
         assert container["command"] == expected.argv

@@ -58,6 +58,7 @@ from tokenfleet.engine.gateway.validation import (
 from tokenfleet.engine.gateway.wire import ON_DISCONNECT
 from tokenfleet.engine.sla_contract import CLASS_HEADER, ClassError
 from tokenfleet.observability.dashboard import LocalMonitor, mount_dashboard
+from tokenfleet.observability.otlp_endpoint import trace_service_name
 from tokenfleet.spec import LLMService, SLOClass, Tenant
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "testclient"})
@@ -93,7 +94,7 @@ class Gateway:
         # Without auth, every request belongs to the first tenant listed.
         self.anonymous = spec.scheduler.tenants[0]
         self.metrics = GatewayMetrics()
-        self.tracing = Tracing(f"tokenfleet-gateway-{service.metadata.name}", env)
+        self.tracing = Tracing(trace_service_name("gateway", service.metadata.name), env)
         self.replicas = ReplicaSet(
             eject_after_failures=self.routing.eject_after_failures,
             cooldown_s=self.routing.eject_cooldown_s,

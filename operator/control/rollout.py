@@ -238,6 +238,7 @@ def judge(spec: RolloutSpec, canary: WindowStats, stable: WindowStats) -> str | 
 
 def chance_of_at_least(count: int, trials: int, share: float) -> float:
     """P(X >= count) for X ~ Binomial(trials, share)."""
+
     # In logs: the binomial coefficients of a long window overflow a float.
     def log_term(k: int) -> float:
         ways = math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)

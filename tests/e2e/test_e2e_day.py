@@ -29,6 +29,7 @@ the end (`pytest -s`) and written to `day.json` in the test's directory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -49,6 +50,7 @@ from conftest import free_port, painted_pixels
 from tokenfleet.engine.fleet import apply_spec
 from tokenfleet.load.autoscale_bench import fleet_up
 from tokenfleet.load.bench import BenchResult, run_workload
+from tokenfleet.load.client import LLMRequest, build_http_request, read_stream
 from tokenfleet.load.record import RequestRecord
 from tokenfleet.load.workload import Workload, parse_workload
 from tokenfleet.observability import grafana, prometheusrule
@@ -61,6 +63,7 @@ from tokenfleet.spec import LLMService, parse_service
 
 NAME = "e2e-day"
 GATEWAY_SERVICE = f"tokenfleet-gateway-{NAME}"
+ENGINE_SERVICE = f"tokenfleet-engine-{NAME}"
 QUANTIZATION = "rtn-w4a16"
 RATE = 2.0  # req/s: light enough that a vLLM start beside the load takes tens of seconds
 # The bad canary's context: the workload's batch answers (64-96 tokens after a 16-48 token prompt)
@@ -194,14 +197,16 @@ def vllm_request_id(value: object) -> str | None:
     return match.group("id") if match else None
 
 
-def untraced(records: Sequence[RequestRecord], spans: Sequence[ReceivedSpan], gateway: str) -> list[str]:
-    """Ids of answered requests without a trace gateway → engine: an engine span with the
-    request's id whose parent is a gateway span of the same trace."""
-    gateway_spans = {(s.trace_id, s.span_id) for s in spans if s.service == gateway}
+def untraced(records: Sequence[RequestRecord], spans: Sequence[ReceivedSpan]) -> list[str]:
+    """Ids of answered requests without a trace gateway → engine: a span of the day's engines
+    with the request's id whose parent is a gateway span of the same trace."""
+    gateway_spans = {(s.trace_id, s.span_id) for s in spans if s.service == GATEWAY_SERVICE}
     traced = {
         rid
         for s in spans
-        if s.name == "llm_request" and (s.trace_id, s.parent_span_id) in gateway_spans
+        if s.name == "llm_request"
+        and s.service == ENGINE_SERVICE
+        and (s.trace_id, s.parent_span_id) in gateway_spans
         for rid in [vllm_request_id(s.attributes.get("gen_ai.request.id"))]
         if rid is not None
     }
@@ -329,7 +334,8 @@ class HeldStream(threading.Thread):
     """A long stream the test holds open on the victim, so that the kill certainly hits a request
     in flight (the day's own answers are short: one seen in flight may end before the signal).
     It sends streams until the gateway's replica header names the victim, sets `on_victim`, and
-    reads that stream to its end: `completed` when it ended with a finish reason and no error."""
+    reads that stream to its end with the harness's reader: `completed` when it ended with
+    `[DONE]`, tokens and no error."""
 
     def __init__(self, url: str, victim: str, timeout_s: float = 180) -> None:
         super().__init__(daemon=True)
@@ -341,37 +347,27 @@ class HeldStream(threading.Thread):
     def run(self) -> None:
         from tokenfleet.engine.gateway.forward import REPLICA_HEADER
 
-        body = {
-            "model": "tiny-code",
-            "prompt": "def main():",
-            "max_tokens": 440,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        headers = {"authorization": f"Bearer {KEYS['acme']}"}
         deadline = time.monotonic() + self.timeout_s
         with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
-            while time.monotonic() < deadline and not self.on_victim.is_set():
+            for attempt in itertools.count():
+                if time.monotonic() > deadline or self.on_victim.is_set():
+                    return
+                key = KEYS["acme"]
+                request = LLMRequest(f"held-{attempt}", "def main():", 440, tenant="acme", api_key=key)
+                path, body, headers = build_http_request(request, "tiny-code")
+                record = RequestRecord(request.id, request.cls, "acme", request.api, True, time.time())
                 try:
-                    with client.stream(
-                        "POST", f"{self.url}/v1/completions", json=body, headers=headers
-                    ) as answer:
+                    with client.stream("POST", self.url + path, json=body, headers=headers) as answer:
                         if answer.headers.get(REPLICA_HEADER) != self.victim:
                             continue
                         self.on_victim.set()
-                        finished = False
-                        for line in answer.iter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
-                                continue
-                            event = json.loads(line[len("data: ") :])
-                            if "error" in event:
-                                self.error = str(event["error"])
-                            finished |= any(c.get("finish_reason") for c in event.get("choices", []))
-                        self.completed = finished and not self.error
+                        read_stream(answer, time.perf_counter(), record)
                 except httpx.HTTPError as exc:
-                    self.error = repr(exc)
-                    if self.on_victim.is_set():
-                        return
+                    record.error = repr(exc)
+                if self.on_victim.is_set():
+                    self.error = record.error or ""
+                    self.completed = record.error is None and bool(record.output_tokens)
+                    return
 
 
 def slot(status: Status, rid: str) -> Status:
@@ -588,13 +584,11 @@ def check_traces(ctx: Context, records: Sequence[RequestRecord], killed_at: floa
     """Every answered request: one trace gateway → engine (spans leave in 0.5 s batches)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if not lost_with_the_victim(
-            untraced(records, ctx.receiver.spans(), GATEWAY_SERVICE), records, killed_at
-        ):
+        if not lost_with_the_victim(untraced(records, ctx.receiver.spans()), records, killed_at):
             break
         time.sleep(0.5)
     spans = ctx.receiver.spans()
-    missing = untraced(records, spans, GATEWAY_SERVICE)
+    missing = untraced(records, spans)
     unexplained = lost_with_the_victim(missing, records, killed_at)
     assert unexplained == [], f"{len(unexplained)} answered requests lack a gateway → engine trace"
     assert len(missing) <= 8, missing  # a second of the victim's answers at most
@@ -710,11 +704,13 @@ def test_vllm_request_ids_carry_the_clients_id() -> None:
 def test_an_answered_request_needs_an_engine_span_under_a_gateway_span() -> None:
     spans = [
         _span("POST /v1/completions", GATEWAY_SERVICE, "t1", "g1", ""),
-        _span("llm_request", "vllm", "t1", "e1", "g1", **{"gen_ai.request.id": "cmpl-r1-0"}),
-        _span("llm_request", "vllm", "t2", "e2", "elsewhere", **{"gen_ai.request.id": "cmpl-r2-0"}),
+        _span("llm_request", ENGINE_SERVICE, "t1", "e1", "g1", **{"gen_ai.request.id": "cmpl-r1-0"}),
+        _span("llm_request", ENGINE_SERVICE, "t2", "e2", "elsewhere", **{"gen_ai.request.id": "cmpl-r2-0"}),
+        # An engine that exports under no service name of ours does not count.
+        _span("llm_request", "unknown_service", "t1", "e4", "g1", **{"gen_ai.request.id": "cmpl-r4-0"}),
     ]
-    records = [_record("r1", 0), _record("r2", 0), _record("r3", 0, ok=False)]
-    assert untraced(records, spans, GATEWAY_SERVICE) == ["r2"]
+    records = [_record("r1", 0), _record("r2", 0), _record("r3", 0, ok=False), _record("r4", 0)]
+    assert untraced(records, spans) == ["r2", "r4"]
 
 
 def test_only_answers_given_just_before_the_kill_may_lack_an_engine_span() -> None:
