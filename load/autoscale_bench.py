@@ -21,13 +21,14 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,11 @@ class Monitor(threading.Thread):
 
 
 @contextlib.contextmanager
-def fleet_up(service: LLMService, workdir: Path, port: int) -> Iterator[str]:
-    """`tokenfleet up` for a spec as a subprocess; yields the gateway URL once it serves."""
+def fleet_up(
+    service: LLMService, workdir: Path, port: int, environ: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """`tokenfleet up` for a spec as a subprocess (with `environ` added to this process's
+    environment); yields the gateway URL once it serves."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "service.yaml"
     spec_path.write_text(yaml.safe_dump(service.model_dump(mode="json", by_alias=True, exclude_none=True)))
@@ -176,6 +180,7 @@ def fleet_up(service: LLMService, workdir: Path, port: int) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **(environ or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

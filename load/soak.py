@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ import numpy as np
 
 from tokenfleet.load.record import RequestRecord, read_records
 from tokenfleet.load.workload import ConstantShape, Workload, load_workload
+from tokenfleet.observability.stack import BLOCK_DURATION_ENV
 from tokenfleet.spec import LLMService, default_service
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parent / "workloads" / "default.yaml"
@@ -283,6 +285,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"`{cfg['service']}` ({cfg['replicas']} replicas, model {cfg['model']}), load "
         f"{cfg['rate']:g} req/s ({cfg['workload']}), a replica's engine SIGKILLed every "
         f"{cfg['kill_every_s'] / 60:g} min; /proc sampled every {cfg['interval_s']:g} s. "
+        f"{_block_note(cfg.get('prometheus_block'))}"
         "Raw data: `soak.json`; the load report: `load/report.md`.",
         "",
         "## Requests",
@@ -326,6 +329,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         )
     lines += ["", "![RSS per process](rss.png)", "", "![open descriptors per process](fds.png)", ""]
     return "\n".join(lines)
+
+
+def _block_note(block: str | None) -> str:
+    if not block:
+        return "Prometheus with its default 2 h blocks (its head block grows until the first cut). "
+    return f"Prometheus cut its head block every {block} (`--prometheus-block`): its memory can level off. "
 
 
 def _num(value: float | None) -> str:
@@ -375,13 +384,15 @@ FleetStarter = Callable[[LLMService, Path, int], AbstractContextManager[tuple[st
 
 
 @contextlib.contextmanager
-def tokenfleet_up(service: LLMService, workdir: Path, port: int) -> Iterator[tuple[str, int]]:
+def tokenfleet_up(
+    service: LLMService, workdir: Path, port: int, environ: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     """`tokenfleet up` as a subprocess (load/autoscale_bench.py's), and the pid it records in
     its pid file (the fleet's own process: gateway and control loop)."""
     from tokenfleet.load.autoscale_bench import fleet_up
     from tokenfleet.models import cache_dir
 
-    with fleet_up(service, workdir, port) as url:
+    with fleet_up(service, workdir, port, environ) as url:
         pid_file = cache_dir() / "run" / f"{service.metadata.name}.json"
         yield url, int(json.loads(pid_file.read_text())["fleet"])
 
@@ -490,6 +501,7 @@ class SoakConfig:
     recovery_s: float = 180.0  # no kill closer than this to the end of the load
     interval_s: float = 10.0
     port: int | None = None
+    prometheus_block: str | None = None  # what the fleet's Prometheus ran with (BLOCK_DURATION_ENV)
 
 
 def soak_service(service: LLMService, replicas: int) -> LLMService:
@@ -540,6 +552,7 @@ def run_soak(config: SoakConfig, start_fleet: FleetStarter = tokenfleet_up) -> d
             "workload": config.workload.name,
             "kill_every_s": config.kill_every_s,
             "interval_s": config.interval_s,
+            "prometheus_block": config.prometheus_block,
             "schedule_s": schedule,
         },
         "machine": machine_info(),
@@ -579,8 +592,12 @@ def cmd_soak(args: argparse.Namespace) -> int:
         recovery_s=args.recovery,
         interval_s=args.interval,
         port=args.port,
+        prometheus_block=args.prometheus_block,
     )
-    result = run_soak(config, tokenfleet_up)
+    starter: FleetStarter = tokenfleet_up
+    if args.prometheus_block:
+        starter = functools.partial(tokenfleet_up, environ={BLOCK_DURATION_ENV: args.prometheus_block})
+    result = run_soak(config, starter)
     print((config.out / "soak.md").read_text())
     return 0 if soak_passed(result) else 1
 
@@ -611,4 +628,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between /proc samples")
     parser.add_argument("--out", default="runs/soak", help="report directory")
     parser.add_argument("--port", type=int, help="gateway port (default: a free one)")
+    parser.add_argument(
+        "--prometheus-block",
+        default="15m",
+        help="the fleet's Prometheus TSDB block duration, so its head block is cut within the run"
+        " ('' for Prometheus's 2h default)",
+    )
     parser.set_defaults(handler=cmd_soak)

@@ -17,6 +17,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +42,11 @@ WEBHOOK_ENV = "TOKENFLEET_ALERT_WEBHOOK_URL"
 # A factor on every alert rule's `for:` hold (e.g. 0.1: a 2m hold becomes 12s), so a short demo or
 # an end-to-end test sees the project's own rules fire; unset, the rules run as written.
 FOR_SCALE_ENV = "TOKENFLEET_ALERT_FOR_SCALE"
+# Prometheus keeps its newest samples in an in-memory head block and cuts it into a persistent
+# block every 2 h by default, so its memory grows for hours however healthy it is. A soak sets a
+# shorter block (e.g. 15m) to see that growth level off within its run; unset, the default.
+BLOCK_DURATION_ENV = "TOKENFLEET_PROMETHEUS_BLOCK_DURATION"
+BLOCK_DURATION = re.compile(r"^[1-9][0-9]*[mh]$")
 ALERTMANAGER_CONFIG = prometheusrule.ROOT / "alertmanager" / "alertmanager.yaml"
 INSTALL_HINT = (
     "No Prometheus: install it for live charts and alerts (sudo apt-get install prometheus "
@@ -185,6 +191,7 @@ class LocalStack:
     interval_s: float = 2.0
     rule_files: list[Path] = field(default_factory=prometheusrule.rule_files)
     group_timers_s: float | None = None
+    block_duration: str | None = None  # Prometheus's TSDB block (both min and max); None: its default
     host: str = "127.0.0.1"
     prometheus_port: int = 0
     alertmanager_port: int = 0
@@ -242,6 +249,7 @@ class LocalStack:
                 f"--storage.tsdb.path={self.data_dir / 'prometheus'}",
                 "--storage.tsdb.retention.time=2d",
                 f"--web.listen-address={self.host}:{self.prometheus_port}",
+                *block_flags(self.block_duration),
             ],
         )
 
@@ -341,6 +349,24 @@ def local_rule_files(data_dir: Path, environ: Mapping[str, str]) -> list[Path]:
     return write_scaled_rules(data_dir / "rules", scale)
 
 
+def block_duration(environ: Mapping[str, str]) -> str | None:
+    """$TOKENFLEET_PROMETHEUS_BLOCK_DURATION, checked (minutes or hours, e.g. 15m); None unset.
+    Raises StackError on any other value: Prometheus would not start with it."""
+    value = environ.get(BLOCK_DURATION_ENV)
+    if not value:
+        return None
+    if not BLOCK_DURATION.match(value):
+        raise StackError(f"${BLOCK_DURATION_ENV} must be minutes or hours like 15m or 1h, got {value!r}")
+    return value
+
+
+def block_flags(duration: str | None) -> list[str]:
+    # Both bounds: compaction would otherwise merge the short blocks back into long ones.
+    if duration is None:
+        return []
+    return [f"--storage.tsdb.min-block-duration={duration}", f"--storage.tsdb.max-block-duration={duration}"]
+
+
 def write_scaled_rules(directory: Path, for_scale: float) -> list[Path]:
     """A copy of the project's rules with `for:` scaled, for tests that wait for an alert."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -373,6 +399,7 @@ class FleetObservability:
         stack = self.stack = LocalStack(self.data_dir, webhook_url=self.environ.get(WEBHOOK_ENV) or None)
         try:
             stack.rule_files = local_rule_files(self.data_dir, self.environ)
+            stack.block_duration = block_duration(self.environ)
             stack.spawn()
             stack.set_targets(self._gateway_url, [])
             await stack.wait_ready()

@@ -27,10 +27,13 @@ from test_fleet import fake_launcher
 from tokenfleet.engine.fleet import serve_fleet
 from tokenfleet.observability import prometheusrule, stack
 from tokenfleet.observability.stack import (
+    BLOCK_DURATION_ENV,
     FOR_SCALE_ENV,
     INSTALL_HINT,
     FleetObservability,
     LocalStack,
+    block_duration,
+    block_flags,
     local_alertmanager_config,
     local_rule_files,
     prometheus_config,
@@ -101,6 +104,17 @@ def test_scaled_rules_shorten_every_hold() -> None:
     assert ("2m", "60s") in holds
     assert all(s != r for r, s in holds)
     assert all("interval" not in g for g in scaled)
+
+
+def test_the_block_duration_is_prometheus_default_unless_set() -> None:
+    assert block_duration({}) is None
+    assert block_flags(None) == []
+    assert block_duration({BLOCK_DURATION_ENV: "15m"}) == "15m"
+    both = ["--storage.tsdb.min-block-duration=1h", "--storage.tsdb.max-block-duration=1h"]
+    assert block_flags("1h") == both
+    for bad in ("15", "0m", "15 m", "2d", "-1h", "15m; rm"):
+        with pytest.raises(stack.StackError, match=BLOCK_DURATION_ENV):
+            block_duration({BLOCK_DURATION_ENV: bad})
 
 
 def test_tokenfleet_up_scales_the_rules_holds_only_when_asked(tmp_path: Path) -> None:
@@ -219,9 +233,13 @@ def test_replica_down_fires_and_resolves_through_alertmanager(
         interval_s=1,
         rule_files=write_scaled_rules(tmp_path / "rules", 0.0),
         group_timers_s=1,
+        block_duration="15m",
     )
     try:
         local.start()
+        flags = httpx.get(f"{local.prometheus_url}/api/v1/status/flags", timeout=10, trust_env=False).json()
+        assert flags["data"]["storage.tsdb.min-block-duration"] == "15m"
+        assert flags["data"]["storage.tsdb.max-block-duration"] == "15m"
         assert local.set_targets(None, [("r1", url)])
         assert not local.set_targets(None, [("r1", url)])  # unchanged: not rewritten
 

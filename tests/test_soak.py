@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from tokenfleet.load.soak import (
     soak_service,
     victim_for,
 )
+from tokenfleet.observability.stack import BLOCK_DURATION_ENV
 from tokenfleet.spec import LLMService
 
 # -- pure ---------------------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ def test_the_verdict_and_the_report() -> None:
     assert "| 300 | replica-0 | 42 | 31.5 s | 0 |" in text
     assert "| gateway+control | 7 | 15.0 min | 100 → 101 (102) | +0.5 | 30 → 30 (31) | +0.0 |  |" in text
     assert "![RSS per process](rss.png)" in text
+    assert "Prometheus with its default 2 h blocks" in text
+    blocked = render_markdown({**good, "config": {**good["config"], "prometheus_block": "15m"}})
+    assert "Prometheus cut its head block every 15m" in blocked
     assert "**suspect**" in render_markdown(_result(kills, suspect=True))
 
 
@@ -240,8 +244,11 @@ asyncio.run(serve_fleet(service, launch, replicas=replicas, port=port, log=print
 
 
 @contextlib.contextmanager
-def fake_fleet(service: LLMService, workdir: Path, port: int) -> Iterator[tuple[str, int]]:
+def fake_fleet(
+    service: LLMService, workdir: Path, port: int, environ: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "environ.json").write_text(json.dumps(environ))
     spec = workdir / "service.yaml"
     spec.write_text(yaml.safe_dump(service.model_dump(mode="json", by_alias=True, exclude_none=True)))
     with (workdir / "fleet.log").open("wb") as log:
@@ -281,6 +288,9 @@ def test_soak_command_end_to_end_on_fake_replicas(tmp_path: Path, monkeypatch: p
 
     result = json.loads((out / "soak.json").read_text())
     assert result["config"]["schedule_s"] == [12.0, 24.0]
+    # The fleet's Prometheus cuts its head block within the run (the default --prometheus-block).
+    assert result["config"]["prometheus_block"] == "15m"
+    assert json.loads((out / "fleet" / "environ.json").read_text()) == {BLOCK_DURATION_ENV: "15m"}
     assert [k["replica"] for k in result["kills"]] == ["replica-0", "replica-1"]
     assert all(k["ready_again_s"] is not None for k in result["kills"]), result["kill_errors"]
     assert result["load"]["requests"] >= 60
