@@ -18,7 +18,7 @@ Afterwards: the harness report exists; no request failed except the ones the bad
 request has a trace gateway → engine; the dashboard shows the run and every alert that fired
 while it was watched; every metric the dashboards and alert rules use has data in Prometheus.
 
-It runs in every `make test` (about 8 minutes of the suite); alone: `.venv/bin/pytest tests/e2e -s`.
+It runs in every `make test` (about 9 minutes of the suite); alone: `.venv/bin/pytest tests/e2e -s`.
 The pure verdicts below it are tested on fixed data.
 
 Every wait polls observable state (the gateway's /admin/status, Prometheus) under a deadline, never
