@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ import numpy as np
 
 from tokenfleet.load.record import RequestRecord, read_records
 from tokenfleet.load.workload import ConstantShape, Workload, load_workload
-from tokenfleet.observability.stack import BLOCK_DURATION_ENV
+from tokenfleet.observability.stack import BLOCK_DURATION_ENV, StackError, block_duration
 from tokenfleet.spec import LLMService, default_service
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parent / "workloads" / "default.yaml"
@@ -379,8 +378,9 @@ def plot(samples: Sequence[ProcessSample], kills: Sequence[Kill], origin: float,
 # -- running ---------------------------------------------------------------------------------------------
 
 
-# (service, work directory, gateway port) -> a running fleet: (gateway URL, pid of its root process).
-FleetStarter = Callable[[LLMService, Path, int], AbstractContextManager[tuple[str, int]]]
+# (service, work directory, gateway port, environment added to this process's) -> a running
+# fleet: (gateway URL, pid of its root process).
+FleetStarter = Callable[[LLMService, Path, int, Mapping[str, str]], AbstractContextManager[tuple[str, int]]]
 
 
 @contextlib.contextmanager
@@ -525,7 +525,8 @@ def run_soak(config: SoakConfig, start_fleet: FleetStarter = tokenfleet_up) -> d
     duration_s = config.minutes * 60
     schedule = kill_schedule(duration_s, config.kill_every_s, config.recovery_s)
     started = time.time()
-    with start_fleet(config.service, out / "fleet", config.port or free_port()) as (url, root):
+    environ = {BLOCK_DURATION_ENV: config.prometheus_block} if config.prometheus_block else {}
+    with start_fleet(config.service, out / "fleet", config.port or free_port(), environ) as (url, root):
         watch = Watch(url, root, schedule, config.interval_s, recovery_timeout_s=600)
         watch.start()
         try:
@@ -579,6 +580,14 @@ def constant_rate(workload: Workload, rate: float) -> Workload:
     return workload.model_copy(update={"arrival": arrival})
 
 
+def _prometheus_block(value: str) -> str:
+    # Checked here: the fleet would only say that its Prometheus did not start, and soak on.
+    try:
+        return block_duration({BLOCK_DURATION_ENV: value}) or ""
+    except StackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def cmd_soak(args: argparse.Namespace) -> int:
     from tokenfleet.spec import load_service
 
@@ -594,10 +603,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         port=args.port,
         prometheus_block=args.prometheus_block,
     )
-    starter: FleetStarter = tokenfleet_up
-    if args.prometheus_block:
-        starter = functools.partial(tokenfleet_up, environ={BLOCK_DURATION_ENV: args.prometheus_block})
-    result = run_soak(config, starter)
+    result = run_soak(config, tokenfleet_up)
     print((config.out / "soak.md").read_text())
     return 0 if soak_passed(result) else 1
 
@@ -630,6 +636,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, help="gateway port (default: a free one)")
     parser.add_argument(
         "--prometheus-block",
+        type=_prometheus_block,
         default="15m",
         help="the fleet's Prometheus TSDB block duration, so its head block is cut within the run"
         " ('' for Prometheus's 2h default)",

@@ -198,6 +198,15 @@ def test_the_verdict_and_the_report() -> None:
     assert "**suspect**" in render_markdown(_result(kills, suspect=True))
 
 
+def test_a_block_duration_prometheus_would_refuse_is_refused_before_the_soak(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["soak", "--minutes", "1", "--prometheus-block", "2d"])
+    assert exited.value.code == 2
+    assert "argument --prometheus-block" in capsys.readouterr().err
+
+
 def test_the_soak_service_runs_a_fixed_replica_count() -> None:
     base = tiny_service(replicas={"min": 1, "max": 3}, autoscaling={"enabled": True})
     fixed = soak_service(base, 2)
