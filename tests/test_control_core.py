@@ -491,8 +491,9 @@ def test_a_canary_slow_throughout_is_rolled_back_as_soon_as_it_has_min_requests(
 @settings(max_examples=200, deadline=None)
 @given(trials=st.integers(0, 60), count=st.integers(0, 61), share=st.floats(0.001, 0.5))
 def test_chance_of_at_least_is_the_binomial_tail(trials: int, count: int, share: float) -> None:
-    ways = math.comb
-    exact = sum(ways(trials, k) * share**k * (1 - share) ** (trials - k) for k in range(count, trials + 1))
+    exact = sum(
+        math.comb(trials, k) * share**k * (1 - share) ** (trials - k) for k in range(count, trials + 1)
+    )
     assert chance_of_at_least(count, trials, share) == pytest.approx(exact, abs=1e-9)
 
 

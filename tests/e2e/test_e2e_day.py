@@ -354,7 +354,7 @@ class HeldStream(threading.Thread):
         deadline = time.monotonic() + self.timeout_s
         with httpx.Client(trust_env=False, timeout=self.timeout_s) as client:
             for attempt in itertools.count():
-                if time.monotonic() > deadline or self.killed.is_set():
+                if time.monotonic() > deadline:
                     return
                 key = KEYS["acme"]
                 request = LLMRequest(f"held-{attempt}", "def main():", 440, tenant="acme", api_key=key)
